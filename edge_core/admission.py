@@ -1,0 +1,95 @@
+"""Who may open an MQTT session: the admission decision.
+
+``admit`` returns an ``Admitted`` record or raises ``AdmissionRefused`` with one of the
+stable reason codes below. It does no I/O: the certificate bytes, the client id, the
+registry and the time are all handed in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from edge_core.errors import CredentialError
+from edge_core.identity import CertInfo, IdentityPolicy, describe_certificate
+from edge_core.registry import DeviceEntry, Registry
+
+__all__ = ["REASONS", "AdmissionRefused", "Admitted", "admit"]
+
+#: Stable reason codes for ``auth.rejected`` events. Never renamed, only added to.
+REASONS = (
+    "no_client_cert",
+    "cert_unparseable",
+    "identity_missing",
+    "identity_ambiguous",
+    "identity_invalid",
+    "cert_not_yet_valid",
+    "cert_expired",
+    "client_id_mismatch",
+    "unknown_device",
+    "device_disabled",
+    "pin_mismatch",
+)
+
+
+class AdmissionRefused(CredentialError):
+    """The CONNECT is refused; ``reason`` is one of ``REASONS`` (or a plugin's own code)."""
+
+    def __init__(self, reason: str, message: str, *, device: str | None = None) -> None:
+        super().__init__(reason, message)
+        self.device = device
+
+
+@dataclass(frozen=True)
+class Admitted:
+    device: DeviceEntry
+    cert: CertInfo
+
+    @property
+    def identity(self) -> str:
+        return self.device.device_id
+
+
+def admit(
+    *,
+    cert_der: bytes | None,
+    client_id: str | None,
+    registry: Registry,
+    policy: IdentityPolicy,
+    now: datetime,
+) -> Admitted:
+    if not cert_der:
+        raise AdmissionRefused("no_client_cert", "no client certificate was presented")
+    try:
+        cert = describe_certificate(cert_der, policy)
+    except CredentialError as exc:
+        raise AdmissionRefused(exc.reason, str(exc)) from exc
+    device_id = cert.identity
+    if now < cert.not_before:
+        raise AdmissionRefused(
+            "cert_not_yet_valid",
+            f"certificate for {device_id} is valid from {cert.not_before.isoformat()}",
+            device=device_id,
+        )
+    if now >= cert.not_after:
+        raise AdmissionRefused(
+            "cert_expired", f"certificate for {device_id} expired at {cert.not_after.isoformat()}", device=device_id
+        )
+    if client_id != device_id:
+        raise AdmissionRefused(
+            "client_id_mismatch",
+            f"client id {client_id!r} differs from certificate identity {device_id!r}",
+            device=device_id,
+        )
+    entry = registry.get(device_id)
+    if entry is None:
+        raise AdmissionRefused("unknown_device", f"device {device_id} is not in the registry", device=device_id)
+    if not entry.enabled:
+        raise AdmissionRefused("device_disabled", f"device {device_id} is disabled in the registry", device=device_id)
+    if not entry.pinned(cert.spki_pin):
+        raise AdmissionRefused(
+            "pin_mismatch",
+            f"certificate key {cert.spki_pin[:23]}... is not pinned for {device_id}",
+            device=device_id,
+        )
+    return Admitted(device=entry, cert=cert)

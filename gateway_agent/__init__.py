@@ -1,0 +1,1 @@
+"""The gateway agent: CRL distribution, validation for MCUs, certificate lifecycle."""

@@ -1,0 +1,287 @@
+"""Certificate building blocks and the development PKI.
+
+``init_dev`` lays out a complete two-tier PKI for demos and tests::
+
+    certs-dev/
+      root-ca.crt / root-ca.key          self-signed root (ECDSA P-256, 10 years)
+      issuing-ca.crt / issuing-ca.key    issues broker, device and operator certificates
+      ca-chain.pem                       issuing + root: the trust bundle for brokers and devices
+      broker.crt / broker.key            TLS server cert, SAN localhost, 127.0.0.1, ::1
+      devices/<id>.crt / <id>.key        device certs (ECDSA P-256, 30 days by default)
+      registry.yaml                      the device registry with every device's pin
+
+The device id is carried in the SubjectAltName URI ``urn:device:<id>`` (and, for humans,
+in the subject CN). Private keys are written 0600. Nothing is overwritten without
+``force``. The CA stays usable: ``FileCA.load`` reopens it to issue more.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from edge_core.clock import Clock, SystemClock
+from edge_core.errors import ConfigError, CredentialError
+from edge_core.files import atomic_write_bytes, atomic_write_text
+from edge_core.identity import check_identity, spki_pin
+from edge_core.registry import DeviceEntry, Registry, dump_registry
+
+__all__ = [
+    "DEVICE_URI_PREFIX",
+    "FileCA",
+    "Issued",
+    "IssuingCA",
+    "init_dev",
+    "issue_leaf",
+    "key_pem",
+    "load_cert",
+    "new_key",
+]
+
+DEVICE_URI_PREFIX = "urn:device:"
+DEFAULT_DEVICE_LIFETIME = timedelta(days=30)
+_BACKDATE = timedelta(minutes=5)  # tolerate small clock differences between CA and broker
+
+
+def new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def cert_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def load_cert(path: Path | str) -> x509.Certificate:
+    data = Path(path).read_bytes()
+    try:
+        return x509.load_pem_x509_certificate(data)
+    except ValueError as exc:
+        raise CredentialError("cert_unparseable", f"{path}: not a PEM certificate: {exc}") from exc
+
+
+def load_key(path: Path | str) -> ec.EllipticCurvePrivateKey:
+    key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise CredentialError("key_unsupported", f"{path}: only EC keys are supported")
+    return key
+
+
+@dataclass(frozen=True)
+class IssuingCA:
+    cert: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+
+
+@dataclass(frozen=True)
+class Issued:
+    cert: x509.Certificate
+    key: ec.EllipticCurvePrivateKey | None
+
+    @property
+    def pin(self) -> str:
+        return spki_pin(self.cert)
+
+
+def _name(cn: str, org: str = "Edge Gateway Dev PKI") -> x509.Name:
+    return x509.Name([
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, org),
+        x509.NameAttribute(NameOID.COMMON_NAME, cn),
+    ])
+
+
+def _ca_cert(
+    subject: x509.Name,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: IssuingCA | None,
+    now: datetime,
+    lifetime: timedelta,
+    path_length: int | None,
+) -> x509.Certificate:
+    signer_key = issuer.key if issuer else key
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer.cert.subject if issuer else subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _BACKDATE)
+        .not_valid_after(now + lifetime)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+                encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+    )
+    if issuer:
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()), critical=False
+        )
+    return builder.sign(signer_key, hashes.SHA256())
+
+
+def new_root(cn: str, now: datetime, lifetime: timedelta = timedelta(days=3650)) -> IssuingCA:
+    key = new_key()
+    return IssuingCA(_ca_cert(_name(cn), key, None, now, lifetime, path_length=1), key)
+
+
+def new_intermediate(root: IssuingCA, cn: str, now: datetime,
+                     lifetime: timedelta = timedelta(days=1825)) -> IssuingCA:
+    key = new_key()
+    return IssuingCA(_ca_cert(_name(cn), key, root, now, lifetime, path_length=0), key)
+
+
+def issue_leaf(
+    ca: IssuingCA,
+    *,
+    identity: str,
+    now: datetime,
+    lifetime: timedelta = DEFAULT_DEVICE_LIFETIME,
+    public_key: ec.EllipticCurvePublicKey | None = None,
+    not_before: datetime | None = None,
+    uri_prefix: str | None = DEVICE_URI_PREFIX,
+    server_names: Iterable[str] = (),
+    client: bool = True,
+    serial: int | None = None,
+) -> Issued:
+    """Issue an end-entity certificate. Without ``public_key`` a fresh key is generated."""
+    key = None
+    if public_key is None:
+        key = new_key()
+        public_key = key.public_key()
+    start = not_before if not_before is not None else now - _BACKDATE
+    sans: list[x509.GeneralName] = []
+    if uri_prefix is not None:
+        sans.append(x509.UniformResourceIdentifier(uri_prefix + identity))
+    for name in server_names:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            sans.append(x509.DNSName(name))
+    usages = [ExtendedKeyUsageOID.CLIENT_AUTH] if client else [ExtendedKeyUsageOID.SERVER_AUTH]
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(identity))
+        .issuer_name(ca.cert.subject)
+        .public_key(public_key)
+        .serial_number(serial if serial is not None else x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + lifetime)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
+                encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False)
+    )
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    return Issued(builder.sign(ca.key, hashes.SHA256()), key)
+
+
+class FileCA:
+    """The development CA on disk (see module docstring for the layout)."""
+
+    def __init__(self, root: Path, *, clock: Clock | None = None) -> None:
+        self.dir = Path(root)
+        self.clock = clock or SystemClock()
+
+    # paths ---------------------------------------------------------------
+    @property
+    def chain_path(self) -> Path:
+        return self.dir / "ca-chain.pem"
+
+    @property
+    def registry_path(self) -> Path:
+        return self.dir / "registry.yaml"
+
+    def device_paths(self, identity: str) -> tuple[Path, Path]:
+        return self.dir / "devices" / f"{identity}.crt", self.dir / "devices" / f"{identity}.key"
+
+    # loading ---------------------------------------------------------------
+    def issuing(self) -> IssuingCA:
+        try:
+            return IssuingCA(load_cert(self.dir / "issuing-ca.crt"), load_key(self.dir / "issuing-ca.key"))
+        except FileNotFoundError as exc:
+            raise ConfigError(
+                f"no CA found in {self.dir}", hint=f"run `gateway-agent pki init-dev --out {self.dir}` first"
+            ) from exc
+
+    # issuing ---------------------------------------------------------------
+    def issue_device(self, identity: str, *, lifetime: timedelta = DEFAULT_DEVICE_LIFETIME,
+                     write: bool = True) -> Issued:
+        check_identity(identity)
+        issued = issue_leaf(self.issuing(), identity=identity, now=self.clock.now(), lifetime=lifetime)
+        if write:
+            crt, key = self.device_paths(identity)
+            assert issued.key is not None
+            atomic_write_bytes(key, key_pem(issued.key), mode=0o600)
+            atomic_write_bytes(crt, cert_pem(issued.cert))
+        return issued
+
+
+def init_dev(
+    out: Path | str,
+    *,
+    devices: int = 3,
+    device_ids: Iterable[str] | None = None,
+    force: bool = False,
+    clock: Clock | None = None,
+    device_lifetime: timedelta = DEFAULT_DEVICE_LIFETIME,
+    server_names: Iterable[str] = ("localhost", "127.0.0.1", "::1"),
+) -> FileCA:
+    """Create the dev PKI in ``out``. Refuses to overwrite an existing CA unless ``force``."""
+    out_dir = Path(out)
+    clock = clock or SystemClock()
+    if (out_dir / "issuing-ca.key").exists() and not force:
+        raise ConfigError(
+            f"{out_dir} already holds a CA", hint="pass --force to replace it (all existing certificates die)"
+        )
+    now = clock.now()
+    root = new_root("Edge Dev Root CA", now)
+    issuing = new_intermediate(root, "Edge Dev Issuing CA", now)
+    atomic_write_bytes(out_dir / "root-ca.key", key_pem(root.key), mode=0o600)
+    atomic_write_bytes(out_dir / "root-ca.crt", cert_pem(root.cert))
+    atomic_write_bytes(out_dir / "issuing-ca.key", key_pem(issuing.key), mode=0o600)
+    atomic_write_bytes(out_dir / "issuing-ca.crt", cert_pem(issuing.cert))
+    atomic_write_bytes(out_dir / "ca-chain.pem", cert_pem(issuing.cert) + cert_pem(root.cert))
+    broker = issue_leaf(
+        issuing, identity="edge-broker", now=now, lifetime=timedelta(days=365),
+        uri_prefix=None, server_names=server_names, client=False,
+    )
+    assert broker.key is not None
+    atomic_write_bytes(out_dir / "broker.key", key_pem(broker.key), mode=0o600)
+    atomic_write_bytes(out_dir / "broker.crt", cert_pem(broker.cert) + cert_pem(issuing.cert))
+    ca = FileCA(out_dir, clock=clock)
+    ids = list(device_ids) if device_ids is not None else [f"device-{n:03d}" for n in range(1, devices + 1)]
+    entries: dict[str, DeviceEntry] = {}
+    for identity in ids:
+        issued = ca.issue_device(identity, lifetime=device_lifetime)
+        entries[identity] = DeviceEntry(device_id=identity, pins=(issued.pin,), roles=frozenset({"sensor"}),
+                                        attributes={"site": "plant-a", "line": "line-1"})
+    atomic_write_text(ca.registry_path, dump_registry(Registry(devices=entries)))
+    return ca
