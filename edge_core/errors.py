@@ -45,15 +45,18 @@ class ConfigError(EdgeSecurityError):
         self,
         reason: str,
         *,
-        source: str = "<config>",
+        source: str | None = None,
         line: int | None = None,
         hint: str | None = None,
     ) -> None:
         self.source = source
         self.line = line
         self.reason = reason
-        where = f"{source}:{line}" if line is not None else source
-        super().__init__(f"{where}: {reason}", hint=hint)
+        if source is None:
+            text = reason
+        else:
+            text = f"{source}:{line}: {reason}" if line is not None else f"{source}: {reason}"
+        super().__init__(text, hint=hint)
 
 
 class CredentialError(EdgeSecurityError):

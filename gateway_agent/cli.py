@@ -1,0 +1,57 @@
+"""``gateway-agent``: the command line of the gateway agent.
+
+Each command group lives in its own module (``cli_pki``, ``cli_crl``, ...), which exposes
+``add_parser(subparsers)``; the parser stores ``func(args) -> int`` as the handler.
+
+Exit codes: 0 success, 1 the operation was refused or failed (the message says why),
+2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from edge_core.errors import EdgeSecurityError
+from edge_runtime.logsetup import configure_logging
+
+__all__ = ["main"]
+
+# Command groups, imported by name so that a group can be added without touching this file's logic.
+GROUPS = ("cli_pki", "cli_crl", "cli_certs", "cli_command", "cli_daemon")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway-agent", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="group", required=True)
+    for name in GROUPS:
+        try:
+            module = importlib.import_module(f"gateway_agent.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"gateway_agent.{name}":
+                continue
+            raise
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(json=True, level="DEBUG" if args.verbose else "INFO")
+    try:
+        return int(args.func(args))
+    except EdgeSecurityError as exc:
+        if args.verbose:
+            raise
+        print(f"error: {exc.diagnostics()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
