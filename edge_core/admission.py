@@ -14,7 +14,7 @@ from edge_core.errors import CredentialError
 from edge_core.identity import CertInfo, IdentityPolicy, describe_certificate
 from edge_core.registry import DeviceEntry, Registry
 
-__all__ = ["REASONS", "AdmissionRefused", "Admitted", "admit"]
+__all__ = ["REASONS", "AdmissionRefused", "Admitted", "admit", "still_admitted"]
 
 #: Stable reason codes for ``auth.rejected`` events. Never renamed, only added to.
 REASONS = (
@@ -93,3 +93,17 @@ def admit(
             device=device_id,
         )
     return Admitted(device=entry, cert=cert)
+
+
+def still_admitted(admitted: Admitted, registry: Registry, now: datetime) -> str | None:
+    """Re-check a live session against a new registry or time; returns a refusal reason or None."""
+    entry = registry.get(admitted.identity)
+    if entry is None:
+        return "unknown_device"
+    if not entry.enabled:
+        return "device_disabled"
+    if not entry.pinned(admitted.cert.spki_pin):
+        return "pin_mismatch"
+    if now >= admitted.cert.not_after:
+        return "cert_expired"
+    return None

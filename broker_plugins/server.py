@@ -1,0 +1,239 @@
+"""Assemble and run the hardened broker: runtime, amqtt broker, listeners, reloads, status.
+
+``EdgeBroker`` is an async context manager; ``edge-broker run`` and the tests use it the
+same way::
+
+    async with EdgeBroker(load_settings("configs/broker.yaml")) as broker:
+        await broker.wait_closed()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from edge_core.acl import Policy, parse_policy
+from edge_core.admission import still_admitted
+from edge_core.clock import Clock, SystemClock
+from edge_core.errors import ConfigError
+from edge_core.events import SecurityEvents
+from edge_core.registry import Registry, parse_registry
+from edge_runtime.file_watch import WatchedFile
+from edge_runtime.status_http import StatusServer, prometheus_text
+
+from broker_plugins.broker import HardenedBroker
+from broker_plugins.listener import DeviceListener
+from broker_plugins.plugins import enabled_plugins
+from broker_plugins.runtime import BrokerRuntime, admitted_of
+from broker_plugins.settings import BrokerSettings
+from broker_plugins.tls import server_context
+
+__all__ = ["EdgeBroker", "read_config_file"]
+
+AUTH_PLUGIN = "broker_plugins.plugins.device_auth.DeviceAuthPlugin"
+
+
+def read_config_file(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what}: {exc.strerror}", source=str(path)) from exc
+
+
+class EdgeBroker:
+    def __init__(
+        self,
+        settings: BrokerSettings,
+        *,
+        clock: Clock | None = None,
+        events: SecurityEvents | None = None,
+        extra_plugins: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self.events = events or SecurityEvents("edge-broker")
+        self._extra_plugins = extra_plugins or {}
+        self.runtime: BrokerRuntime | None = None
+        self.broker: HardenedBroker | None = None
+        self.listener: DeviceListener | None = None
+        self.plaintext_listener: DeviceListener | None = None
+        self.status_server: StatusServer | None = None
+        self._watchers: list[WatchedFile] = []
+        self._closed = asyncio.Event()
+        self._entered = False
+        self.started_at = 0.0
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def __aenter__(self) -> EdgeBroker:
+        if self._entered:
+            raise RuntimeError("EdgeBroker cannot be entered twice")
+        self._entered = True
+        try:
+            await self._start()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def _start(self) -> None:
+        s = self.settings
+        registry = parse_registry(read_config_file(s.registry_path, "device registry"),
+                                  source=str(s.registry_path))
+        self.runtime = BrokerRuntime(settings=s, registry=registry, clock=self.clock, events=self.events)
+        if s.acl_path is not None:
+            self.runtime.acl = parse_policy(read_config_file(s.acl_path, "ACL file"), source=str(s.acl_path))
+        else:
+            self.events.emit("broker.no_acl", "not_configured", level="warning",
+                             detail="no 'acl:' file configured: every publish and subscribe is denied")
+        plugins: dict[str, dict[str, Any]] = {AUTH_PLUGIN: {}}
+        plugins.update(enabled_plugins(s))
+        plugins.update(self._extra_plugins)
+        self.broker = HardenedBroker(self.runtime, plugins)
+        ssl_context = server_context(s.listener)  # fails early on bad TLS material
+        await self.broker.start()
+        self.listener = DeviceListener(
+            self.broker, host=s.listener.host, port=s.listener.port, ssl_context=ssl_context,
+            limits=s.limits, events=self.events,
+        )
+        await self.listener.start()
+        if s.plaintext_bind is not None:
+            self.events.emit("broker.unsafe_plaintext_listener", "configured", level="warning",
+                             bind=f"{s.plaintext_bind[0]}:{s.plaintext_bind[1]}",
+                             detail="plaintext MQTT on loopback: no client certificates, so every CONNECT "
+                                    "there is refused; use only for protocol diagnostics")
+            self.plaintext_listener = DeviceListener(
+                self.broker, host=s.plaintext_bind[0], port=s.plaintext_bind[1], ssl_context=None,
+                limits=s.limits, events=self.events,
+            )
+            await self.plaintext_listener.start()
+        self._watch(s.registry_path, self._reload_registry, registry.digest)
+        if s.acl_path is not None and self.runtime.acl is not None:
+            self._watch(s.acl_path, self._reload_acl, self.runtime.acl.digest)
+        if s.status_bind is not None:
+            self.status_server = StatusServer(s.status_bind[0], s.status_bind[1], status=self.status,
+                                              metrics=self.metrics)
+            await self.status_server.start()
+        self.started_at = time.time()
+        self.events.emit("broker.started", host=s.listener.host, port=self.port, devices=len(registry))
+
+    def _watch(self, path: Path, loader: Any, digest: str) -> None:
+        def unreadable(exc: OSError) -> None:
+            self.events.emit("config.reload_failed", "unreadable", level="error", file=str(path),
+                             detail=exc.strerror)
+
+        watcher = WatchedFile(path, loader, interval=self.settings.reload_interval, on_error=unreadable,
+                              initial_digest=digest)
+        watcher.start()
+        self._watchers.append(watcher)
+
+    async def close(self) -> None:
+        for watcher in self._watchers:
+            await watcher.stop()
+        self._watchers.clear()
+        for listener in (self.listener, self.plaintext_listener):
+            if listener is not None:
+                await listener.close()
+        if self.status_server is not None:
+            await self.status_server.close()
+        if self.broker is not None and self.broker.transitions.state == "started":
+            await self.broker.shutdown()
+        self._closed.set()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    @property
+    def port(self) -> int:
+        assert self.listener is not None
+        return self.listener.port
+
+    # -- reloads -----------------------------------------------------------------------
+
+    async def _reload_registry(self, data: bytes) -> None:
+        assert self.runtime is not None
+        path = str(self.settings.registry_path)
+        try:
+            registry = parse_registry(data, source=path)
+        except ConfigError as exc:
+            self.events.emit("config.reload_failed", "invalid", level="error", file=path, line=exc.line,
+                             detail=exc.reason, kept=self.runtime.registry.digest[:12])
+            return
+        self.runtime.registry = registry
+        self.events.emit("config.reloaded", "registry", file=path, devices=len(registry),
+                         digest=registry.digest[:12])
+        await self.enforce_registry(registry)
+        await self.prune_subscriptions("registry_reload")
+
+    async def _reload_acl(self, data: bytes) -> None:
+        assert self.runtime is not None and self.settings.acl_path is not None
+        path = str(self.settings.acl_path)
+        old = self.runtime.acl
+        try:
+            policy = parse_policy(data, source=path)
+        except ConfigError as exc:
+            self.events.emit("config.reload_failed", "invalid", level="error", file=path, line=exc.line,
+                             detail=exc.reason, kept=old.digest[:12] if old else None)
+            return
+        self.runtime.acl = policy
+        self.events.emit("config.reloaded", "acl", file=path, digest=policy.digest[:12])
+        await self.prune_subscriptions("acl_reload")
+
+    async def prune_subscriptions(self, reason: str) -> int:
+        """Remove live subscriptions the current policy no longer grants; each removal is logged."""
+        assert self.runtime is not None and self.broker is not None
+        runtime = self.runtime
+        policy = runtime.acl
+
+        def revoked(session: Any, topic_filter: str) -> bool:
+            admitted = admitted_of(session)
+            if admitted is None or not isinstance(policy, Policy):
+                return True
+            subject = runtime.subject_of(admitted.identity)
+            return subject is None or not policy.check_subscribe(subject, topic_filter).allowed
+
+        return await self.broker.remove_subscriptions(revoked, reason)
+
+    async def enforce_registry(self, registry: Registry) -> None:
+        """Cut live sessions that the registry no longer admits (device removed, disabled, pin gone)."""
+        assert self.broker is not None
+        now = self.clock.now()
+        for session in self.broker.connected_sessions():
+            admitted = admitted_of(session)
+            if admitted is None or session.client_id is None:
+                continue
+            reason = still_admitted(admitted, registry, now)
+            if reason is not None:
+                await self.broker.cut_session(session.client_id, reason, source="registry")
+
+    # -- status ------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        assert self.runtime is not None and self.broker is not None
+        sessions = self.broker.connected_sessions()
+        return {
+            "component": "edge-broker",
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "listener": {"host": self.settings.listener.host, "port": self.port,
+                         "active_connections": self.listener.active if self.listener else 0},
+            "sessions": {"connected": len(sessions), "known": len(self.broker.sessions)},
+            "registry": {"file": str(self.settings.registry_path), "devices": len(self.runtime.registry),
+                         "digest": self.runtime.registry.digest[:12]},
+            "acl": {"file": str(self.settings.acl_path) if self.settings.acl_path else None,
+                    "digest": self.runtime.acl.digest[:12] if self.runtime.acl else None},
+            "events": self.events.snapshot(),
+        }
+
+    def metrics(self) -> str:
+        assert self.broker is not None
+        return prometheus_text("edge_broker", self.events.snapshot(), {
+            "connected_sessions": float(len(self.broker.connected_sessions())),
+            "active_connections": float(self.listener.active if self.listener else 0),
+        })

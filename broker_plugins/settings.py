@@ -1,0 +1,170 @@
+"""Broker settings: ``configs/broker.yaml`` validated at the edge into frozen objects.
+
+Relative paths are resolved against the directory of the settings file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edge_core import yamlsrc
+from edge_core.errors import ConfigError
+from edge_core.identity import IdentityPolicy
+
+__all__ = ["BrokerSettings", "Limits", "ListenerSettings", "load_settings", "parse_settings", "split_bind"]
+
+
+def split_bind(value: str, *, source: str, line: int | None) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` to (host, port)."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ConfigError(f"bind {value!r} must be host:port", source=source, line=line)
+    host = host.strip("[]")
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"bind {value!r}: port out of range", source=source, line=line)
+    return host, port
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class ListenerSettings:
+    host: str
+    port: int
+    certfile: Path
+    keyfile: Path
+    client_ca: Path
+
+
+@dataclass(frozen=True)
+class Limits:
+    tls_handshake_timeout: float = 5.0
+    connect_timeout: float = 5.0
+    max_connections: int = 1000
+    max_packet_size: int = 256 * 1024
+    max_offline_queue: int = 1000
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    listener: ListenerSettings
+    registry_path: Path
+    acl_path: Path | None = None
+    identity: IdentityPolicy = field(default_factory=IdentityPolicy)
+    limits: Limits = field(default_factory=Limits)
+    status_bind: tuple[str, int] | None = None
+    reload_interval: float = 0.5
+    plaintext_bind: tuple[str, int] | None = None
+    event_loop: str = "uvloop"
+    source: str = "<settings>"
+
+
+def load_settings(path: Path | str) -> BrokerSettings:
+    p = Path(path)
+    try:
+        text = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read settings: {exc.strerror}", source=str(p)) from exc
+    return parse_settings(text, source=str(p), base_dir=p.resolve().parent)
+
+
+def parse_settings(text: str | bytes, *, source: str, base_dir: Path) -> BrokerSettings:
+    doc = yamlsrc.load(text, source=source)
+    top = yamlsrc.Section(doc, source=source, what="broker settings")
+
+    def path_of(sec: yamlsrc.Section, key: str, *, required: bool = True) -> Path:
+        raw = sec.take(key, str, required=required)
+        resolved = (base_dir / raw).resolve() if raw else Path()
+        return resolved
+
+    lsec = top.sub("listener", required=True)
+    assert lsec is not None
+    bind = lsec.take("bind", str, "127.0.0.1:8883")
+    host, port = split_bind(bind, source=source, line=lsec.line_of("bind"))
+    listener = ListenerSettings(
+        host=host,
+        port=port,
+        certfile=path_of(lsec, "certfile"),
+        keyfile=path_of(lsec, "keyfile"),
+        client_ca=path_of(lsec, "client_ca"),
+    )
+    lsec.done()
+
+    limits = Limits()
+    limsec = top.sub("limits")
+    if limsec is not None:
+        limits = Limits(
+            tls_handshake_timeout=limsec.take("tls_handshake_timeout", float, limits.tls_handshake_timeout),
+            connect_timeout=limsec.take("connect_timeout", float, limits.connect_timeout),
+            max_connections=limsec.take("max_connections", int, limits.max_connections),
+            max_packet_size=limsec.take("max_packet_size", int, limits.max_packet_size),
+            max_offline_queue=limsec.take("max_offline_queue", int, limits.max_offline_queue),
+        )
+        for name in ("tls_handshake_timeout", "connect_timeout", "max_connections", "max_packet_size",
+                     "max_offline_queue"):
+            if getattr(limits, name) <= 0:
+                raise limsec.error(name, f"limits.{name} must be positive")
+        if limits.max_packet_size > 268_435_455:
+            raise limsec.error("max_packet_size", "limits.max_packet_size exceeds the MQTT maximum 268435455")
+        limsec.done()
+
+    identity = IdentityPolicy()
+    isec = top.sub("identity")
+    if isec is not None:
+        src = isec.take("source", str, "san_uri")
+        if src not in ("san_uri", "subject_cn"):
+            raise isec.error("source", "identity.source must be 'san_uri' or 'subject_cn'")
+        identity = IdentityPolicy(source=src, uri_prefix=isec.take("uri_prefix", str, "urn:device:"))  # type: ignore[arg-type]
+        isec.done()
+
+    registry_path = path_of(top, "registry")
+    acl_raw = top.take("acl", str, None)
+    acl_path = (base_dir / acl_raw).resolve() if acl_raw else None
+
+    status_bind = None
+    ssec = top.sub("status")
+    if ssec is not None:
+        sbind = ssec.take("bind", str, "127.0.0.1:9464")
+        status_bind = split_bind(sbind, source=source, line=ssec.line_of("bind"))
+        if not is_loopback(status_bind[0]):
+            raise ssec.error("bind", "status.bind must be a loopback address; the status endpoint has no auth")
+        ssec.done()
+
+    plaintext_bind = None
+    psec = top.sub("unsafe_plaintext_listener")
+    if psec is not None:
+        pbind = psec.take("bind", str, required=True)
+        plaintext_bind = split_bind(pbind, source=source, line=psec.line_of("bind"))
+        if not is_loopback(plaintext_bind[0]):
+            raise psec.error("bind", "unsafe_plaintext_listener.bind must be a loopback address")
+        psec.done()
+
+    reload_interval = top.take("reload_interval", float, 0.5)
+    if not 0.05 <= reload_interval <= 2.0:
+        raise top.error("reload_interval", "reload_interval must be between 0.05 and 2.0 seconds")
+    event_loop = top.take("event_loop", str, "uvloop")
+    if event_loop not in ("uvloop", "asyncio"):
+        raise top.error("event_loop", "event_loop must be 'uvloop' or 'asyncio'")
+    top.done()
+    return BrokerSettings(
+        listener=listener,
+        registry_path=registry_path,
+        acl_path=acl_path,
+        identity=identity,
+        limits=limits,
+        status_bind=status_bind,
+        reload_interval=reload_interval,
+        plaintext_bind=plaintext_bind,
+        event_loop=event_loop,
+        source=source,
+    )

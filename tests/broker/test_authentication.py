@@ -1,0 +1,125 @@
+"""Who may connect: real TLS 1.3 on loopback, the real broker, real paho clients."""
+
+from __future__ import annotations
+
+import ssl
+from datetime import timedelta
+
+import pytest
+
+from edge_core.clock import ManualClock
+from tests.conftest import StartBroker
+from tests.support.mqtt import Device
+from tests.support.pki import DevPki
+from tests.support.raw import try_connect
+
+pytestmark = pytest.mark.integration
+
+ACCEPTED, IDENTIFIER_REJECTED, NOT_AUTHORIZED = 0, 2, 5
+
+
+def test_valid_pinned_device_connects(start_broker: StartBroker, pki: DevPki) -> None:
+    broker = start_broker()
+    dev = Device(broker.port, pki.chain, pki.device("pump-17"), "pump-17")
+    assert dev.connect() == ACCEPTED
+    accepted = broker.wait_event("auth.accepted")
+    assert accepted[0]["device"] == "pump-17"
+    dev.close()
+
+
+def test_no_client_certificate_is_refused_at_tls(start_broker: StartBroker, pki: DevPki) -> None:
+    broker = start_broker()
+    assert try_connect(broker.port, pki.chain, None, "pump-17") is None
+    broker.wait_event("tls.rejected", "no_client_cert")
+    assert broker.events.count("auth.accepted") == 0
+
+
+def test_certificate_from_another_ca_is_refused(start_broker: StartBroker, pki: DevPki) -> None:
+    broker = start_broker()
+    rogue = pki.foreign("rogue-pump-17", "pump-17")
+    assert try_connect(broker.port, pki.chain, rogue, "pump-17") is None
+    broker.wait_event("tls.rejected", "unknown_ca")
+
+
+def test_expired_certificate_is_refused(start_broker: StartBroker, pki: DevPki) -> None:
+    broker = start_broker()
+    cred = pki.expired("expired-pump-17", "pump-17", same_key_as="pump-17")
+    assert try_connect(broker.port, pki.chain, cred, "pump-17") is None
+    broker.wait_event("tls.rejected", "cert_expired")
+
+
+def test_not_yet_valid_certificate_is_refused(start_broker: StartBroker, pki: DevPki) -> None:
+    broker = start_broker()
+    cred = pki.not_yet_valid("future-pump-17", "pump-17", same_key_as="pump-17")
+    assert try_connect(broker.port, pki.chain, cred, "pump-17") is None
+    broker.wait_event("tls.rejected", "cert_not_yet_valid")
+
+
+def test_expiry_is_also_checked_by_the_broker_clock(start_broker: StartBroker, pki: DevPki) -> None:
+    """Time travel: OpenSSL uses the wall clock; our admission uses the injected clock too."""
+    clock = ManualClock()
+    broker = start_broker(clock=clock)
+    dev = Device(broker.port, pki.chain, pki.device("pump-17"), "pump-17")
+    clock.advance(timedelta(days=31))  # dev certificates live 30 days
+    assert dev.connect() == NOT_AUTHORIZED
+    broker.wait_event("auth.rejected", "cert_expired")
+
+
+def test_same_device_id_with_new_unpinned_key_is_refused(start_broker: StartBroker, pki: DevPki) -> None:
+    broker = start_broker()
+    cred = pki.issue("unpinned-pump-17", "pump-17")  # right CA, right identity, a key nobody pinned
+    assert Device(broker.port, pki.chain, cred, "pump-17").connect() == NOT_AUTHORIZED
+    event = broker.wait_event("auth.rejected", "pin_mismatch")[0]
+    assert event["device"] == "pump-17"
+
+
+def test_client_id_differing_from_certificate_identity_is_refused(start_broker: StartBroker, pki: DevPki) -> None:
+    broker = start_broker()
+    dev = Device(broker.port, pki.chain, pki.device("pump-18"), "pump-17")
+    assert dev.connect() == IDENTIFIER_REJECTED
+    event = broker.wait_event("auth.rejected", "client_id_mismatch")[0]
+    assert event["device"] == "pump-18" and event["client_id"] == "pump-17"
+
+
+def test_empty_client_id_is_refused(start_broker: StartBroker, pki: DevPki) -> None:
+    broker = start_broker()
+    assert try_connect(broker.port, pki.chain, pki.device("pump-17"), "") == IDENTIFIER_REJECTED
+    broker.wait_event("auth.rejected", "client_id_mismatch")
+
+
+def test_username_is_never_the_identity(start_broker: StartBroker, pki: DevPki) -> None:
+    broker = start_broker()
+    dev = Device(broker.port, pki.chain, pki.device("pump-18"), "pump-17")
+    dev.client.username_pw_set("pump-17", "irrelevant")
+    assert dev.connect() == IDENTIFIER_REJECTED
+
+
+def test_device_missing_from_registry_is_refused(start_broker: StartBroker, pki: DevPki) -> None:
+    broker = start_broker()
+    cred = pki.issue("stranger", "valve-99")
+    assert Device(broker.port, pki.chain, cred, "valve-99").connect() == NOT_AUTHORIZED
+    broker.wait_event("auth.rejected", "unknown_device")
+
+
+@pytest.mark.parametrize("identity", ["pump+1", "pump#1", "site/pump", "pump\x00x"])
+def test_identity_that_could_widen_a_topic_filter_is_refused(
+    start_broker: StartBroker, pki: DevPki, identity: str
+) -> None:
+    broker = start_broker()
+    cred = pki.issue(f"bad-{ord(identity[4])}", identity)
+    assert Device(broker.port, pki.chain, cred, "pump-17").connect() == NOT_AUTHORIZED
+    broker.wait_event("auth.rejected", "identity_invalid")
+
+
+def test_certificate_without_identity_is_refused(start_broker: StartBroker, pki: DevPki) -> None:
+    broker = start_broker()
+    cred = pki.issue("no-san", "pump-17", uri_prefix=None)
+    assert Device(broker.port, pki.chain, cred, "pump-17").connect() == NOT_AUTHORIZED
+    broker.wait_event("auth.rejected", "identity_missing")
+
+
+def test_tls12_only_client_is_refused(start_broker: StartBroker, pki: DevPki) -> None:
+    broker = start_broker()
+    assert try_connect(broker.port, pki.chain, pki.device("pump-17"), "pump-17",
+                       max_version=ssl.TLSVersion.TLSv1_2) is None
+    broker.wait_event("tls.rejected", "tls_version")

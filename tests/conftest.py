@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edge_core.clock import Clock
+from tests.support.broker import BrokerThread, write_settings
+from tests.support.pki import DevPki, make_pki
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> DevPki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def registry_file(tmp_path: Path, pki: DevPki) -> Path:
+    """A per-test copy of the dev registry that the test may edit."""
+    path = tmp_path / "registry.yaml"
+    shutil.copy(pki.ca.registry_path, path)
+    return path
+
+
+StartBroker = Callable[..., BrokerThread]
+
+
+@pytest.fixture
+def start_broker(tmp_path: Path, pki: DevPki, registry_file: Path) -> Iterator[StartBroker]:
+    started: list[BrokerThread] = []
+
+    def start(*, acl: Path | None = None, limits: dict[str, Any] | None = None, clock: Clock | None = None,
+              extra: str = "") -> BrokerThread:
+        settings = write_settings(tmp_path, registry=registry_file, chain=pki.chain, server_dir=pki.root,
+                                  acl=acl, limits=limits, extra=extra)
+        broker = BrokerThread(settings, clock=clock).start()
+        started.append(broker)
+        return broker
+
+    yield start
+    for broker in started:
+        broker.stop()
