@@ -2,20 +2,23 @@
 
 amqtt's own TCP listener waits on a semaphore when ``max_connections`` is reached (so
 extra clients queue instead of being refused), and asyncio's ``start_server(ssl=...)``
-handles handshake failures out of our sight. We take the raw transport in
-``connection_made``, pause reading before a single byte is consumed (so the
-ClientHello cannot be swallowed by a plain reader), refuse at once over the cap,
-upgrade with ``loop.start_tls`` under a timeout, and hand the stream to amqtt as an
-"external" listener connection. Every refusal is a ``conn.rejected`` or
-``tls.rejected`` event with a reason code.
+handles handshake failures out of our sight. We accept raw sockets ourselves
+(``sock_accept``: nothing is read yet), refuse at once over the cap, then let
+``connect_accepted_socket(ssl=...)`` run the TLS 1.3 handshake under a timeout, which
+raises any handshake failure to us on asyncio and uvloop alike. (Upgrading an already
+reading transport with ``start_tls`` loses the ClientHello on uvloop.) The stream is
+handed to amqtt as an "external" listener connection. Every refusal is a
+``conn.rejected`` or ``tls.rejected`` event with a reason code.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
-from typing import Any
+import struct
+from typing import Any, cast
 
 from amqtt.adapters import StreamWriterAdapter
 
@@ -26,21 +29,6 @@ from broker_plugins.settings import Limits
 from broker_plugins.tls import classify_tls_error
 
 __all__ = ["DeviceListener"]
-
-
-class _AcceptProtocol(asyncio.Protocol):
-    """Holds a fresh connection still; the listener decides what happens to it."""
-
-    def __init__(self, listener: DeviceListener) -> None:
-        self._listener = listener
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        transport.pause_reading()
-        self._listener._admit(transport)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        pass
 
 
 class DeviceListener:
@@ -62,60 +50,66 @@ class DeviceListener:
         self._limits = limits
         self._events = events
         self._name = listener_name
-        self._server: asyncio.Server | None = None
+        self._sock: socket.socket | None = None
+        self._accept_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._transports: set[asyncio.BaseTransport] = set()
         self.active = 0
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _AcceptProtocol(self), self.host, self.port,
-                                                reuse_address=True)
-        self.port = self._server.sockets[0].getsockname()[1]
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.create_server((self.host, self.port), family=family, backlog=1024, reuse_port=False)
+        sock.setblocking(False)
+        self._sock = sock
+        self.port = sock.getsockname()[1]
+        self._accept_task = asyncio.create_task(self._accept_loop(), name=f"listener:{self.port}")
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accept_task
+        if self._sock is not None:
+            self._sock.close()
         for transport in list(self._transports):
             transport.abort()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=10)
-        if self._server is not None:
-            await self._server.wait_closed()
 
-    def _admit(self, transport: asyncio.Transport) -> None:
-        peername = transport.get_extra_info("peername")
-        peer = f"{peername[0]}:{peername[1]}" if peername else "?"
-        if self.active >= self._limits.max_connections:
-            self._events.emit("conn.rejected", "max_connections", level="warning", peer=peer,
-                              limit=self._limits.max_connections)
-            transport.abort()
-            return
-        self.active += 1
-        self._transports.add(transport)
-        task = asyncio.get_running_loop().create_task(self._serve(transport, peer))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._sock is not None
+        while True:
+            try:
+                conn, address = await loop.sock_accept(self._sock)
+            except OSError as exc:  # e.g. EMFILE: keep serving the connections we have
+                self._events.emit("conn.error", "accept_failed", level="error", detail=str(exc))
+                await asyncio.sleep(0.1)
+                continue
+            peer = f"{address[0]}:{address[1]}"
+            if self.active >= self._limits.max_connections:
+                self._events.emit("conn.rejected", "max_connections", level="warning", peer=peer,
+                                  limit=self._limits.max_connections)
+                # RST, not FIN: the client learns at once, and no TIME_WAIT piles up here
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.close()
+                continue
+            self.active += 1
+            task = loop.create_task(self._serve(conn, peer))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
-    async def _serve(self, transport: asyncio.Transport, peer: str) -> None:
+    async def _serve(self, conn: socket.socket, peer: str) -> None:
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=2**16)
         protocol = asyncio.StreamReaderProtocol(reader)
-        current: asyncio.BaseTransport = transport
+        transport: asyncio.BaseTransport | None = None
         try:
-            if self._ssl is not None:
-                tls_transport = await self._handshake(loop, transport, protocol, peer)
-                if tls_transport is None:
-                    return
-                current = tls_transport
-                self._transports.add(current)
-                protocol.connection_made(tls_transport)
-            else:
-                transport.set_protocol(protocol)
-                protocol.connection_made(transport)
-                transport.resume_reading()
-            assert isinstance(current, asyncio.Transport)
-            writer = asyncio.StreamWriter(current, protocol, reader, loop)
+            transport = await self._open(loop, conn, protocol, peer)
+            if transport is None:
+                return
+            self._transports.add(transport)
+            writer = asyncio.StreamWriter(cast("asyncio.Transport", transport), protocol, reader, loop)
 
             def on_violation(violation: FramingViolation) -> None:
                 self._events.emit("conn.rejected", violation.reason, level="warning", peer=peer,
@@ -131,28 +125,28 @@ class DeviceListener:
             self._events.emit("conn.error", type(exc).__name__, level="warning", peer=peer, detail=str(exc))
         finally:
             self.active -= 1
-            for t in {transport, current}:
-                self._transports.discard(t)
-                if not t.is_closing():
-                    t.abort()
+            if transport is not None:
+                self._transports.discard(transport)
+                if not transport.is_closing():
+                    transport.abort()
+            else:
+                conn.close()
 
-    async def _handshake(self, loop: asyncio.AbstractEventLoop, transport: asyncio.Transport,
-                         protocol: asyncio.StreamReaderProtocol, peer: str) -> asyncio.Transport | None:
-        assert self._ssl is not None
+    async def _open(self, loop: asyncio.AbstractEventLoop, conn: socket.socket,
+                    protocol: asyncio.StreamReaderProtocol, peer: str) -> asyncio.BaseTransport | None:
+        """Wrap the accepted socket; with TLS, complete the handshake or report why not."""
+        if self._ssl is None:
+            transport, _ = await loop.connect_accepted_socket(lambda: protocol, conn)
+            return transport
         timeout = self._limits.tls_handshake_timeout
         try:
-            tls = await asyncio.wait_for(
-                loop.start_tls(transport, protocol, self._ssl, server_side=True, ssl_handshake_timeout=timeout),
+            transport, _ = await asyncio.wait_for(
+                loop.connect_accepted_socket(lambda: protocol, conn, ssl=self._ssl,
+                                             ssl_handshake_timeout=timeout),
                 timeout=timeout + 1.0,
             )
         except (ssl.SSLError, TimeoutError, ConnectionError, OSError, EOFError) as exc:
             reason, detail = classify_tls_error(exc)
             self._events.emit("tls.rejected", reason, level="warning", peer=peer, detail=detail)
-            with contextlib.suppress(Exception):
-                transport.abort()
             return None
-        if tls is None:
-            self._events.emit("tls.rejected", "tls_handshake_aborted", level="warning", peer=peer,
-                              detail="connection closed during the handshake")
-            return None
-        return tls
+        return transport

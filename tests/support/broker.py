@@ -47,10 +47,11 @@ def write_settings(directory: Path, *, registry: Path, chain: Path, server_dir: 
 
 
 class BrokerThread:
-    def __init__(self, settings: BrokerSettings | Path, *, clock: Clock | None = None) -> None:
+    def __init__(self, settings: BrokerSettings | Path, *, clock: Clock | None = None,
+                 loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None) -> None:
         self.settings = settings if isinstance(settings, BrokerSettings) else load_settings(settings)
         self.clock = clock
-        self.loop = asyncio.new_event_loop()
+        self.loop = loop_factory() if loop_factory else asyncio.new_event_loop()
         self.edge: EdgeBroker | None = None
         self.error: BaseException | None = None
         self._ready = threading.Event()
