@@ -1,0 +1,365 @@
+"""Signed command envelopes: JWS compact serialization, ES256 only (RFC 7515/7518).
+
+An operator signs every command; the broker and then the device verify it::
+
+    header  {"alg": "ES256", "typ": "edge-cmd+jwt", "kid": "alice"}
+    claims  {"iss": "alice", "aud": "pump-17", "iat": 1767225600, "exp": 1767225660,
+             "jti": "3q2-7wQ8T7mXk0b3Yc1N5A", "cmd": {"name": "set_speed", "rpm": 1200}}
+
+``verify_envelope`` returns a ``VerifiedCommand`` or raises ``CommandRefused`` (an
+``EnvelopeError``) with exactly one stable reason code from ``REASONS``. The checks run
+in a fixed order, which the published test vectors pin:
+
+1. ``oversized``, ``not_envelope``: size, then structure (ASCII, three canonical
+   base64url parts, JSON objects without duplicate keys); no key is touched yet;
+2. ``bad_algorithm``: the header says exactly ``ES256``; ``bad_header``: only ``alg``,
+   ``typ`` (= policy typ) and ``kid`` are present. Embedded keys (``jwk``, ``jku``,
+   ``x5c``...), ``crit`` and ``b64`` are refused here;
+3. ``unknown_issuer``: the ``kid`` names a configured operator key;
+4. ``bad_signature``: PyJWT verifies the signature with that key, ES256 only;
+5. ``missing_claim``, ``bad_claim``: the six claims, their types, nothing else;
+   ``iss`` must be the operator who owns the key;
+6. ``audience_mismatch``, ``issuer_not_authorized``: who may command whom;
+7. ``ttl_too_long``, ``issued_in_future``, ``expired``, ``issued_before_restart``: when;
+8. ``replayed``, ``replay_cache_full``: the nonce is recorded last, only when every other
+   check passed, so refused envelopes never fill the cache.
+
+Time rules, with ``skew = policy.max_skew``: accepted iff
+``iat - skew <= now <= exp + skew``, ``0 < exp - iat <= max_ttl`` and
+``iat >= replay.not_before + skew``. ``iat`` and ``exp`` are integers (seconds).
+
+The replay key is the issuer and ``jti``, never the token bytes: ECDSA signatures are
+malleable, so a replay with a re-encoded signature is still caught.
+
+No I/O: the token, the time, the keys and the replay store are handed in.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from types import MappingProxyType
+from typing import Any, NoReturn
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec
+from jwt.api_jws import PyJWS
+
+from edge_core.clock import as_utc
+from edge_core.errors import EnvelopeError
+from edge_core.identity import check_identity
+from edge_core.operators import EnvelopePolicy, OperatorKeys
+from edge_core.replay import ReplayCache, ReplayVerdict, replay_key
+
+__all__ = [
+    "ALGORITHM",
+    "CLAIMS",
+    "DEFAULT_TYP",
+    "REASONS",
+    "REJECTION_TOPIC",
+    "CommandRefused",
+    "VerifiedCommand",
+    "new_jti",
+    "rejection_notice",
+    "sign_command",
+    "verify_envelope",
+]
+
+ALGORITHM = "ES256"
+DEFAULT_TYP = EnvelopePolicy().typ
+CLAIMS = ("iss", "aud", "iat", "exp", "jti", "cmd")
+REJECTION_TOPIC = "operators/{operator}/cmd-rejected"
+
+#: Stable reason codes, in check order. Never renamed, only added to.
+REASONS = (
+    "oversized",
+    "not_envelope",
+    "bad_algorithm",
+    "bad_header",
+    "unknown_issuer",
+    "bad_signature",
+    "missing_claim",
+    "bad_claim",
+    "audience_mismatch",
+    "issuer_not_authorized",
+    "ttl_too_long",
+    "issued_in_future",
+    "expired",
+    "issued_before_restart",
+    "replayed",
+    "replay_cache_full",
+)
+
+_HEADER_PARAMS = frozenset({"alg", "typ", "kid"})
+_B64URL = re.compile(rb"[A-Za-z0-9_-]*")
+#: 22 base64url characters carry 132 bits, enough for a 128-bit random nonce.
+_JTI_RE = re.compile(r"[A-Za-z0-9_-]{22,128}")
+#: NumericDate bounds: after 1970, before year 10000 (datetime can represent it).
+_MAX_NUMERIC_DATE = 253402300799
+_JWS = PyJWS(algorithms=[ALGORITHM])
+
+
+class CommandRefused(EnvelopeError):
+    """A command envelope was refused; ``reason`` is one of ``REASONS``.
+
+    ``operator`` and ``jti`` are set only once the signature verified, so a rejection
+    notice never goes to an operator on the word of a forger.
+    """
+
+    def __init__(
+        self, reason: str, message: str, *, device: str | None = None,
+        operator: str | None = None, jti: str | None = None,
+    ) -> None:
+        super().__init__(reason, message)
+        self.device = device
+        self.operator = operator
+        self.jti = jti
+
+
+@dataclass(frozen=True)
+class VerifiedCommand:
+    issuer: str
+    kid: str
+    device: str
+    jti: str
+    issued_at: datetime
+    expires_at: datetime
+    body: Mapping[str, Any]
+
+
+def new_jti() -> str:
+    """A fresh nonce: 128 random bits as 22 base64url characters."""
+    return secrets.token_urlsafe(16)
+
+
+def sign_command(
+    private_key: ec.EllipticCurvePrivateKey,
+    *,
+    issuer: str,
+    device: str,
+    body: Mapping[str, Any],
+    ttl: timedelta,
+    now: datetime,
+    kid: str | None = None,
+    jti: str | None = None,
+    typ: str = DEFAULT_TYP,
+) -> bytes:
+    """Sign ``body`` as a command from ``issuer`` to ``device``, valid ``ttl`` from ``now``."""
+    if not isinstance(private_key, ec.EllipticCurvePrivateKey):
+        raise TypeError("ES256 needs an EC private key")
+    if private_key.curve.name != "secp256r1":
+        raise ValueError(f"ES256 needs a P-256 key, not {private_key.curve.name}")
+    check_identity(issuer)
+    check_identity(device)
+    if kid is not None:
+        check_identity(kid)
+    ttl_seconds = ttl.total_seconds()
+    if ttl_seconds < 1 or ttl_seconds != int(ttl_seconds):
+        raise ValueError(f"ttl {ttl} must be a whole number of seconds, at least 1")
+    if jti is None:
+        jti = new_jti()
+    elif not _JTI_RE.fullmatch(jti):
+        raise ValueError("jti must be 22-128 base64url characters (at least 128 random bits)")
+    if not isinstance(body, Mapping):
+        raise TypeError("the command body must be a JSON object (a mapping)")
+    iat = int(as_utc(now).timestamp())
+    claims = {"iss": issuer, "aud": device, "iat": iat, "exp": iat + int(ttl_seconds), "jti": jti,
+              "cmd": dict(body)}
+    token = jwt.encode(claims, private_key, algorithm=ALGORITHM, headers={"typ": typ, "kid": kid or issuer})
+    return token.encode("ascii")
+
+
+def verify_envelope(
+    token: bytes,
+    *,
+    topic_device: str,
+    keys: OperatorKeys,
+    policy: EnvelopePolicy,
+    now: datetime,
+    replay: ReplayCache,
+) -> VerifiedCommand:
+    """Verify a command published for ``topic_device``; see the module docstring for the order."""
+    now = as_utc(now)
+    header, claims = _parse(token, policy, topic_device)
+    kid = _check_header(header, policy, topic_device)
+    operator_key = keys.key(kid)
+    if operator_key is None:
+        raise CommandRefused("unknown_issuer", f"no operator key with kid {kid[:64]!r} is configured",
+                             device=topic_device)
+    try:
+        _JWS.decode_complete(bytes(token), key=operator_key.public_key, algorithms=[ALGORITHM])
+    except jwt.PyJWTError as exc:
+        raise CommandRefused("bad_signature", f"signature does not verify with key {kid!r}: {exc}",
+                             device=topic_device) from exc
+    # From here on the claims are the operator's own words.
+    operator = operator_key.operator
+    jti_value = claims.get("jti")
+    jti = jti_value if isinstance(jti_value, str) and _JTI_RE.fullmatch(jti_value) else None
+
+    def refuse(reason: str, message: str) -> NoReturn:
+        raise CommandRefused(reason, message, device=topic_device, operator=operator, jti=jti)
+
+    iat, exp, body = _check_claims(claims, operator=operator, kid=kid, refuse=refuse)
+    if jti is None:
+        refuse("bad_claim", "claim 'jti' must be 22-128 base64url characters (>= 128 random bits)")
+    aud = claims["aud"]
+    if aud != topic_device:
+        refuse("audience_mismatch", f"envelope is for {aud!r:.80} but was published for {topic_device!r}")
+    if not keys.may_command(operator, topic_device):
+        refuse("issuer_not_authorized", f"operator {operator!r} may not command {topic_device!r}")
+    _check_time(iat, exp, policy=policy, now=now, not_before=replay.not_before, refuse=refuse)
+    # The nonce is recorded last, so refused envelopes never take room in the cache.
+    keep_until = datetime.fromtimestamp(exp + int(policy.max_skew.total_seconds()), UTC)
+    verdict = replay.remember(replay_key(operator, jti), keep_until=keep_until, now=now)
+    if verdict is ReplayVerdict.REPLAYED:
+        refuse("replayed", f"jti {jti} from {operator} was already used")
+    if verdict is ReplayVerdict.FULL:
+        refuse("replay_cache_full", "replay cache is full of live nonces; refusing (fail closed)")
+    return VerifiedCommand(
+        issuer=operator, kid=kid, device=topic_device, jti=jti,
+        issued_at=datetime.fromtimestamp(iat, UTC), expires_at=datetime.fromtimestamp(exp, UTC),
+        body=MappingProxyType(body),
+    )
+
+
+def _parse(token: bytes, policy: EnvelopePolicy, device: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    def refuse(reason: str, message: str) -> NoReturn:
+        raise CommandRefused(reason, message, device=device)
+
+    if not isinstance(token, bytes | bytearray | memoryview):
+        refuse("not_envelope", f"an envelope is bytes, not {type(token).__name__}")
+    if len(token) > policy.max_size:
+        refuse("oversized", f"envelope is {len(token)} bytes; at most {policy.max_size} allowed")
+    parts = bytes(token).split(b".")
+    if len(parts) != 3:
+        refuse("not_envelope", f"a JWS compact envelope has 3 dot-separated parts, not {len(parts)}")
+    header_raw = _b64url_decode(parts[0], "header", refuse)
+    payload_raw = _b64url_decode(parts[1], "payload", refuse)
+    _b64url_decode(parts[2], "signature", refuse)  # its length is the signature check's business
+    return _json_object(header_raw, "header", refuse), _json_object(payload_raw, "payload", refuse)
+
+
+def _check_header(header: dict[str, Any], policy: EnvelopePolicy, device: str) -> str:
+    def refuse(reason: str, message: str) -> NoReturn:
+        raise CommandRefused(reason, message, device=device)
+
+    alg = header.get("alg")
+    if not (isinstance(alg, str) and alg == ALGORITHM):
+        refuse("bad_algorithm", f"algorithm {alg!r:.40} is refused; only {ALGORITHM} is accepted")
+    extra = sorted(set(header) - _HEADER_PARAMS)
+    if extra:
+        refuse("bad_header", f"header parameter {extra[0]!r:.40} is not allowed; only alg, typ, kid")
+    if header.get("typ") != policy.typ:
+        refuse("bad_header", f"header typ {header.get('typ')!r:.40} must be {policy.typ!r}")
+    kid = header.get("kid")
+    if not isinstance(kid, str) or not kid:
+        refuse("bad_header", "header kid (the operator key id) is missing or not a string")
+    return kid
+
+
+def _check_claims(
+    claims: dict[str, Any], *, operator: str, kid: str, refuse: _Refuser
+) -> tuple[int, int, dict[str, Any]]:
+    for name in CLAIMS:
+        if name not in claims:
+            refuse("missing_claim", f"claim '{name}' is missing")
+    extra = sorted(set(claims) - set(CLAIMS))
+    if extra:
+        refuse("bad_claim", f"claim {extra[0]!r:.40} is not allowed; only {', '.join(CLAIMS)}")
+    iat, exp = claims["iat"], claims["exp"]
+    for name, value in (("iat", iat), ("exp", exp)):
+        if type(value) is not int or not 0 < value <= _MAX_NUMERIC_DATE:
+            refuse("bad_claim", f"claim '{name}' must be an integer NumericDate, not {value!r:.40}")
+    if not isinstance(claims["aud"], str):
+        refuse("bad_claim", "claim 'aud' must be one device id (a string)")
+    if claims["iss"] != operator:
+        refuse("bad_claim", f"claim 'iss' {claims['iss']!r:.80} is not {operator!r}, who owns key {kid!r}")
+    body = claims["cmd"]
+    if not isinstance(body, dict):
+        refuse("bad_claim", "claim 'cmd' must be a JSON object")
+    if exp <= iat:
+        refuse("bad_claim", f"exp {exp} must be after iat {iat}")
+    return iat, exp, body
+
+
+def _check_time(
+    iat: int, exp: int, *, policy: EnvelopePolicy, now: datetime, not_before: datetime | None,
+    refuse: _Refuser,
+) -> None:
+    skew = int(policy.max_skew.total_seconds())
+    max_ttl = int(policy.max_ttl.total_seconds())
+    now_ts = now.timestamp()
+    if exp - iat > max_ttl:
+        refuse("ttl_too_long", f"lifetime exp - iat = {exp - iat} s must be <= {max_ttl} s")
+    if iat - skew > now_ts:
+        refuse("issued_in_future", f"iat {_iso(iat)} is more than {skew} s after now {now.isoformat()}")
+    if now_ts > exp + skew:
+        refuse("expired", f"expired at {_iso(exp)} (+{skew} s skew); now {now.isoformat()}")
+    if not_before is not None and iat < as_utc(not_before).timestamp() + skew:
+        refuse(
+            "issued_before_restart",
+            f"iat {_iso(iat)} must be >= {(as_utc(not_before) + policy.max_skew).isoformat()}: "
+            "the replay cache restarted then; re-send the command with a new iat",
+        )
+
+
+def rejection_notice(error: CommandRefused, *, at: datetime) -> tuple[str, bytes] | None:
+    """Topic and JSON payload telling the operator a command was dropped, or ``None``.
+
+    Only refusals after the signature verified name an operator; forgeries get no notice.
+    """
+    if error.operator is None:
+        return None
+    notice = {"jti": error.jti, "reason": error.reason, "device": error.device,
+              "at": as_utc(at).isoformat().replace("+00:00", "Z")}
+    topic = REJECTION_TOPIC.format(operator=check_identity(error.operator))
+    return topic, json.dumps(notice, sort_keys=True, separators=(",", ":")).encode()
+
+
+_Refuser = Callable[[str, str], NoReturn]
+
+
+def _b64url_decode(part: bytes, name: str, refuse: _Refuser) -> bytes:
+    if not _B64URL.fullmatch(part):
+        refuse("not_envelope", f"{name} is not unpadded base64url ASCII")
+    try:
+        raw = base64.urlsafe_b64decode(part + b"=" * (-len(part) % 4))
+    except (binascii.Error, ValueError):
+        refuse("not_envelope", f"{name} is not valid base64url")
+    # Canonical form only: unused trailing bits would give one signature many spellings.
+    if base64.urlsafe_b64encode(raw).rstrip(b"=") != part:
+        refuse("not_envelope", f"{name} is not canonical base64url")
+    return raw
+
+
+def _json_object(raw: bytes, name: str, refuse: _Refuser) -> dict[str, Any]:
+    try:
+        value = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:
+        refuse("not_envelope", f"{name} is not a UTF-8 JSON object: {str(exc)[:80]}")
+    if not isinstance(value, dict):
+        refuse("not_envelope", f"{name} must be a JSON object")
+    return value
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {key[:40]!r}")  # parsers disagree on which one wins
+        result[key] = value
+    return result
+
+
+def _no_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _iso(timestamp: int) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat()
