@@ -33,10 +33,15 @@ def start_broker(tmp_path: Path, pki: DevPki, registry_file: Path) -> Iterator[S
     started: list[BrokerThread] = []
 
     def start(*, acl: Path | None = None, limits: dict[str, Any] | None = None, clock: Clock | None = None,
-              extra: str = "") -> BrokerThread:
+              extra: str = "", uvloop: bool = False) -> BrokerThread:
         settings = write_settings(tmp_path, registry=registry_file, chain=pki.chain, server_dir=pki.root,
                                   acl=acl, limits=limits, extra=extra)
-        broker = BrokerThread(settings, clock=clock).start()
+        factory = None
+        if uvloop:
+            import uvloop as uv
+
+            factory = uv.new_event_loop
+        broker = BrokerThread(settings, clock=clock, loop_factory=factory).start()
         started.append(broker)
         return broker
 

@@ -123,3 +123,15 @@ def test_tls12_only_client_is_refused(start_broker: StartBroker, pki: DevPki) ->
     assert try_connect(broker.port, pki.chain, pki.device("pump-17"), "pump-17",
                        max_version=ssl.TLSVersion.TLSv1_2) is None
     broker.wait_event("tls.rejected", "tls_version")
+
+
+def test_listener_under_uvloop_handles_every_handshake(start_broker: StartBroker, pki: DevPki) -> None:
+    """`edge-broker run` uses uvloop; its transports differ from asyncio's (a ClientHello
+    read before a TLS upgrade once made every other handshake hang)."""
+    broker = start_broker(uvloop=True, limits={"tls_handshake_timeout": 2})
+    for _ in range(6):
+        assert try_connect(broker.port, pki.chain, pki.device("pump-17"), "pump-17") == 0
+    assert try_connect(broker.port, pki.chain, None, "pump-17") is None
+    broker.wait_event("tls.rejected", "no_client_cert")
+    assert broker.events.count("auth.accepted") == 6
+    assert broker.events.count("tls.rejected", "tls_handshake_timeout") == 0
