@@ -18,7 +18,6 @@ Results go to stdout as a table and to benchmarks/results/broker.json.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
@@ -34,8 +33,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.loadgen import Endpoint, connection_rate, throughput  # noqa: E402
-from gateway_agent.pki import init_dev  # noqa: E402
+from benchmarks.loadgen import Endpoint, connection_rate, throughput
+from gateway_agent.pki import init_dev
 
 BENCH_DEVICES = ["bench-pub", "bench-sub", *(f"bench-c{n}" for n in range(4))]
 ACL_SMALL = """\
@@ -113,7 +112,7 @@ use_identity_as_username true
 tls_version tlsv1.3
 max_queued_messages 100000
 log_type none
-""" + ("user root\n" if os.geteuid() == 0 else ""))  # as root mosquitto drops to 'mosquitto', which cannot read 0600 keys
+""" + ("user root\n" if os.geteuid() == 0 else ""))  # as root it drops to 'mosquitto': 0600 keys unreadable
     return path
 
 

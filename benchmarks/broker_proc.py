@@ -48,6 +48,7 @@ async def run_amqtt(port: int, certs: Path) -> None:
 
 def main() -> None:
     import logging
+
     import structlog
 
     logging.disable(logging.WARNING)

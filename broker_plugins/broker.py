@@ -97,14 +97,14 @@ class HardenedBroker(Broker):
     # -- 3. fail-closed plugin dispatch -------------------------------------------------
 
     async def _authenticate(self, session: Session, _: ListenerConfig | None) -> bool:
-        plugins = list(self.plugins_manager._auth_plugins)  # noqa: SLF001 - amqtt has no public accessor
+        plugins = list(self.plugins_manager._auth_plugins)
         if not plugins:
             self.runtime.events.emit("auth.rejected", "no_auth_plugin", level="error", client_id=session.client_id)
             return False
         for plugin in plugins:
             try:
                 result = await plugin.authenticate(session=session)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - fail closed: any plugin error denies
                 session.attributes[REFUSAL] = "plugin_error"
                 self.runtime.events.emit(
                     "auth.rejected", "plugin_error", level="error", plugin=type(plugin).__name__,
@@ -118,7 +118,7 @@ class HardenedBroker(Broker):
         return True
 
     async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
-        plugins = self.plugins_manager._topic_plugins  # noqa: SLF001 - amqtt has no public accessor
+        plugins = self.plugins_manager._topic_plugins
         if not plugins:
             self.runtime.events.emit("acl.denied", "no_acl_plugin", level="error", device=_device(session),
                                      topic=topic, action=str(action))
@@ -126,7 +126,7 @@ class HardenedBroker(Broker):
         for plugin in plugins:
             try:
                 result = await plugin.topic_filtering(session=session, topic=topic, action=action)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - fail closed: any plugin error denies
                 self.runtime.events.emit(
                     "acl.denied", "plugin_error", level="error", plugin=type(plugin).__name__,
                     device=_device(session), topic=topic, action=str(action), error=repr(exc),
@@ -140,7 +140,7 @@ class HardenedBroker(Broker):
         for guard in self._message_guards:
             try:
                 ok = await guard.guard_publish(session=session, topic=topic, payload=payload, retain=retain)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - fail closed: any plugin error denies
                 self.runtime.events.emit(
                     "publish.rejected", "plugin_error", level="error", plugin=type(guard).__name__,
                     device=_device(session), topic=topic, error=repr(exc),
@@ -420,7 +420,7 @@ class HardenedBroker(Broker):
         if entry is None:
             return False
         session, handler = entry
-        was_connected = session.transitions.is_connected()
+        was_connected = bool(session.transitions.is_connected())
         session.attributes[CUT] = reason
         if was_connected:
             self.runtime.events.emit("session.cut", reason, level="warning", device=client_id, **fields)

@@ -15,10 +15,9 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
+from broker_plugins.settings import BrokerSettings, load_settings
 from edge_core.errors import ConfigError, EdgeSecurityError
 from edge_runtime.logsetup import configure_logging
-
-from broker_plugins.settings import BrokerSettings, load_settings
 
 __all__ = ["main"]
 
@@ -86,7 +85,7 @@ def _status(args: argparse.Namespace) -> int:
     host, port = settings.status_bind
     url = f"http://{host}:{port}/{'metrics' if args.metrics else 'status'}"
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - loopback URL built from settings
+        with urllib.request.urlopen(url, timeout=5) as response:
             body = response.read().decode("utf-8")
     except OSError as exc:
         print(f"error: broker status endpoint {url} unreachable: {exc}", file=sys.stderr)

@@ -18,7 +18,7 @@ from amqtt.adapters import ReaderAdapter
 __all__ = ["FramingGuardReader", "FramingViolation", "PacketTooLarge"]
 
 
-class FramingViolation(Exception):  # noqa: N818 - amqtt's reader loop closes on any non-MQTT exception
+class FramingViolation(Exception):
     """The byte stream does not follow MQTT framing; the connection must close."""
 
     reason = "malformed_frame"

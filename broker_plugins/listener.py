@@ -18,15 +18,14 @@ import contextlib
 import socket
 import ssl
 import struct
-from typing import Any, cast
+from typing import Any
 
 from amqtt.adapters import StreamWriterAdapter
-
-from edge_core.events import SecurityEvents
 
 from broker_plugins.framing import FramingGuardReader, FramingViolation
 from broker_plugins.settings import Limits
 from broker_plugins.tls import classify_tls_error
+from edge_core.events import SecurityEvents
 
 __all__ = ["DeviceListener"]
 
@@ -53,7 +52,7 @@ class DeviceListener:
         self._sock: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._transports: set[asyncio.BaseTransport] = set()
+        self._transports: set[asyncio.Transport] = set()
         self.active = 0
 
     async def start(self) -> None:
@@ -103,13 +102,13 @@ class DeviceListener:
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=2**16)
         protocol = asyncio.StreamReaderProtocol(reader)
-        transport: asyncio.BaseTransport | None = None
+        transport: asyncio.Transport | None = None
         try:
             transport = await self._open(loop, conn, protocol, peer)
             if transport is None:
                 return
             self._transports.add(transport)
-            writer = asyncio.StreamWriter(cast("asyncio.Transport", transport), protocol, reader, loop)
+            writer = asyncio.StreamWriter(transport, protocol, reader, loop)
 
             def on_violation(violation: FramingViolation) -> None:
                 self._events.emit("conn.rejected", violation.reason, level="warning", peer=peer,
@@ -120,7 +119,7 @@ class DeviceListener:
             await self._broker.external_connected(guarded, StreamWriterAdapter(writer), self._name)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the listener must outlive any one connection
             # amqtt lets some errors escape its connection handler; never let them kill the listener
             self._events.emit("conn.error", type(exc).__name__, level="warning", peer=peer, detail=str(exc))
         finally:
@@ -133,7 +132,7 @@ class DeviceListener:
                 conn.close()
 
     async def _open(self, loop: asyncio.AbstractEventLoop, conn: socket.socket,
-                    protocol: asyncio.StreamReaderProtocol, peer: str) -> asyncio.BaseTransport | None:
+                    protocol: asyncio.StreamReaderProtocol, peer: str) -> asyncio.Transport | None:
         """Wrap the accepted socket; with TLS, complete the handshake or report why not."""
         if self._ssl is None:
             transport, _ = await loop.connect_accepted_socket(lambda: protocol, conn)

@@ -10,13 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from broker_plugins.settings import BrokerSettings
 from edge_core.acl import Policy, Subject
 from edge_core.admission import Admitted
 from edge_core.clock import Clock, SystemClock
 from edge_core.events import SecurityEvents
 from edge_core.registry import Registry
-
-from broker_plugins.settings import BrokerSettings
 
 if TYPE_CHECKING:
     from amqtt.session import Session
@@ -38,6 +37,7 @@ class BrokerRuntime:
     clock: Clock = field(default_factory=SystemClock)
     events: SecurityEvents = field(default_factory=lambda: SecurityEvents("edge-broker"))
     acl: Policy | None = None
+    commands: Any = None  # broker_plugins.commands.CommandState when commands are configured
     extras: dict[str, Any] = field(default_factory=dict)
     _subjects: dict[str, Subject] = field(default_factory=dict, repr=False)
     _subjects_of: Registry | None = field(default=None, repr=False)

@@ -15,21 +15,22 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from edge_core.acl import Policy, parse_policy
-from edge_core.admission import still_admitted
-from edge_core.clock import Clock, SystemClock
-from edge_core.errors import ConfigError
-from edge_core.events import SecurityEvents
-from edge_core.registry import Registry, parse_registry
-from edge_runtime.file_watch import WatchedFile
-from edge_runtime.status_http import StatusServer, prometheus_text
-
 from broker_plugins.broker import HardenedBroker
+from broker_plugins.commands import CommandState
 from broker_plugins.listener import DeviceListener
 from broker_plugins.plugins import enabled_plugins
 from broker_plugins.runtime import BrokerRuntime, admitted_of
 from broker_plugins.settings import BrokerSettings
 from broker_plugins.tls import server_context
+from edge_core.acl import Policy, parse_policy
+from edge_core.admission import still_admitted
+from edge_core.clock import Clock, SystemClock
+from edge_core.errors import ConfigError
+from edge_core.events import SecurityEvents
+from edge_core.operators import OperatorConfig, parse_operators
+from edge_core.registry import Registry, parse_registry
+from edge_runtime.file_watch import WatchedFile
+from edge_runtime.status_http import StatusServer, prometheus_text
 
 __all__ = ["EdgeBroker", "read_config_file"]
 
@@ -93,6 +94,10 @@ class EdgeBroker:
         else:
             self.events.emit("broker.no_acl", "not_configured", level="warning",
                              detail="no 'acl:' file configured: every publish and subscribe is denied")
+        if s.commands is not None:
+            operators = self._parse_operators(read_config_file(s.commands.operators_path, "operators file"))
+            self.runtime.commands = CommandState.start(operators, capacity=s.commands.replay_capacity,
+                                                       clock=self.clock)
         plugins: dict[str, dict[str, Any]] = {AUTH_PLUGIN: {}}
         plugins.update(enabled_plugins(s))
         plugins.update(self._extra_plugins)
@@ -117,6 +122,8 @@ class EdgeBroker:
         self._watch(s.registry_path, self._reload_registry, registry.digest)
         if s.acl_path is not None and self.runtime.acl is not None:
             self._watch(s.acl_path, self._reload_acl, self.runtime.acl.digest)
+        if s.commands is not None and self.runtime.commands is not None:
+            self._watch(s.commands.operators_path, self._reload_operators, self.runtime.commands.config.digest)
         if s.status_bind is not None:
             self.status_server = StatusServer(s.status_bind[0], s.status_bind[1], status=self.status,
                                               metrics=self.metrics)
@@ -185,6 +192,30 @@ class EdgeBroker:
         self.runtime.acl = policy
         self.events.emit("config.reloaded", "acl", file=path, digest=policy.digest[:12])
         await self.prune_subscriptions("acl_reload")
+
+    def _parse_operators(self, data: bytes) -> OperatorConfig:
+        assert self.settings.commands is not None
+        path = self.settings.commands.operators_path
+
+        def read_key(key_path: str) -> bytes:
+            return read_config_file(Path(key_path), "operator key file")
+
+        return parse_operators(data, source=str(path), read_key=read_key)
+
+    async def _reload_operators(self, data: bytes) -> None:
+        assert self.runtime is not None and self.settings.commands is not None
+        state = self.runtime.commands
+        assert isinstance(state, CommandState)
+        path = str(self.settings.commands.operators_path)
+        try:
+            config = self._parse_operators(data)
+        except ConfigError as exc:
+            self.events.emit("config.reload_failed", "invalid", level="error", file=path, line=exc.line,
+                             detail=exc.reason, kept=state.config.digest[:12])
+            return
+        state.config = config  # the replay cache is kept: nonces already seen stay seen
+        self.events.emit("config.reloaded", "operators", file=path, operators=len(config.operators),
+                         digest=config.digest[:12])
 
     async def prune_subscriptions(self, reason: str) -> int:
         """Remove live subscriptions the current policy no longer grants; each removal is logged."""

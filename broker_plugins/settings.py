@@ -13,7 +13,9 @@ from edge_core import yamlsrc
 from edge_core.errors import ConfigError
 from edge_core.identity import IdentityPolicy
 
-__all__ = ["BrokerSettings", "Limits", "ListenerSettings", "load_settings", "parse_settings", "split_bind"]
+__all__ = [
+    "BrokerSettings", "CommandSettings", "Limits", "ListenerSettings", "load_settings", "parse_settings", "split_bind",
+]
 
 
 def split_bind(value: str, *, source: str, line: int | None) -> tuple[str, int]:
@@ -56,6 +58,12 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class CommandSettings:
+    operators_path: Path
+    replay_capacity: int = 1_000_000
+
+
+@dataclass(frozen=True)
 class BrokerSettings:
     listener: ListenerSettings
     registry_path: Path
@@ -66,6 +74,7 @@ class BrokerSettings:
     reload_interval: float = 0.5
     plaintext_bind: tuple[str, int] | None = None
     event_loop: str = "uvloop"
+    commands: CommandSettings | None = None
     source: str = "<settings>"
 
 
@@ -149,6 +158,17 @@ def parse_settings(text: str | bytes, *, source: str, base_dir: Path) -> BrokerS
             raise psec.error("bind", "unsafe_plaintext_listener.bind must be a loopback address")
         psec.done()
 
+    commands = None
+    csec = top.sub("commands")
+    if csec is not None:
+        commands = CommandSettings(
+            operators_path=path_of(csec, "operators"),
+            replay_capacity=csec.take("replay_capacity", int, 1_000_000),
+        )
+        if not 1000 <= commands.replay_capacity <= 50_000_000:
+            raise csec.error("replay_capacity", "commands.replay_capacity must be 1000 .. 50000000")
+        csec.done()
+
     reload_interval = top.take("reload_interval", float, 0.5)
     if not 0.05 <= reload_interval <= 2.0:
         raise top.error("reload_interval", "reload_interval must be between 0.05 and 2.0 seconds")
@@ -166,5 +186,6 @@ def parse_settings(text: str | bytes, *, source: str, base_dir: Path) -> BrokerS
         reload_interval=reload_interval,
         plaintext_bind=plaintext_bind,
         event_loop=event_loop,
+        commands=commands,
         source=source,
     )

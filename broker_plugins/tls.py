@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import ssl
 
-from edge_core.errors import ConfigError
-
 from broker_plugins.settings import ListenerSettings
+from edge_core.errors import ConfigError
 
 __all__ = ["classify_tls_error", "server_context"]
 

@@ -52,10 +52,8 @@ class ConfigError(EdgeSecurityError):
         self.source = source
         self.line = line
         self.reason = reason
-        if source is None:
-            text = reason
-        else:
-            text = f"{source}:{line}: {reason}" if line is not None else f"{source}: {reason}"
+        where = None if source is None else (f"{source}:{line}" if line is not None else source)
+        text = reason if where is None else f"{where}: {reason}"
         super().__init__(text, hint=hint)
 
 

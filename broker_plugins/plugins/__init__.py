@@ -17,4 +17,6 @@ def enabled_plugins(settings: BrokerSettings) -> dict[str, dict[str, Any]]:
     plugins: dict[str, dict[str, Any]] = {}
     if settings.acl_path is not None:
         plugins["broker_plugins.plugins.topic_acl.TopicAclPlugin"] = {}
+    if settings.commands is not None:
+        plugins["broker_plugins.plugins.command_guard.CommandGuardPlugin"] = {}
     return plugins

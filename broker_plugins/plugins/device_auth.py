@@ -14,9 +14,8 @@ from typing import Any
 from amqtt.plugins.base import BaseAuthPlugin
 from amqtt.session import Session
 
-from edge_core.admission import AdmissionRefused, admit
-
 from broker_plugins.runtime import ADMITTED, REFUSAL, BrokerRuntime
+from edge_core.admission import AdmissionRefused, admit
 
 __all__ = ["DeviceAuthPlugin"]
 

@@ -17,9 +17,8 @@ from amqtt.contexts import Action as AmqttAction
 from amqtt.plugins.base import BaseTopicPlugin
 from amqtt.session import Session
 
-from edge_core.acl import Action, Policy
-
 from broker_plugins.runtime import BrokerRuntime, admitted_of
+from edge_core.acl import Action, Policy
 
 __all__ = ["TopicAclPlugin"]
 

@@ -13,11 +13,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from edge_core.clock import Clock
-from edge_core.events import SecurityEvents
-
 from broker_plugins.server import EdgeBroker
 from broker_plugins.settings import BrokerSettings, load_settings
+from edge_core.clock import Clock
+from edge_core.events import SecurityEvents
 
 T = TypeVar("T")
 

@@ -14,7 +14,6 @@ import paho.mqtt.client as mqtt
 
 from tests.support.pki import Credential
 
-
 _V5_TO_V311 = {0: 0, 132: 1, 133: 2, 136: 3, 134: 4, 135: 5}
 
 
@@ -100,6 +99,7 @@ class Device:
         sock = self.client.socket()
         if sock is not None:
             sock.close()
+        self.client._reset_sockets()  # paho 2.x leaves its wake-up socket pair to __del__
 
     def subscribe(self, topic_filter: str, qos: int = 1, timeout: float = 5.0) -> list[int]:
         _, mid = self.client.subscribe(topic_filter, qos)
@@ -133,9 +133,11 @@ class Device:
         if isinstance(sock, socket.socket | ssl.SSLSocket):
             sock.shutdown(socket.SHUT_RDWR)
             sock.close()
+        self.client._reset_sockets()
 
     def close(self) -> None:
         try:
             self.client.disconnect()
         finally:
             self.client.loop_stop()
+            self.client._reset_sockets()  # paho 2.x leaves its wake-up socket pair to __del__

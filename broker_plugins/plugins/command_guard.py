@@ -1,0 +1,66 @@
+"""Command guard: every message on a command topic must be a valid signed envelope.
+
+Runs after the topic ACL (so a device can never publish commands to another device's
+topic) and before the message is broadcast. Refused messages are dropped, counted and
+logged as ``command.rejected reason=<code>``. MQTT 3.1.1 cannot refuse a PUBLISH, so
+when the signature verified (and only then: a forger gets no oracle) the broker tells
+the signing operator on ``operators/<operator>/cmd-rejected`` with the reason.
+Retained messages on command topics are refused outright: a retained command would
+replay itself to every future subscriber.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from amqtt.plugins.base import BasePlugin
+from amqtt.session import Session
+
+from broker_plugins.commands import CommandState
+from broker_plugins.runtime import BrokerRuntime, admitted_of
+from edge_core.envelope import CommandRefused, rejection_notice, verify_envelope
+
+__all__ = ["CommandGuardPlugin"]
+
+
+class CommandGuardPlugin(BasePlugin[Any]):
+    @dataclass
+    class Config:
+        runtime: Any = None
+
+    async def guard_publish(self, *, session: Session, topic: str, payload: bytes, retain: bool) -> bool:
+        runtime = self.config.runtime
+        assert isinstance(runtime, BrokerRuntime)
+        state = runtime.commands
+        if not isinstance(state, CommandState):
+            runtime.events.emit("command.rejected", "no_command_policy", level="error", topic=topic)
+            return False
+        policy = state.config.policy
+        device = policy.device_from_topic(topic)
+        if device is None:
+            return True  # not a command topic
+        admitted = admitted_of(session)
+        sender = admitted.identity if admitted else None
+        if retain:
+            runtime.events.emit("command.rejected", "retained_command", level="warning", device=device,
+                                sender=sender, topic=topic)
+            return False
+        now = runtime.clock.now()
+        try:
+            command = verify_envelope(payload, topic_device=device, keys=state.keys_for(runtime.registry),
+                                      policy=policy, now=now, replay=state.replay)
+        except CommandRefused as refused:
+            runtime.events.emit("command.rejected", refused.reason, level="warning", device=device,
+                                sender=sender, operator=refused.operator, jti=refused.jti, topic=topic,
+                                detail=str(refused)[:200])
+            notice = rejection_notice(refused, at=now)
+            if notice is not None:
+                notice_topic, body = notice
+                await self.context.broadcast_message(notice_topic, body)
+            return False
+        runtime.events.emit("command.accepted", device=device, sender=sender, operator=command.issuer,
+                            jti=command.jti, expires=command.expires_at.isoformat(), topic=topic,
+                            op=json.dumps(dict(command.body))[:80])
+        return True
