@@ -35,6 +35,7 @@ from edge_runtime.status_http import StatusServer, prometheus_text
 __all__ = ["EdgeBroker", "read_config_file"]
 
 AUTH_PLUGIN = "broker_plugins.plugins.device_auth.DeviceAuthPlugin"
+_REFUSAL_SUFFIXES = (".rejected", ".denied", ".cut", ".reload_failed", ".removed", ".dropped")
 
 
 def read_config_file(path: Path, what: str) -> bytes:
@@ -260,6 +261,7 @@ class EdgeBroker:
             "acl": {"file": str(self.settings.acl_path) if self.settings.acl_path else None,
                     "digest": self.runtime.acl.digest[:12] if self.runtime.acl else None},
             "events": self.events.snapshot(),
+            "recent_refusals": [e for e in self.events.recent() if e["event"].endswith(_REFUSAL_SUFFIXES)][-20:],
         }
 
     def metrics(self) -> str:

@@ -48,6 +48,7 @@ class DeviceConfig:
 @dataclass(frozen=True)
 class CommandOutcome:
     topic: str
+    payload: bytes
     command: VerifiedCommand | None
     refused: CommandRefused | None
 
@@ -93,9 +94,9 @@ class DeviceClient:
                 continue
             payload = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
             try:
-                yield CommandOutcome(topic, self.verifier.verify(payload, topic=topic), None)
+                yield CommandOutcome(topic, payload, self.verifier.verify(payload, topic=topic), None)
             except CommandRefused as refused:
-                yield CommandOutcome(topic, None, refused)
+                yield CommandOutcome(topic, payload, None, refused)
 
     async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
         await self._client.publish(topic, payload, qos=qos, retain=retain)

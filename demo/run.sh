@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The demo (README "See it work"): dev PKI, broker, devices, refusals, commands,
+# revocation and renewal, end to end on this machine's loopback.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/bootstrap.sh
+exec .venv/bin/python demo/demo.py "$@"

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The test command (README "Run the tests"; .ci/run calls this).
+# Installs what it needs, then: ruff, mypy --strict, the test suite, and a smoke run of
+# the benchmarks (the full benchmarks are separate: see benchmarks/README.md).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/system-packages.sh
+scripts/bootstrap.sh
+PY=.venv/bin/python
+echo "== ruff"
+"$PY" -m ruff check .
+echo "== mypy --strict"
+"$PY" -m mypy
+echo "== pytest"
+"$PY" -m pytest -q -p no:cacheprovider "$@"
