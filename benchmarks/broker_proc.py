@@ -10,6 +10,7 @@ Variants:
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from pathlib import Path
 
@@ -57,7 +58,10 @@ def main() -> None:
     if variant in ("ours", "ours-noacl"):
         import uvloop
 
-        uvloop.run(run_ours(Path(sys.argv[2]), acl=variant == "ours"))
+        if os.environ.get("EDGE_BENCH_LOOP") == "asyncio":
+            asyncio.run(run_ours(Path(sys.argv[2]), acl=variant == "ours"))
+        else:
+            uvloop.run(run_ours(Path(sys.argv[2]), acl=variant == "ours"))
     elif variant == "amqtt":
         asyncio.run(run_amqtt(int(sys.argv[2]), Path(sys.argv[3])))
     else:
