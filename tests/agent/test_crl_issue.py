@@ -1,0 +1,117 @@
+"""Dev CA revocation verbs: the store, CRL issuing, monotonic CRL numbers, the CLI verbs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from edge_core.clock import ManualClock
+from edge_core.errors import ConfigError
+from edge_core.revocation import accept_crl
+from gateway_agent import cli_crl
+from gateway_agent.crl_issue import RevocationStore, crl_path, issue_crl, revoke
+from gateway_agent.pki import FileCA, init_dev, load_cert
+
+NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def ca(tmp_path: Path) -> FileCA:
+    return init_dev(tmp_path / "certs-dev", device_ids=["pump-17", "pump-18"], clock=ManualClock(NOW))
+
+
+def _accept(ca: FileCA, der: bytes, installed=None, now=None):  # type: ignore[no-untyped-def]
+    return accept_crl(der, issuers=[ca.issuing().cert], installed=installed, now=now or ca.clock.now())
+
+
+def test_revoke_device_by_id_uses_its_certificate_serial(ca: FileCA) -> None:
+    entry = revoke(ca, "pump-17", "key_compromise")
+    serial = load_cert(ca.device_paths("pump-17")[0]).serial_number
+    assert entry.serial == serial and entry.device == "pump-17" and entry.revoked_at == NOW
+    doc = json.loads((ca.dir / "revoked.json").read_text())
+    assert doc == {"version": 1, "last_crl_number": 0, "revoked": [
+        {"serial": f"{serial:x}", "device": "pump-17", "reason": "key_compromise",
+         "revoked_at": NOW.isoformat()}]}
+    assert (ca.dir / "revoked.json").stat().st_mode & 0o777 == 0o600
+
+
+def test_revoke_is_idempotent_and_accepts_serials(ca: FileCA) -> None:
+    first = revoke(ca, 0xABC, "superseded")
+    again = revoke(ca, 0xABC, "key_compromise")
+    assert again == first
+    assert len(RevocationStore(ca).entries()) == 1
+
+
+def test_revoke_refuses_unknown_device_and_bad_reason(ca: FileCA) -> None:
+    with pytest.raises(ConfigError, match="no certificate for device"):
+        revoke(ca, "ghost")
+    with pytest.raises(ConfigError, match="revocation reason"):
+        revoke(ca, 5, "because")
+
+
+def test_issue_crl_lists_revoked_serials_and_counts_up(ca: FileCA) -> None:
+    revoke(ca, "pump-17", "key_compromise")
+    first = issue_crl(ca)
+    assert crl_path(ca).read_bytes() == first
+    update = _accept(ca, first)
+    serial = load_cert(ca.device_paths("pump-17")[0]).serial_number
+    assert update.revoked is not None and set(update.revoked) == {serial}
+    assert update.installed.crl_number == 1
+    assert update.installed.next_update - update.installed.this_update == timedelta(days=7)
+    assert update.installed.this_update <= NOW
+    second = issue_crl(ca, validity=timedelta(days=1))
+    newer = _accept(ca, second, update.installed)
+    assert newer.changed and newer.installed.crl_number == 2
+    assert RevocationStore(ca).last_crl_number() == 2
+
+
+def test_crl_reason_is_carried(ca: FileCA) -> None:
+    revoke(ca, 77, "key_compromise")
+    revoke(ca, 78, "unspecified")
+    crl = x509.load_der_x509_crl(issue_crl(ca))
+    by_serial = {r.serial_number: r for r in crl}
+    reason = by_serial[77].extensions.get_extension_for_class(x509.CRLReason).value.reason
+    assert reason is x509.ReasonFlags.key_compromise
+    assert len(by_serial[78].extensions) == 0  # "unspecified" is omitted (RFC 5280 5.3.1)
+
+
+def test_corrupt_store_is_a_config_error(ca: FileCA) -> None:
+    (ca.dir / "revoked.json").write_text('{"version": 1, "last_crl_number": -1, "revoked": []}')
+    with pytest.raises(ConfigError, match="last_crl_number"):
+        issue_crl(ca)
+    (ca.dir / "revoked.json").write_text("{nope")
+    with pytest.raises(ConfigError, match="cannot read"):
+        revoke(ca, 5)
+
+
+def test_issue_without_ca_explains(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no CA found"):
+        issue_crl(FileCA(tmp_path / "empty"))
+
+
+def _pki_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser()
+    cli_crl.add_pki_verbs(parser.add_subparsers(dest="verb", required=True))
+    return parser
+
+
+def test_pki_verbs_revoke_and_crl(ca: FileCA, capsys: pytest.CaptureFixture[str]) -> None:
+    parser = _pki_parser()
+    args = parser.parse_args(["revoke", "pump-18", "--ca-dir", str(ca.dir)])
+    assert args.func(args) == 0
+    args = parser.parse_args(["revoke", "0x1f", "--reason", "superseded", "--ca-dir", str(ca.dir)])
+    assert args.func(args) == 0
+    out = ca.dir / "other.crl"
+    args = parser.parse_args(["crl", "--ca-dir", str(ca.dir), "--days", "2", "--out", str(out)])
+    assert args.func(args) == 0
+    assert "pump-18" in capsys.readouterr().out
+    update = _accept(ca, out.read_bytes(), now=datetime.now(UTC))  # the CLI signs with the real clock
+    assert update.revoked is not None and 0x1F in update.revoked and len(update.revoked) == 2
+    args = parser.parse_args(["revoke", "not-a-device", "--ca-dir", str(ca.dir)])
+    with pytest.raises(ConfigError, match="neither a device"):
+        args.func(args)
