@@ -19,13 +19,14 @@ from broker_plugins.broker import HardenedBroker
 from broker_plugins.commands import CommandState
 from broker_plugins.listener import DeviceListener
 from broker_plugins.plugins import enabled_plugins
+from broker_plugins.revocation import RevocationState, load_issuer_certs
 from broker_plugins.runtime import BrokerRuntime, admitted_of
 from broker_plugins.settings import BrokerSettings
 from broker_plugins.tls import server_context
 from edge_core.acl import Policy, parse_policy
 from edge_core.admission import still_admitted
 from edge_core.clock import Clock, SystemClock
-from edge_core.errors import ConfigError
+from edge_core.errors import ConfigError, CredentialError
 from edge_core.events import SecurityEvents
 from edge_core.operators import OperatorConfig, parse_operators
 from edge_core.registry import Registry, parse_registry
@@ -64,6 +65,7 @@ class EdgeBroker:
         self.plaintext_listener: DeviceListener | None = None
         self.status_server: StatusServer | None = None
         self._watchers: list[WatchedFile] = []
+        self._tasks: list[asyncio.Task[None]] = []
         self._closed = asyncio.Event()
         self._entered = False
         self.started_at = 0.0
@@ -99,6 +101,9 @@ class EdgeBroker:
             operators = self._parse_operators(read_config_file(s.commands.operators_path, "operators file"))
             self.runtime.commands = CommandState.start(operators, capacity=s.commands.replay_capacity,
                                                        clock=self.clock)
+        if s.revocation is not None:
+            self.runtime.revocation = RevocationState(s.revocation, load_issuer_certs(s.revocation.issuers))
+            await self._reload_crl(b"")
         plugins: dict[str, dict[str, Any]] = {AUTH_PLUGIN: {}}
         plugins.update(enabled_plugins(s))
         plugins.update(self._extra_plugins)
@@ -125,6 +130,11 @@ class EdgeBroker:
             self._watch(s.acl_path, self._reload_acl, self.runtime.acl.digest)
         if s.commands is not None and self.runtime.commands is not None:
             self._watch(s.commands.operators_path, self._reload_operators, self.runtime.commands.config.digest)
+        if s.revocation is not None:
+            for crl_file in s.revocation.crl_files:
+                self._watch(crl_file, self._reload_crl, "")
+            self._tasks.append(asyncio.create_task(self._freshness_loop(s.revocation.check_interval),
+                                                   name="crl-freshness"))
         if s.status_bind is not None:
             self.status_server = StatusServer(s.status_bind[0], s.status_bind[1], status=self.status,
                                               metrics=self.metrics)
@@ -146,6 +156,10 @@ class EdgeBroker:
         for watcher in self._watchers:
             await watcher.stop()
         self._watchers.clear()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
         for listener in (self.listener, self.plaintext_listener):
             if listener is not None:
                 await listener.close()
@@ -218,6 +232,72 @@ class EdgeBroker:
         self.events.emit("config.reloaded", "operators", file=path, operators=len(config.operators),
                          digest=config.digest[:12])
 
+    async def _reload_crl(self, _changed: bytes) -> None:
+        """Re-read every configured CRL file (any one changed); all-or-nothing, then enforce."""
+        assert self.runtime is not None
+        state = self.runtime.revocation
+        assert isinstance(state, RevocationState)
+        started = time.monotonic()
+        try:
+            index = await state.reload(self.clock.now())
+        except CredentialError as exc:
+            self.events.emit("crl.reload_failed", exc.reason, level="error", detail=str(exc)[:300],
+                             kept=sorted(f"{i}#{c.crl_number}" for i, c in state.index.installed.items()))
+            return
+        if index.installed == state.index.installed:
+            return
+        state.index = index
+        for issuer, installed in index.installed.items():
+            self.events.emit("crl.loaded", issuer=issuer, crl_number=installed.crl_number, revoked=installed.count,
+                             next_update=installed.next_update.isoformat(),
+                             load_ms=round((time.monotonic() - started) * 1000, 1))
+        await self.enforce_revocation()
+
+    async def enforce_revocation(self) -> int:
+        """Cut live sessions whose certificate is revoked (or, under fail_closed, whose CRL is stale)."""
+        assert self.runtime is not None
+        state = self.runtime.revocation
+        if not isinstance(state, RevocationState) or self.broker is None:
+            return 0  # at start-up there are no sessions yet
+        now = self.clock.now()
+        cut = 0
+        for session in self.broker.connected_sessions():
+            admitted = admitted_of(session)
+            if admitted is None or session.client_id is None:
+                continue
+            cert = admitted.cert
+            if state.index.is_revoked(cert.issuer, cert.serial):
+                await self.broker.cut_session(session.client_id, "revoked", serial=f"{cert.serial:x}")
+                cut += 1
+            elif not state.freshness(cert.issuer, now).admit:
+                await self.broker.cut_session(session.client_id, "crl_stale", drop_state=False)
+                cut += 1
+        return cut
+
+    async def _freshness_loop(self, interval: float) -> None:
+        assert self.runtime is not None
+        state = self.runtime.revocation
+        assert isinstance(state, RevocationState)
+        while True:
+            self.check_freshness()
+            if state.settings.staleness.mode == "fail_closed":
+                await self.enforce_revocation()
+            await asyncio.sleep(interval)
+
+    def check_freshness(self) -> None:
+        """Raise ``crl.alarm`` when an issuer's CRL freshness changes (and ``crl.recovered``)."""
+        assert self.runtime is not None
+        state = self.runtime.revocation
+        if not isinstance(state, RevocationState):
+            return
+        for issuer, fresh in state.alarm_changes(self.clock.now()):
+            if fresh.alarm:
+                self.events.emit("crl.alarm", fresh.state, level="error" if not fresh.admit else "warning",
+                                 issuer=issuer, admit=fresh.admit, detail=fresh.message,
+                                 policy=state.settings.staleness.mode)
+            else:
+                self.events.emit("crl.recovered", fresh.state, issuer=issuer, detail=fresh.message)
+
     async def prune_subscriptions(self, reason: str) -> int:
         """Remove live subscriptions the current policy no longer grants; each removal is logged."""
         assert self.runtime is not None and self.broker is not None
@@ -258,10 +338,30 @@ class EdgeBroker:
             "sessions": {"connected": len(sessions), "known": len(self.broker.sessions)},
             "registry": {"file": str(self.settings.registry_path), "devices": len(self.runtime.registry),
                          "digest": self.runtime.registry.digest[:12]},
+            "revocation": self._revocation_status(),
             "acl": {"file": str(self.settings.acl_path) if self.settings.acl_path else None,
                     "digest": self.runtime.acl.digest[:12] if self.runtime.acl else None},
             "events": self.events.snapshot(),
             "recent_refusals": [e for e in self.events.recent() if e["event"].endswith(_REFUSAL_SUFFIXES)][-20:],
+        }
+
+    def _revocation_status(self) -> dict[str, Any] | None:
+        state = self.runtime.revocation if self.runtime else None
+        if not isinstance(state, RevocationState):
+            return None
+        now = self.clock.now()
+        return {
+            "policy": state.settings.staleness.mode,
+            "issuers": {
+                issuer: {
+                    "state": (fresh := state.freshness(issuer, now)).state,
+                    "admit": fresh.admit,
+                    "crl_number": (inst := state.index.installed.get(issuer)) and inst.crl_number,
+                    "revoked": inst.count if inst else None,
+                    "next_update": inst.next_update.isoformat() if inst else None,
+                }
+                for issuer in state.issuer_names
+            },
         }
 
     def metrics(self) -> str:

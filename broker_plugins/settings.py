@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
+from broker_plugins.revocation import RevocationSettings
 from edge_core import yamlsrc
 from edge_core.errors import ConfigError
 from edge_core.identity import IdentityPolicy
+from edge_core.revocation import StalenessPolicy, parse_staleness
 
 __all__ = [
     "BrokerSettings", "CommandSettings", "Limits", "ListenerSettings", "load_settings", "parse_settings", "split_bind",
@@ -75,7 +78,15 @@ class BrokerSettings:
     plaintext_bind: tuple[str, int] | None = None
     event_loop: str = "uvloop"
     commands: CommandSettings | None = None
+    revocation: RevocationSettings | None = None
     source: str = "<settings>"
+
+
+def _path_list(sec: yamlsrc.Section, key: str, base_dir: Path) -> tuple[Path, ...]:
+    raw = sec.take(key, list, required=True)
+    if not raw or not all(isinstance(item, str) for item in raw):
+        raise sec.error(key, f"{sec.what}: '{key}' must be a non-empty list of file paths")
+    return tuple((base_dir / item).resolve() for item in raw)
 
 
 def load_settings(path: Path | str) -> BrokerSettings:
@@ -169,6 +180,21 @@ def parse_settings(text: str | bytes, *, source: str, base_dir: Path) -> BrokerS
             raise csec.error("replay_capacity", "commands.replay_capacity must be 1000 .. 50000000")
         csec.done()
 
+    revocation = None
+    rsec = top.sub("revocation")
+    if rsec is not None:
+        files = _path_list(rsec, "crl_files", base_dir)
+        issuers = _path_list(rsec, "issuers", base_dir)
+        ssec = rsec.sub("staleness")
+        staleness = parse_staleness(ssec) if ssec is not None else StalenessPolicy()
+        max_skew = rsec.take("max_skew", float, 300.0)
+        check_interval = rsec.take("check_interval", float, 5.0)
+        if max_skew < 0 or not 0.1 <= check_interval <= 3600:
+            raise rsec.error("check_interval", "revocation: max_skew >= 0 and check_interval 0.1 .. 3600 s")
+        rsec.done()
+        revocation = RevocationSettings(crl_files=files, issuers=issuers, staleness=staleness,
+                                        max_skew=timedelta(seconds=max_skew), check_interval=check_interval)
+
     reload_interval = top.take("reload_interval", float, 0.5)
     if not 0.05 <= reload_interval <= 2.0:
         raise top.error("reload_interval", "reload_interval must be between 0.05 and 2.0 seconds")
@@ -187,5 +213,6 @@ def parse_settings(text: str | bytes, *, source: str, base_dir: Path) -> BrokerS
         plaintext_bind=plaintext_bind,
         event_loop=event_loop,
         commands=commands,
+        revocation=revocation,
         source=source,
     )

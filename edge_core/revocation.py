@@ -54,6 +54,7 @@ from cryptography.x509.oid import ExtensionOID
 
 from edge_core.clock import as_utc
 from edge_core.errors import ConfigError, CredentialError
+from edge_core.yamlsrc import Section
 
 __all__ = [
     "DEFAULT_MAX_SKEW",
@@ -69,6 +70,7 @@ __all__ = [
     "evaluate_freshness",
     "issuer_key",
     "load_crl",
+    "parse_staleness",
     "split_crl_bundle",
 ]
 
@@ -749,3 +751,20 @@ def evaluate_freshness(installed: InstalledCrl | None, now: datetime,
                        policy: StalenessPolicy | None = None) -> Freshness:
     """``policy.evaluate`` with the default policy when none is given."""
     return (policy or StalenessPolicy()).evaluate(installed, now)
+
+
+def parse_staleness(section: Section) -> StalenessPolicy:
+    """The ``staleness`` section (mode, max_age seconds, warn_fraction); errors name file and line."""
+    defaults = StalenessPolicy()
+    mode = section.take("mode", str, defaults.mode)
+    if mode not in ("fail_closed", "fail_open_alarm"):
+        raise section.error("mode", f"{section.what}: 'mode' must be fail_closed or fail_open_alarm, not {mode!r}")
+    max_age = section.take("max_age", float, defaults.max_age.total_seconds())
+    if max_age <= 0:
+        raise section.error("max_age", f"{section.what}: 'max_age' must be positive")
+    warn = section.take("warn_fraction", float, defaults.warn_fraction)
+    section.done()
+    try:
+        return StalenessPolicy(mode=mode, max_age=timedelta(seconds=max_age), warn_fraction=warn)  # type: ignore[arg-type]
+    except ConfigError as exc:
+        raise section.error(None, f"{section.what}: {exc.reason}") from exc

@@ -71,6 +71,7 @@ from edge_core.revocation import (
     StalenessPolicy,
     accept_crl,
     crl_pem,
+    parse_staleness,
 )
 from edge_core.yamlsrc import Section
 
@@ -296,21 +297,8 @@ def parse_crl_settings(section: Section, base_dir: Path) -> CrlSyncSettings:
     max_skew = section.take("max_skew", float, DEFAULT_MAX_SKEW.total_seconds())
     if max_skew < 0:
         raise section.error("max_skew", f"{section.what}: 'max_skew' must not be negative")
-    staleness = StalenessPolicy()
     stale = section.sub("staleness")
-    if stale is not None:
-        mode = stale.take("mode", str, staleness.mode)
-        if mode not in ("fail_closed", "fail_open_alarm"):
-            raise stale.error("mode", f"{stale.what}: 'mode' must be fail_closed or fail_open_alarm, "
-                                      f"not {mode!r}")
-        max_age = _positive(stale, "max_age", staleness.max_age.total_seconds())
-        warn = stale.take("warn_fraction", float, staleness.warn_fraction)
-        stale.done()
-        try:
-            staleness = StalenessPolicy(mode=mode, max_age=timedelta(seconds=max_age),  # type: ignore[arg-type]
-                                        warn_fraction=warn)
-        except ConfigError as exc:
-            raise stale.error(None, f"{stale.what}: {exc.reason}") from exc
+    staleness = parse_staleness(stale) if stale is not None else StalenessPolicy()
     section.done()
     return CrlSyncSettings(
         sources=tuple(specs), issuers=issuers, install_targets=targets, state_path=state_path,

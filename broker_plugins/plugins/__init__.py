@@ -15,6 +15,8 @@ __all__ = ["enabled_plugins"]
 
 def enabled_plugins(settings: BrokerSettings) -> dict[str, dict[str, Any]]:
     plugins: dict[str, dict[str, Any]] = {}
+    if settings.revocation is not None:
+        plugins["broker_plugins.plugins.revocation_check.RevocationCheckPlugin"] = {}
     if settings.acl_path is not None:
         plugins["broker_plugins.plugins.topic_acl.TopicAclPlugin"] = {}
     if settings.commands is not None:

@@ -126,7 +126,7 @@ def test_signed_command_is_delivered_and_verified_by_the_device(
 
 
 def _none_alg(key: ec.EllipticCurvePrivateKey, clock: ManualClock) -> bytes:
-    header, claims, _ = sign(key, clock).split(b".")
+    _header, claims, _ = sign(key, clock).split(b".")
     forged_header = _b64(json.dumps({"alg": "none", "typ": "edge-cmd+jwt", "kid": "alice"}).encode())
     return forged_header + b"." + claims + b"."
 

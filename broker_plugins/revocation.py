@@ -1,0 +1,112 @@
+"""The broker's revocation state: the installed CRL files, verified here too, and enforced.
+
+The gateway agent fetches, verifies and installs CRLs; the broker does not trust the
+file for that: it runs the same acceptance rules (``edge_core.revocation.accept_crl``)
+against its configured issuer CAs, so a tampered or rolled-back file is refused and the
+last good index stays in force. Parsing a large CRL runs in a worker thread and the new
+index is swapped in with one assignment; then live sessions holding a now-revoked
+certificate are cut. A file reload is all-or-nothing: one bad block refuses the file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+
+from edge_core.errors import ConfigError, CredentialError
+from edge_core.revocation import (
+    CrlUpdate,
+    Freshness,
+    InstalledCrl,
+    RevocationIndex,
+    StalenessPolicy,
+    accept_crl,
+    issuer_key,
+    split_crl_bundle,
+)
+
+__all__ = ["RevocationSettings", "RevocationState", "load_issuer_certs"]
+
+
+@dataclass(frozen=True)
+class RevocationSettings:
+    crl_files: tuple[Path, ...]
+    issuers: tuple[Path, ...]
+    staleness: StalenessPolicy = field(default_factory=StalenessPolicy)
+    max_skew: timedelta = timedelta(minutes=5)
+    check_interval: float = 5.0
+
+
+def load_issuer_certs(paths: Sequence[Path]) -> list[x509.Certificate]:
+    certs: list[x509.Certificate] = []
+    for path in paths:
+        try:
+            certs.extend(x509.load_pem_x509_certificates(path.read_bytes()))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot load issuer CA certificates: {exc}", source=str(path)) from exc
+    return certs
+
+
+def _accept_files(blobs: Mapping[str, bytes], issuers: Sequence[x509.Certificate],
+                  installed: Mapping[str, InstalledCrl], now: datetime, max_skew: timedelta) -> list[CrlUpdate]:
+    """Pure and thread-safe: every CRL block of every file, accepted or the first refusal raised."""
+    updates: list[CrlUpdate] = []
+    for name, blob in blobs.items():
+        blocks = split_crl_bundle(blob)
+        if not blocks:
+            raise CredentialError("crl_unparseable", f"{name}: no CRL in the file")
+        for block in blocks:
+            # installed=None for a full re-read; anti-rollback is checked against ``installed`` below
+            update = accept_crl(block, issuers=issuers, installed=None, now=now, max_skew=max_skew)
+            previous = installed.get(update.issuer)
+            if previous is not None and update.installed.crl_number < previous.crl_number:
+                raise CredentialError(
+                    "crl_rollback",
+                    f"{name}: new CRL number {update.installed.crl_number} must be >= installed "
+                    f"{previous.crl_number} for {update.issuer}",
+                )
+            updates.append(update)
+    return updates
+
+
+class RevocationState:
+    def __init__(self, settings: RevocationSettings, issuers: Sequence[x509.Certificate]) -> None:
+        self.settings = settings
+        self.issuers = list(issuers)
+        self.index = RevocationIndex()
+        self.issuer_names = [issuer_key(c.subject) for c in self.issuers]
+        self._alarmed: dict[str, str] = {}
+
+    async def reload(self, now: datetime) -> RevocationIndex:
+        """Read every CRL file, verify off the event loop, return the new index (not yet swapped in)."""
+        blobs: dict[str, bytes] = {}
+        for path in self.settings.crl_files:
+            try:
+                blobs[str(path)] = await asyncio.to_thread(path.read_bytes)
+            except FileNotFoundError:
+                continue  # not installed yet: the staleness policy decides ("missing")
+            except OSError as exc:
+                raise CredentialError("crl_unreadable", f"{path}: {exc.strerror}") from exc
+        updates = await asyncio.to_thread(_accept_files, blobs, self.issuers, self.index.installed, now,
+                                          self.settings.max_skew)
+        return RevocationIndex.from_updates(updates)
+
+    def freshness(self, issuer: str, now: datetime) -> Freshness:
+        return self.settings.staleness.evaluate(self.index.installed.get(issuer), now)
+
+    def alarm_changes(self, now: datetime) -> list[tuple[str, Freshness]]:
+        """Issuers whose freshness state changed since the last call (for alarm events)."""
+        changed = []
+        for issuer in self.issuer_names:
+            fresh = self.freshness(issuer, now)
+            previous = self._alarmed.get(issuer)
+            if previous != fresh.state:
+                self._alarmed[issuer] = fresh.state
+                if previous is not None or fresh.alarm:  # a fresh CRL at start-up is no news
+                    changed.append((issuer, fresh))
+        return changed
