@@ -1,0 +1,90 @@
+"""``gateway-agent certs``: the certificate inventory (expiry report, lifecycle history).
+
+Exit codes: 0 success (an empty report is a success), 1 the inventory could not be read,
+2 usage error (a bad ``--within``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from edge_core.clock import SystemClock
+from gateway_agent.inventory import SqliteInventory
+
+__all__ = ["DEFAULT_DB", "add_parser", "parse_duration"]
+
+DEFAULT_DB = Path("var/inventory.db")
+_DURATION_RE = re.compile(r"^(\d{1,6})([wdhm])$")
+_UNITS = {"w": timedelta(weeks=1), "d": timedelta(days=1), "h": timedelta(hours=1), "m": timedelta(minutes=1)}
+
+
+def parse_duration(text: str) -> timedelta:
+    """``90d``, ``12w``, ``36h``, ``15m``; a bare number means days."""
+    value = text.strip().lower()
+    if value.isdigit():
+        value += "d"
+    match = _DURATION_RE.match(value)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 90d, 12w, 36h or 15m")
+    return int(match.group(1)) * _UNITS[match.group(2)]
+
+
+def add_parser(sub: Any) -> None:
+    certs = sub.add_parser("certs", help="certificate inventory: expiry report, lifecycle history")
+    verbs = certs.add_subparsers(dest="verb", required=True)
+    expiring = verbs.add_parser("expiring",
+                                help="devices whose certificate expires within the window, soonest first")
+    expiring.add_argument("--within", type=parse_duration, default=timedelta(days=90),
+                          help="window such as 90d, 12w, 36h (default 90d)")
+    expiring.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    expiring.add_argument("--db", type=Path, default=DEFAULT_DB,
+                          help=f"inventory file (default {DEFAULT_DB})")
+    expiring.set_defaults(func=_expiring)
+    history = verbs.add_parser("history", help="every lifecycle transition of one device, oldest first")
+    history.add_argument("device")
+    history.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    history.add_argument("--db", type=Path, default=DEFAULT_DB,
+                         help=f"inventory file (default {DEFAULT_DB})")
+    history.set_defaults(func=_history)
+
+
+def _expiring(args: argparse.Namespace) -> int:
+    with SqliteInventory(args.db, create=False) as inventory:
+        rows = inventory.expiring(SystemClock().now(), args.within)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row.as_dict(), sort_keys=True))
+        return 0
+    if not rows:
+        print(f"no certificate expires within {args.within.days} days")
+        return 0
+    print(f"{'DEVICE':<24} {'DAYS LEFT':>9}  {'EXPIRES (UTC)':<20} {'CERT':<9} {'RENEWAL':<18} SERIAL")
+    for row in rows:
+        print(f"{row.device_id:<24} {row.days_left:>9}  {row.not_after:%Y-%m-%d %H:%M:%S} "
+              f"{row.cert_state.value:<9} {row.renewal.value:<18} {row.serial:x}")
+    return 0
+
+
+def _history(args: argparse.Namespace) -> int:
+    with SqliteInventory(args.db, create=False) as inventory:
+        records = inventory.history(args.device)
+    if args.json:
+        for t in records:
+            print(json.dumps({"device_id": t.device_id, "subject": t.subject,
+                              "serial": None if t.serial is None else f"{t.serial:x}",
+                              "from": t.from_state, "to": t.to_state, "at": t.at.isoformat(),
+                              "cause": t.cause}, sort_keys=True))
+        return 0
+    if not records:
+        print(f"no history for device {args.device}")
+        return 0
+    for t in records:
+        subject = "renewal" if t.serial is None else f"cert {t.serial:x}"
+        print(f"{t.at:%Y-%m-%d %H:%M:%S}  {t.from_state or '(new)':>18} -> {t.to_state:<18} "
+              f"{t.cause:<32} {subject}")
+    return 0

@@ -1,0 +1,562 @@
+"""The certificate inventory: one store for every device's certificates and lifecycle history.
+
+``Inventory`` is the storage interface the renewal orchestrator and the CLI use;
+``SqliteInventory`` implements it with the standard library's ``sqlite3`` (WAL, foreign keys).
+The lifecycle decisions themselves live in ``edge_core.lifecycle``; this module only stores
+``Step`` results, each state change together with its transition records in one transaction.
+
+The broker's pin registry is fed from here (``export_registry`` / ``write_registry``): the
+inventory decides which pins a device may use (current, plus candidate or retiring during a
+renewal; never more than two), the admin's registry keeps deciding roles, attributes and
+whether a device is admitted at all.
+
+Schema notes (portable SQL; the same statements run on PostgreSQL):
+
+- timestamps are ISO-8601 UTC text of fixed width (``2025-01-31T12:00:00.000000+00:00``), so
+  text order is time order and the expiry index serves range scans. PostgreSQL: declare them
+  ``timestamptz`` and bind ``datetime`` values directly; nothing else changes.
+- serials are lowercase hex text (X.509 serials reach 159 bits, past any integer column).
+- the transition history is keyed by ``(device_id, version, seq)``: ``version`` is the device row's
+  optimistic-concurrency counter, so no auto-increment (SQLite ``AUTOINCREMENT`` vs PostgreSQL
+  identity columns) is needed.
+- upserts use ``INSERT ... ON CONFLICT (...) DO UPDATE``, which both databases accept.
+- SQLite's ``BEGIN IMMEDIATE`` becomes ``BEGIN`` plus the ``version`` check in PostgreSQL; the
+  check already makes a concurrent writer fail with ``StateError("stale_state")`` instead of
+  overwriting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Protocol
+
+from edge_core.clock import as_utc
+from edge_core.errors import ConfigError, CredentialError, StateError
+from edge_core.files import atomic_write_text
+from edge_core.identity import IdentityPolicy
+from edge_core.lifecycle import (
+    IN_PROGRESS,
+    CertRef,
+    CertState,
+    DeviceLifecycle,
+    ExpiryRow,
+    RenewalState,
+    Step,
+    Transition,
+    enroll,
+)
+from edge_core.registry import DeviceEntry, Registry, dump_registry, parse_registry
+from gateway_agent.pki import load_cert
+
+__all__ = [
+    "SCHEMA",
+    "CertRecord",
+    "ImportReport",
+    "Inventory",
+    "SqliteInventory",
+    "export_registry",
+    "import_from_registry",
+    "iter_chunks",
+    "write_registry",
+]
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS inventory_meta (
+    name  VARCHAR(64) PRIMARY KEY,
+    value VARCHAR(256) NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS devices (
+    device_id              VARCHAR(128) PRIMARY KEY,
+    current_serial         VARCHAR(64)  NOT NULL,
+    current_pin            VARCHAR(71)  NOT NULL,
+    current_not_before     VARCHAR(32)  NOT NULL,
+    current_not_after      VARCHAR(32)  NOT NULL,
+    current_state          VARCHAR(16)  NOT NULL,
+    candidate_serial       VARCHAR(64),
+    candidate_pin          VARCHAR(71),
+    candidate_not_before   VARCHAR(32),
+    candidate_not_after    VARCHAR(32),
+    candidate_state        VARCHAR(16),
+    retiring_serial        VARCHAR(64),
+    retiring_pin           VARCHAR(71),
+    retiring_not_before    VARCHAR(32),
+    retiring_not_after     VARCHAR(32),
+    retiring_state         VARCHAR(16),
+    renewal_state          VARCHAR(24)  NOT NULL,
+    renewal_since          VARCHAR(32),
+    attempts               INTEGER      NOT NULL DEFAULT 0,
+    next_attempt_at        VARCHAR(32),
+    overlap_until          VARCHAR(32),
+    last_error             VARCHAR(512),
+    version                INTEGER      NOT NULL,
+    CHECK (attempts >= 0),
+    CHECK (version >= 1)
+);
+-- The daily scan: WHERE current_not_after < :horizon ORDER BY current_not_after.
+CREATE INDEX IF NOT EXISTS devices_by_expiry ON devices (current_not_after);
+CREATE INDEX IF NOT EXISTS devices_by_overlap_end ON devices (overlap_until);
+CREATE INDEX IF NOT EXISTS devices_by_renewal_state ON devices (renewal_state);
+
+CREATE TABLE IF NOT EXISTS certificates (
+    serial         VARCHAR(64)  PRIMARY KEY,
+    device_id      VARCHAR(128) NOT NULL REFERENCES devices (device_id),
+    pin            VARCHAR(71)  NOT NULL,
+    not_before     VARCHAR(32)  NOT NULL,
+    not_after      VARCHAR(32)  NOT NULL,
+    state          VARCHAR(16)  NOT NULL,
+    updated_at     VARCHAR(32)  NOT NULL,
+    revoked_at     VARCHAR(32),
+    revoke_reason  VARCHAR(512)
+);
+CREATE INDEX IF NOT EXISTS certificates_by_device ON certificates (device_id);
+CREATE INDEX IF NOT EXISTS certificates_by_state ON certificates (state);
+
+CREATE TABLE IF NOT EXISTS transitions (
+    device_id   VARCHAR(128) NOT NULL REFERENCES devices (device_id),
+    version     INTEGER      NOT NULL,
+    seq         INTEGER      NOT NULL,
+    subject     VARCHAR(16)  NOT NULL,
+    serial      VARCHAR(64),
+    from_state  VARCHAR(24),
+    to_state    VARCHAR(24)  NOT NULL,
+    at          VARCHAR(32)  NOT NULL,
+    cause       VARCHAR(512) NOT NULL,
+    PRIMARY KEY (device_id, version, seq)
+);
+"""
+
+_SLOTS = ("current", "candidate", "retiring")
+_DEVICE_COLUMNS = (
+    ["device_id"]
+    + [f"{slot}_{part}" for slot in _SLOTS for part in ("serial", "pin", "not_before", "not_after", "state")]
+    + ["renewal_state", "renewal_since", "attempts", "next_attempt_at", "overlap_until", "last_error",
+       "version"]
+)
+_SELECT_DEVICE = f"SELECT {', '.join(_DEVICE_COLUMNS)} FROM devices"  # noqa: S608 - fixed column list
+
+
+@dataclass(frozen=True)
+class CertRecord:
+    """A row of the certificates table: every certificate any device ever held."""
+
+    serial: int
+    device_id: str
+    pin: str
+    not_before: datetime
+    not_after: datetime
+    state: CertState
+    updated_at: datetime
+    revoked_at: datetime | None
+    revoke_reason: str | None
+
+
+class Inventory(Protocol):
+    """Where lifecycle state lives. Every write is a ``Step`` applied atomically."""
+
+    def get(self, device_id: str) -> DeviceLifecycle | None: ...
+
+    def devices(self) -> Iterator[DeviceLifecycle]: ...
+
+    def count(self) -> int: ...
+
+    def apply(self, step: Step) -> DeviceLifecycle:
+        """Store ``step.after`` and its transitions in one transaction; returns the stored device
+        (with its new ``version``). Raises ``StateError("stale_state")`` if the device changed
+        since ``step.before`` was read, ``StateError("device_exists")`` on a second enrolment."""
+        ...
+
+    def apply_many(self, steps: Sequence[Step]) -> list[DeviceLifecycle]: ...
+
+    def expiring_devices(self, before: datetime) -> list[DeviceLifecycle]:
+        """Non-revoked devices whose current certificate expires before ``before``, soonest first."""
+        ...
+
+    def expiring(self, now: datetime, within: timedelta) -> list[ExpiryRow]: ...
+
+    def overlap_due(self, now: datetime) -> list[DeviceLifecycle]: ...
+
+    def in_progress(self) -> list[DeviceLifecycle]: ...
+
+    def history(self, device_id: str) -> list[Transition]: ...
+
+    def certificates(self, device_id: str) -> list[CertRecord]: ...
+
+    def revoked_certificates(self) -> list[CertRecord]: ...
+
+
+# --------------------------------------------------------------------------- conversions
+
+
+def _ts(value: datetime) -> str:
+    return as_utc(value).isoformat(timespec="microseconds")
+
+
+def _opt_ts(value: datetime | None) -> str | None:
+    return None if value is None else _ts(value)
+
+
+def _dt(value: str) -> datetime:
+    return datetime.fromisoformat(value).astimezone(UTC)
+
+
+def _opt_dt(value: str | None) -> datetime | None:
+    return None if value is None else _dt(value)
+
+
+def _serial(value: int) -> str:
+    return f"{value:x}"
+
+
+def _cert_columns(cert: CertRef | None) -> list[Any]:
+    if cert is None:
+        return [None] * 5
+    return [_serial(cert.serial), cert.pin, _ts(cert.not_before), _ts(cert.not_after), cert.state.value]
+
+
+def _cert_from(row: Sequence[Any], start: int) -> CertRef | None:
+    serial, pin, not_before, not_after, state = row[start:start + 5]
+    if serial is None:
+        return None
+    return CertRef(int(serial, 16), pin, _dt(not_before), _dt(not_after), CertState(state))
+
+
+def _device_from(row: Sequence[Any]) -> DeviceLifecycle:
+    current = _cert_from(row, 1)
+    if current is None:  # the columns are NOT NULL; this only guards a hand-edited database
+        raise StateError("corrupt_row", f"device {row[0]} has no current certificate")
+    return DeviceLifecycle(
+        device_id=row[0], current=current, candidate=_cert_from(row, 6), retiring=_cert_from(row, 11),
+        renewal=RenewalState(row[16]), renewal_since=_opt_dt(row[17]), attempts=row[18],
+        next_attempt_at=_opt_dt(row[19]), overlap_until=_opt_dt(row[20]), last_error=row[21],
+        version=row[22],
+    )
+
+
+def _device_values(device: DeviceLifecycle, version: int) -> list[Any]:
+    return [
+        device.device_id,
+        *_cert_columns(device.current),
+        *_cert_columns(device.candidate),
+        *_cert_columns(device.retiring),
+        device.renewal.value,
+        _opt_ts(device.renewal_since),
+        device.attempts,
+        _opt_ts(device.next_attempt_at),
+        _opt_ts(device.overlap_until),
+        device.last_error,
+        version,
+    ]
+
+
+# --------------------------------------------------------------------------- SQLite
+
+
+class SqliteInventory:
+    """``Inventory`` on a SQLite file. Use as a context manager or call ``close()``.
+
+    The connection is used from one thread (the agent's event loop); each ``apply`` is a short
+    ``BEGIN IMMEDIATE`` transaction, so a second process (the CLI) can read concurrently (WAL).
+    """
+
+    def __init__(self, path: Path | str, *, create: bool = True) -> None:
+        self.path = Path(path)
+        if not create and not self.path.exists():
+            raise ConfigError(f"no inventory at {self.path}",
+                              hint="pass --db with the agent's inventory file")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, isolation_level=None, timeout=5.0)
+        self._db.execute("PRAGMA foreign_keys = ON")
+        self._db.execute("PRAGMA journal_mode = WAL")
+        self._db.execute("PRAGMA synchronous = NORMAL")
+        with self._tx():
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    self._db.execute(statement)
+            self._db.execute(
+                "INSERT INTO inventory_meta (name, value) VALUES ('schema_version', ?) "
+                "ON CONFLICT (name) DO NOTHING", (str(SCHEMA_VERSION),))
+        found = self._db.execute("SELECT value FROM inventory_meta WHERE name = 'schema_version'").fetchone()
+        if found is None or int(found[0]) != SCHEMA_VERSION:
+            raise ConfigError(f"inventory schema {found[0] if found else '?'} is not {SCHEMA_VERSION}",
+                              source=str(self.path))
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> SqliteInventory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # reads -----------------------------------------------------------------
+    def get(self, device_id: str) -> DeviceLifecycle | None:
+        row = self._db.execute(f"{_SELECT_DEVICE} WHERE device_id = ?", (device_id,)).fetchone()
+        return None if row is None else _device_from(row)
+
+    def devices(self) -> Iterator[DeviceLifecycle]:
+        for row in self._db.execute(f"{_SELECT_DEVICE} ORDER BY device_id"):
+            yield _device_from(row)
+
+    def count(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM devices").fetchone()[0])
+
+    def expiring_devices(self, before: datetime) -> list[DeviceLifecycle]:
+        rows = self._db.execute(
+            f"{_SELECT_DEVICE} WHERE current_not_after < ? AND current_state <> 'revoked' "
+            "ORDER BY current_not_after ASC, device_id ASC",
+            (_ts(before),),
+        )
+        return [_device_from(row) for row in rows]
+
+    def expiring(self, now: datetime, within: timedelta) -> list[ExpiryRow]:
+        """The design's query: ``WHERE cert_expiry < :now + 90 days ORDER BY cert_expiry ASC``."""
+        now = as_utc(now)
+        rows = self._db.execute(
+            "SELECT device_id, current_serial, current_not_after, current_state, renewal_state "
+            "FROM devices WHERE current_not_after < ? AND current_state <> 'revoked' "
+            "ORDER BY current_not_after ASC, device_id ASC",
+            (_ts(now + within),),
+        )
+        day = timedelta(days=1)
+        out = []
+        for device_id, serial, not_after, state, renewal in rows:
+            expiry = _dt(not_after)
+            out.append(ExpiryRow(device_id, int(serial, 16), expiry, (expiry - now) // day,
+                                 CertState(state), RenewalState(renewal)))
+        return out
+
+    def overlap_due(self, now: datetime) -> list[DeviceLifecycle]:
+        rows = self._db.execute(
+            f"{_SELECT_DEVICE} WHERE overlap_until <= ? AND renewal_state = ? "
+            "ORDER BY overlap_until, device_id",
+            (_ts(now), RenewalState.OVERLAP.value),
+        )
+        return [_device_from(row) for row in rows]
+
+    def in_progress(self) -> list[DeviceLifecycle]:
+        states = tuple(sorted(state.value for state in IN_PROGRESS))
+        marks = ", ".join("?" * len(states))
+        rows = self._db.execute(f"{_SELECT_DEVICE} WHERE renewal_state IN ({marks}) ORDER BY device_id",
+                                states)
+        return [_device_from(row) for row in rows]
+
+    def history(self, device_id: str) -> list[Transition]:
+        rows = self._db.execute(
+            "SELECT device_id, subject, serial, from_state, to_state, at, cause FROM transitions "
+            "WHERE device_id = ? ORDER BY version, seq",
+            (device_id,),
+        )
+        return [Transition(d, subject, None if serial is None else int(serial, 16), src, dst, _dt(at), cause)
+                for d, subject, serial, src, dst, at, cause in rows]
+
+    def _cert_records(self, where: str, params: tuple[Any, ...]) -> list[CertRecord]:
+        rows = self._db.execute(
+            "SELECT serial, device_id, pin, not_before, not_after, state, updated_at, revoked_at, "  # noqa: S608
+            f"revoke_reason FROM certificates WHERE {where} ORDER BY not_before, serial",
+            params,
+        )
+        return [CertRecord(int(s, 16), d, pin, _dt(nb), _dt(na), CertState(st), _dt(up), _opt_dt(rv), why)
+                for s, d, pin, nb, na, st, up, rv, why in rows]
+
+    def certificates(self, device_id: str) -> list[CertRecord]:
+        return self._cert_records("device_id = ?", (device_id,))
+
+    def revoked_certificates(self) -> list[CertRecord]:
+        """What the next CRL must list (the CRL builder reads this)."""
+        return self._cert_records("state = ?", (CertState.REVOKED.value,))
+
+    # writes ----------------------------------------------------------------
+    def apply(self, step: Step) -> DeviceLifecycle:
+        return self.apply_many([step])[0]
+
+    def apply_many(self, steps: Sequence[Step]) -> list[DeviceLifecycle]:
+        """Apply several steps in one transaction: all stored or none (bulk import, benchmarks)."""
+        stored = []
+        with self._tx() as db:
+            for step in steps:
+                stored.append(self._apply(db, step))
+        return stored
+
+    def _apply(self, db: sqlite3.Connection, step: Step) -> DeviceLifecycle:
+        after = step.after
+        if step.before is None:
+            version = 1
+            placeholders = ", ".join("?" * len(_DEVICE_COLUMNS))
+            try:
+                db.execute(f"INSERT INTO devices ({', '.join(_DEVICE_COLUMNS)}) VALUES ({placeholders})",  # noqa: S608
+                           _device_values(after, version))
+            except sqlite3.IntegrityError as exc:
+                raise StateError("device_exists",
+                                 f"device {after.device_id} is already in the inventory") from exc
+        else:
+            if step.before.device_id != after.device_id:
+                raise StateError("illegal_transition", "a step must not change the device id")
+            version = step.before.version + 1
+            assignments = ", ".join(f"{col} = ?" for col in _DEVICE_COLUMNS[1:])
+            values = _device_values(after, version)[1:]
+            cursor = db.execute(
+                f"UPDATE devices SET {assignments} WHERE device_id = ? AND version = ?",  # noqa: S608
+                [*values, after.device_id, step.before.version],
+            )
+            if cursor.rowcount != 1:
+                raise StateError("stale_state", f"device {after.device_id} changed since it was read "
+                                 f"(version {step.before.version}); read it again and redo the decision")
+        # Only certificates a transition touched are written: new ones and changed states.
+        changed = {t.serial: t for t in step.transitions if t.subject == "cert" and t.serial is not None}
+        slots = (after.current, after.candidate, after.retiring, *step.revoke)
+        held = {c.serial: c for c in slots if c is not None}
+        for serial, record in changed.items():
+            cert = held.get(serial)
+            if cert is None:
+                raise StateError("illegal_transition", f"device {after.device_id}: transition names "
+                                 f"certificate {serial:x}, which the step does not hold")
+            revoked = cert.state is CertState.REVOKED
+            when = record.at
+            cause = record.cause
+            db.execute(
+                "INSERT INTO certificates (serial, device_id, pin, not_before, not_after, state, updated_at, "
+                "revoked_at, revoke_reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (serial) DO UPDATE SET state = excluded.state, "
+                "updated_at = excluded.updated_at, "
+                "revoked_at = COALESCE(certificates.revoked_at, excluded.revoked_at), "
+                "revoke_reason = COALESCE(certificates.revoke_reason, excluded.revoke_reason)",
+                (_serial(cert.serial), after.device_id, cert.pin, _ts(cert.not_before), _ts(cert.not_after),
+                 cert.state.value, _ts(when), _ts(when) if revoked else None,
+                 cause if revoked else None),
+            )
+        db.executemany(
+            "INSERT INTO transitions (device_id, version, seq, subject, serial, from_state, to_state, at, "
+            "cause) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(t.device_id, version, seq, t.subject, None if t.serial is None else _serial(t.serial),
+              t.from_state, t.to_state, _ts(t.at), t.cause[:512]) for seq, t in enumerate(step.transitions)],
+        )
+        return replace(after, version=version)
+
+
+# --------------------------------------------------------------------------- registry export
+
+
+def export_registry(inventory: Inventory, base: Registry) -> Registry:
+    """The broker registry with every pin taken from the inventory.
+
+    ``base`` (the admin's registry) keeps deciding who is admitted, with which roles and
+    attributes; for every device the inventory knows, its pins are replaced by the inventory's
+    (current, plus candidate or retiring during a renewal). A device whose certificate is revoked
+    stays listed but ``enabled: false``. Devices absent from the inventory keep their base entry;
+    inventory devices absent from ``base`` are not added (admission is the admin's decision).
+    """
+    known = {d.device_id: d for d in inventory.devices()}
+    entries: dict[str, DeviceEntry] = {}
+    for device_id, entry in base.devices.items():
+        device = known.get(device_id)
+        if device is None:
+            entries[device_id] = entry
+            continue
+        revoked = device.current.state is CertState.REVOKED
+        entries[device_id] = replace(entry, pins=device.pins(), enabled=entry.enabled and not revoked)
+    # No digest yet: like parse_registry's, it is the hash of the file bytes (see write_registry).
+    return Registry(devices=MappingProxyType(entries), source=base.source)
+
+
+def write_registry(inventory: Inventory, base: Registry, path: Path | str) -> Registry:
+    """Export and write atomically (temp file + ``os.replace``); the broker's reload picks it up.
+
+    Returns the registry as written, with the digest ``parse_registry`` will compute for the file.
+    """
+    registry = export_registry(inventory, base)
+    text = dump_registry(registry)
+    atomic_write_text(path, text)
+    return replace(registry, source=str(path), digest=hashlib.sha256(text.encode("utf-8")).hexdigest())
+
+
+# --------------------------------------------------------------------------- bootstrap
+
+
+@dataclass(frozen=True)
+class ImportReport:
+    enrolled: tuple[str, ...] = ()
+    unchanged: tuple[str, ...] = ()
+    skipped: tuple[tuple[str, str], ...] = field(default=())  # (file or device, why)
+
+
+def import_from_registry(
+    inventory: Inventory,
+    registry_path: Path | str,
+    certs_dir: Path | str,
+    *,
+    now: datetime,
+    identity_policy: IdentityPolicy | None = None,
+) -> ImportReport:
+    """Bootstrap the inventory from the dev PKI layout (``devices/*.crt`` + ``registry.yaml``).
+
+    A certificate is enrolled only if its identity is in the registry and its pin is one of the
+    device's registered pins; otherwise it is skipped with the reason. Devices already in the
+    inventory with the same certificate are left alone, so the import can run again.
+    """
+    policy = identity_policy or IdentityPolicy()
+    reg_path = Path(registry_path)
+    registry = parse_registry(reg_path.read_bytes(), source=str(reg_path))
+    enrolled: list[str] = []
+    unchanged: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    steps: list[Step] = []
+    for crt in sorted(Path(certs_dir).glob("*.crt")):
+        try:
+            cert = load_cert(crt)
+            identity = policy.extract(cert)
+        except CredentialError as exc:
+            skipped.append((crt.name, exc.reason))
+            continue
+        entry = registry.get(identity)
+        ref = CertRef.from_certificate(cert, CertState.ACTIVE)
+        if entry is None:
+            skipped.append((identity, "not_in_registry"))
+            continue
+        if not entry.pinned(ref.pin):
+            skipped.append((identity, "pin_not_registered"))
+            continue
+        existing = inventory.get(identity)
+        if existing is not None:
+            held = (existing.current, existing.candidate, existing.retiring)
+            if ref.serial in {c.serial for c in held if c is not None}:
+                unchanged.append(identity)
+            else:
+                skipped.append((identity, "inventory_holds_other_cert"))
+            continue
+        steps.append(enroll(identity, ref, now=now, cause=f"import:{crt.name}"))
+        enrolled.append(identity)
+    inventory.apply_many(steps)
+    return ImportReport(tuple(enrolled), tuple(unchanged), tuple(skipped))
+
+
+def iter_chunks(items: Iterable[Step], size: int) -> Iterator[list[Step]]:
+    """Group steps for ``apply_many`` so one bulk load is a handful of transactions."""
+    chunk: list[Step] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
