@@ -16,6 +16,7 @@ from types import TracebackType
 from typing import Any
 
 from broker_plugins.broker import HardenedBroker
+from broker_plugins.cert_test_endpoint import CertificateTestEndpoint
 from broker_plugins.commands import CommandState
 from broker_plugins.listener import DeviceListener
 from broker_plugins.plugins import enabled_plugins
@@ -63,6 +64,7 @@ class EdgeBroker:
         self.broker: HardenedBroker | None = None
         self.listener: DeviceListener | None = None
         self.plaintext_listener: DeviceListener | None = None
+        self.cert_test_listener: DeviceListener | None = None
         self.status_server: StatusServer | None = None
         self._watchers: list[WatchedFile] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -125,6 +127,12 @@ class EdgeBroker:
                 limits=s.limits, events=self.events,
             )
             await self.plaintext_listener.start()
+        if s.cert_test_bind is not None:
+            self.cert_test_listener = DeviceListener(
+                CertificateTestEndpoint(self.broker), host=s.cert_test_bind[0], port=s.cert_test_bind[1],
+                ssl_context=ssl_context, limits=s.limits, events=self.events, listener_name="cert-test",
+            )
+            await self.cert_test_listener.start()
         self._watch(s.registry_path, self._reload_registry, registry.digest)
         if s.acl_path is not None and self.runtime.acl is not None:
             self._watch(s.acl_path, self._reload_acl, self.runtime.acl.digest)
@@ -160,7 +168,7 @@ class EdgeBroker:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
-        for listener in (self.listener, self.plaintext_listener):
+        for listener in (self.listener, self.plaintext_listener, self.cert_test_listener):
             if listener is not None:
                 await listener.close()
         if self.status_server is not None:

@@ -76,6 +76,7 @@ class BrokerSettings:
     status_bind: tuple[str, int] | None = None
     reload_interval: float = 0.5
     plaintext_bind: tuple[str, int] | None = None
+    cert_test_bind: tuple[str, int] | None = None
     event_loop: str = "uvloop"
     commands: CommandSettings | None = None
     revocation: RevocationSettings | None = None
@@ -169,6 +170,12 @@ def parse_settings(text: str | bytes, *, source: str, base_dir: Path) -> BrokerS
             raise psec.error("bind", "unsafe_plaintext_listener.bind must be a loopback address")
         psec.done()
 
+    cert_test_bind = None
+    tsec = top.sub("cert_test_listener")
+    if tsec is not None:
+        cert_test_bind = split_bind(tsec.take("bind", str, required=True), source=source, line=tsec.line_of("bind"))
+        tsec.done()
+
     commands = None
     csec = top.sub("commands")
     if csec is not None:
@@ -211,6 +218,7 @@ def parse_settings(text: str | bytes, *, source: str, base_dir: Path) -> BrokerS
         status_bind=status_bind,
         reload_interval=reload_interval,
         plaintext_bind=plaintext_bind,
+        cert_test_bind=cert_test_bind,
         event_loop=event_loop,
         commands=commands,
         revocation=revocation,

@@ -135,3 +135,18 @@ def test_listener_under_uvloop_handles_every_handshake(start_broker: StartBroker
     broker.wait_event("tls.rejected", "no_client_cert")
     assert broker.events.count("auth.accepted") == 6
     assert broker.events.count("tls.rejected", "tls_handshake_timeout") == 0
+
+
+def test_cert_test_endpoint_checks_a_certificate_and_opens_no_session(
+    start_broker: StartBroker, pki: DevPki
+) -> None:
+    broker = start_broker(extra="cert_test_listener:\n  bind: 127.0.0.1:0\n")
+    assert broker.edge is not None and broker.edge.cert_test_listener is not None
+    port = broker.edge.cert_test_listener.port
+    assert try_connect(port, pki.chain, pki.device("pump-17"), "pump-17") == ACCEPTED
+    passed = broker.wait_event("cert_test.passed")[0]
+    assert passed["device"] == "pump-17"
+    unpinned = pki.issue("unpinned-test-17", "pump-17")
+    assert try_connect(port, pki.chain, unpinned, "pump-17") == NOT_AUTHORIZED
+    broker.wait_event("cert_test.failed", "pin_mismatch")
+    assert broker.sync(lambda: len(broker.edge.broker.sessions)) == 0  # type: ignore[union-attr]
