@@ -27,13 +27,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cryptography.hazmat.primitives import serialization  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
-from benchmarks.bench_broker import free_port  # noqa: E402
-from benchmarks.loadgen import Endpoint, open_session, publish_packet, read_packet, subscribe_packet  # noqa: E402
-from edge_core.envelope import sign_command  # noqa: E402
-from gateway_agent.pki import init_dev  # noqa: E402
+from benchmarks.bench_broker import free_port
+from benchmarks.loadgen import Endpoint, open_session, publish_packet, read_packet, subscribe_packet
+from edge_core.envelope import sign_command
+from gateway_agent.pki import init_dev
 
 ACL = """\
 version: 1

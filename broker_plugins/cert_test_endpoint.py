@@ -45,7 +45,7 @@ class CertificateTestEndpoint:
                 await writer.close()
             return
         try:
-            if await self._broker._authenticate(session, None):  # noqa: SLF001 - the same admission chain
+            if await self._broker._authenticate(session, None):
                 admitted = admitted_of(session)
                 assert admitted is not None
                 await ConnackPacket.build(0, CONNECTION_ACCEPTED).to_stream(writer)
@@ -54,7 +54,7 @@ class CertificateTestEndpoint:
             else:
                 events.emit("cert_test.failed", session.attributes.get(REFUSAL, "not_authorized"), level="warning",
                             client_id=session.client_id)
-                await self._broker._refuse_connect(session, writer)  # noqa: SLF001
+                await self._broker._refuse_connect(session, writer)
         finally:
             with contextlib.suppress(ConnectionError, OSError):
                 await writer.close()

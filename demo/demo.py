@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
+import signal
 import ssl
 import subprocess
 import sys
@@ -55,7 +57,7 @@ def run(*args: str) -> str:
 
 
 def status() -> dict[str, Any]:
-    with urllib.request.urlopen(STATUS, timeout=5) as response:  # noqa: S310 - fixed loopback URL
+    with urllib.request.urlopen(STATUS, timeout=5) as response:
         return json.loads(response.read())  # type: ignore[no-any-return]
 
 
@@ -153,51 +155,94 @@ def _replay(token: bytes) -> str:
     return f"rejection notice to alice: reason={result.rejected}"
 
 
-async def main() -> None:
-    step("1. Dev PKI: root CA, issuing CA, broker cert, 3 devices, operator alice, registry with pins")
-    say(run("gateway-agent", "pki", "init-dev", "--out", str(CERTS), "--devices", "3", "--force").splitlines()[0])
+async def revocation_section(agent: subprocess.Popen[str]) -> None:
+    step("5. Revocation: a connected device's certificate is revoked and it is cut off")
+    device = DeviceClient(device_config("device-003"))
+    async with device:
+        say("device-003 is connected")
+        say(run("gateway-agent", "pki", "revoke", "device-003", "--ca-dir", str(CERTS)).strip().splitlines()[-1])
+        say(run("gateway-agent", "pki", "crl", "--ca-dir", str(CERTS)).strip().splitlines()[-1])
+        before = count("session.cut")
+        started = time.monotonic()
+        agent.send_signal(signal.SIGHUP)  # `systemctl reload gateway-agent`: sync the CRL now
+        say("gateway-agent: SIGHUP -> fetch, verify, install the new CRL for the broker")
+        event = await asyncio.to_thread(wait_for_refusal, "session.cut", before, 10.0)
+        say(f"broker: session.cut reason={event['reason']} device={event['device']} serial={event['serial']} "
+            f"({(time.monotonic() - started) * 1000:.0f} ms after the CA published the CRL)")
+    outcome = await try_connect(device_config("device-003"))
+    event = wait_for_refusal("auth.rejected", count("auth.rejected") - 1)
+    say(f"device-003 reconnecting: {outcome.split(' (')[0]} -> auth.rejected reason={event['reason']}")
 
-    device_verifier = verifier_for("device-001")  # device-001 "boots": its own replay cache starts now
 
-    step("2. Start the hardened broker (TLS 1.3, client certificates, pins, ACL, command guard)")
+async def main(started: float, verifier: DeviceCommandVerifier, agent: subprocess.Popen[str]) -> None:
+    step("3. Who may connect")
+    async with DeviceClient(device_config("device-001")) as good:
+        await good.publish("devices/device-001/telemetry/temp", b"21.5")
+        say("device-001 (pinned cert, client id = cert identity): connected, published telemetry")
+    cert, key = rogue_credentials()
+    outcome = await try_connect(device_config("device-001", cert, key))
+    event = wait_for_refusal("tls.rejected", 0)
+    say(f"rogue device-001 (cert from another CA): {outcome.split(' (')[0]} -> tls.rejected reason={event['reason']}")
+    spoof = device_config("device-001", CERTS / "devices" / "device-002.crt", CERTS / "devices" / "device-002.key")
+    outcome = await try_connect(spoof)
+    event = wait_for_refusal("auth.rejected", 0)
+    say(f"device-002's cert claiming client id device-001: {outcome} -> auth.rejected reason={event['reason']}")
+
+    await commands_section(started, verifier)
+    await revocation_section(agent)
+
+    step("Broker counters (edge-broker status)")
+    for name, reasons in status()["events"].items():
+        if name.endswith((".rejected", ".denied", ".cut")):
+            say(f"{name}: " + ", ".join(f"{r or '-'}={n}" for r, n in reasons.items()))
+
+
+def start(args: list[str], log: str) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    broker = subprocess.Popen([str(BIN / "edge-broker"), "run", "-c", str(CONFIG)], cwd=ROOT, env=env,
-                              stdout=subprocess.DEVNULL, stderr=open(ROOT / "demo-broker.log", "w"))  # noqa: SIM115
-    started = time.monotonic()
+    with open(ROOT / log, "w") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen([str(BIN / args[0]), *args[1:]], cwd=ROOT, env=env, text=True,
+                                stdout=subprocess.DEVNULL, stderr=out)
+
+
+def wait_until_up(check: str) -> None:
+    for _ in range(150):
+        try:
+            with urllib.request.urlopen(check, timeout=2):  # noqa: S310 - fixed loopback URL
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"{check} did not come up; see demo-*.log")
+
+
+def run_demo() -> None:
+    step("1. Dev PKI: root CA, issuing CA, broker cert, 3 devices, operator alice, registry with pins, CRL 1")
+    # a new dev CA starts again at CRL number 1: forget the previous run's anti-rollback state with it
+    shutil.rmtree(ROOT / "var", ignore_errors=True)
+    say(run("gateway-agent", "pki", "init-dev", "--out", str(CERTS), "--devices", "3", "--force").splitlines()[0])
+    verifier = verifier_for("device-001")  # device-001 "boots": its own replay cache starts now
+
+    step("2. Start gateway-agent (CRL sync) and the hardened broker")
+    agent = start(["gateway-agent", "run", "-c", "configs/agent.yaml"], "demo-agent.log")
+    broker = None
     try:
-        for _ in range(100):
-            try:
-                status()
-                break
-            except OSError:
-                time.sleep(0.1)
-        say(f"edge-broker listening on 127.0.0.1:{PORT}; structured log in demo-broker.log")
-
-        step("3. Who may connect")
-        async with DeviceClient(device_config("device-001")) as good:
-            await good.publish("devices/device-001/telemetry/temp", b"21.5")
-            say("device-001 (pinned cert, client id = cert identity): connected, published telemetry")
-        cert, key = rogue_credentials()
-        outcome = await try_connect(device_config("device-001", cert, key))
-        event = wait_for_refusal("tls.rejected", 0)
-        say(f"rogue device-001 (cert from another CA): {outcome.split(' (')[0]} -> "
-            f"tls.rejected reason={event['reason']}")
-        spoof = device_config("device-001", CERTS / "devices" / "device-002.crt", CERTS / "devices" / "device-002.key")
-        outcome = await try_connect(spoof)
-        event = wait_for_refusal("auth.rejected", 0)
-        say(f"device-002's cert claiming client id device-001: {outcome} -> auth.rejected reason={event['reason']}")
-
-        await commands_section(started, device_verifier)
-
-        step("Broker counters (edge-broker status)")
-        for name, reasons in status()["events"].items():
-            if name.endswith((".rejected", ".denied", ".cut")):
-                say(f"{name}: " + ", ".join(f"{r or '-'}={n}" for r, n in reasons.items()))
+        wait_until_up("http://127.0.0.1:9465/status")
+        deadline = time.monotonic() + 10
+        while not (ROOT / "var" / "broker" / "crl.pem").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        say("gateway-agent: CRL 1 verified and installed for the broker (var/broker/crl.pem)")
+        broker = start(["edge-broker", "run", "-c", "configs/broker.yaml"], "demo-broker.log")
+        started = time.monotonic()
+        wait_until_up(STATUS)
+        say(f"edge-broker: TLS 1.3 mTLS on 127.0.0.1:{PORT}, pins, ACL, command guard, CRL enforcement")
+        say("structured logs: demo-broker.log, demo-agent.log (JSON lines)")
+        asyncio.run(main(started, verifier, agent))
     finally:
-        broker.terminate()
-        broker.wait(10)
+        for proc in (broker, agent):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(15)
     print("\ndemo complete")
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    run_demo()

@@ -12,6 +12,7 @@ a command injected past the broker is still refused.
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -20,9 +21,8 @@ from types import TracebackType
 
 import aiomqtt
 
-from edge_core.envelope import CommandRefused, VerifiedCommand
-
 from device_client.commands import DeviceCommandVerifier
+from edge_core.envelope import CommandRefused, VerifiedCommand
 
 __all__ = ["CommandOutcome", "DeviceClient", "DeviceConfig"]
 
@@ -82,7 +82,26 @@ class DeviceClient:
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
-        await self._client.__aexit__(exc_type, exc, tb)
+        try:
+            await self._client.__aexit__(exc_type, exc, tb)
+        except aiomqtt.MqttError:
+            if exc is None and not self.was_cut:
+                raise
+        finally:
+            # aiomqtt keeps the reason of an unexpected disconnect in a future; a broker that
+            # cuts the device (revocation) is an expected outcome here, so read it.
+            if self.was_cut:
+                self._disconnected.exception()
+
+    @property
+    def _disconnected(self) -> asyncio.Future[None]:
+        return self._client._disconnected  # aiomqtt has no public accessor
+
+    @property
+    def was_cut(self) -> bool:
+        """True when the broker closed the connection (for example after revoking the certificate)."""
+        fut = self._disconnected
+        return fut.done() and not fut.cancelled() and fut.exception() is not None
 
     async def commands(self) -> AsyncIterator[CommandOutcome]:
         """Every message on the command topic, verified by the device itself."""

@@ -20,7 +20,7 @@ from edge_runtime.logsetup import configure_logging
 __all__ = ["main"]
 
 # Command groups, imported by name so that a group can be added without touching this file's logic.
-GROUPS = ("cli_pki", "cli_crl", "cli_certs", "cli_command", "cli_daemon")
+GROUPS = ("cli_daemon", "cli_pki", "cli_crl", "cli_certs", "cli_command")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_core.identity import spki_pin
+from gateway_agent.crl_issue import crl_path, issue_crl
 from gateway_agent.pki import init_dev, load_cert
 
 
@@ -23,13 +24,26 @@ def add_parser(sub: Any) -> None:
     pin = verbs.add_parser("pin", help="print the SPKI SHA-256 pin of a PEM certificate")
     pin.add_argument("cert", type=Path)
     pin.set_defaults(func=_pin)
+    from gateway_agent.cli_crl import add_pki_verbs
+
+    add_pki_verbs(verbs)
 
 
 def _init_dev(args: argparse.Namespace) -> int:
     ca = init_dev(args.out, devices=args.devices, device_ids=args.device_ids, force=args.force)
+    if args.force:
+        for stale in ("revoked.json", "crl"):  # a new CA starts with no revocations and CRL number 1
+            path = ca.dir / stale
+            if path.is_file():
+                path.unlink()
+            elif path.is_dir():
+                for child in path.iterdir():
+                    child.unlink()
+    issue_crl(ca)
     print(f"dev PKI written to {ca.dir}")
     print(f"  trust bundle: {ca.chain_path}")
     print(f"  registry:     {ca.registry_path}")
+    print(f"  first CRL:    {crl_path(ca)}")
     for crt in sorted((ca.dir / "devices").glob("*.crt")):
         print(f"  device {crt.stem}: {spki_pin(load_cert(crt))}")
     return 0

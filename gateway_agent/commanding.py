@@ -143,7 +143,7 @@ def send_command(
     finally:
         client.disconnect()
         client.loop_stop()
-        client._reset_sockets()  # noqa: SLF001 - paho 2.x leaves its wake-up socket pair to __del__
+        client._reset_sockets()
 
 
 def _jti_of(token: bytes) -> str:

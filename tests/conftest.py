@@ -6,10 +6,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from edge_core.clock import Clock
 from tests.support.broker import BrokerThread, write_settings
 from tests.support.pki import DevPki, make_pki
+
+
+@pytest.fixture(autouse=True)
+def _reset_structlog() -> Iterator[None]:
+    """CLIs configure structlog globally (to stderr); never let one test's stream leak into the next."""
+    yield
+    structlog.reset_defaults()
 
 
 @pytest.fixture(scope="session")

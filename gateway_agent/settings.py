@@ -1,0 +1,144 @@
+"""Agent settings: ``configs/agent.yaml`` validated at the edge into frozen objects.
+
+Relative paths are resolved against the directory of the settings file. Each service
+section is optional; a missing section means that service does not run.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from edge_core import yamlsrc
+from edge_core.errors import ConfigError
+from edge_core.identity import check_identity
+from edge_core.lifecycle import RenewalPolicy
+from gateway_agent.crl_sync import CrlSyncSettings, parse_crl_settings
+
+__all__ = ["AgentSettings", "BrokerLink", "LifecycleSettings", "ValidationSettings", "load_agent_settings"]
+
+
+@dataclass(frozen=True)
+class BrokerLink:
+    """The agent's own mTLS session to the local broker (validation service, renewal)."""
+
+    host: str
+    port: int
+    ca: Path
+    cert: Path
+    key: Path
+    client_id: str
+
+
+@dataclass(frozen=True)
+class ValidationSettings:
+    signing_key: Path
+    key_id: str = "gateway"
+    rate_per_minute: int = 60
+
+
+@dataclass(frozen=True)
+class LifecycleSettings:
+    inventory: Path
+    ca_dir: Path
+    registry: Path
+    policy: RenewalPolicy
+    concurrency: int = 8
+    scan_interval: timedelta = timedelta(days=1)
+    lifetime: timedelta = timedelta(days=30)
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    agent_id: str
+    status_bind: tuple[str, int] | None
+    crl: CrlSyncSettings | None
+    broker: BrokerLink | None
+    validation: ValidationSettings | None
+    lifecycle: LifecycleSettings | None
+    source: str
+
+
+def load_agent_settings(path: Path | str) -> AgentSettings:
+    p = Path(path)
+    try:
+        text = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read agent settings: {exc.strerror}", source=str(p)) from exc
+    return parse_agent_settings(text, source=str(p), base_dir=p.resolve().parent)
+
+
+def _bind(value: str, sec: yamlsrc.Section, key: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    host = host.strip("[]")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback or not port.isdigit():
+        raise sec.error(key, f"{sec.what}.{key} must be a loopback host:port; the agent listens toward nothing else")
+    return host, int(port)
+
+
+def parse_agent_settings(text: bytes, *, source: str, base_dir: Path) -> AgentSettings:
+    doc = yamlsrc.load(text, source=source)
+    top = yamlsrc.Section(doc, source=source, what="agent settings")
+
+    def path(sec: yamlsrc.Section, key: str) -> Path:
+        return (base_dir / sec.take(key, str, required=True)).resolve()
+
+    agent_id = top.take("agent_id", str, "gateway-agent")
+    try:
+        check_identity(agent_id)
+    except Exception as exc:
+        raise top.error("agent_id", f"agent_id: {exc}") from exc
+
+    status_bind = None
+    ssec = top.sub("status")
+    if ssec is not None:
+        status_bind = _bind(ssec.take("bind", str, "127.0.0.1:9465"), ssec, "bind")
+        ssec.done()
+
+    crl_sec = top.sub("crl")
+    crl = parse_crl_settings(crl_sec, base_dir) if crl_sec is not None else None
+
+    broker = None
+    bsec = top.sub("broker")
+    if bsec is not None:
+        broker = BrokerLink(host=bsec.take("host", str, "127.0.0.1"), port=bsec.take("port", int, 8883),
+                            ca=path(bsec, "ca"), cert=path(bsec, "cert"), key=path(bsec, "key"), client_id=agent_id)
+        bsec.done()
+
+    validation = None
+    vsec = top.sub("validation")
+    if vsec is not None:
+        validation = ValidationSettings(signing_key=path(vsec, "signing_key"),
+                                        key_id=vsec.take("key_id", str, "gateway"),
+                                        rate_per_minute=vsec.take("rate_per_minute", int, 60))
+        vsec.done()
+        if broker is None:
+            raise top.error("validation", "the validation service needs a 'broker' section (its MQTT session)")
+
+    lifecycle = None
+    lsec = top.sub("lifecycle")
+    if lsec is not None:
+        defaults = RenewalPolicy()
+        policy = RenewalPolicy(
+            renew_before=timedelta(days=lsec.take("renew_before_days", float, defaults.renew_before.days)),
+            overlap=timedelta(days=lsec.take("overlap_days", float, defaults.overlap.days)),
+            expiring_within=timedelta(days=lsec.take("expiring_within_days", float, defaults.expiring_within.days)),
+        )
+        lifecycle = LifecycleSettings(
+            inventory=path(lsec, "inventory"), ca_dir=path(lsec, "ca_dir"), registry=path(lsec, "registry"),
+            policy=policy, concurrency=lsec.take("concurrency", int, 8),
+            scan_interval=timedelta(hours=lsec.take("scan_interval_hours", float, 24.0)),
+            lifetime=timedelta(days=lsec.take("certificate_days", float, 30.0)),
+        )
+        lsec.done()
+        if not 1 <= lifecycle.concurrency <= 256:
+            raise top.error("lifecycle", "lifecycle.concurrency must be 1 .. 256")
+    top.done()
+    return AgentSettings(agent_id=agent_id, status_bind=status_bind, crl=crl, broker=broker,
+                         validation=validation, lifecycle=lifecycle, source=source)
