@@ -48,6 +48,7 @@ from transitions import MachineError
 
 from broker_plugins.framing import FramingViolation
 from broker_plugins.runtime import ADMITTED, CUT, REFUSAL, BrokerRuntime, admitted_of
+from edge_core.topics import topic_filter_problem
 
 __all__ = ["HardenedBroker", "MessageGuard"]
 
@@ -361,6 +362,15 @@ class HardenedBroker(Broker):
         if retain:
             await self.retain_message(client_session, topic, payload, app_message.qos)
         return True
+
+    async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
+        """amqtt refuses malformed filters silently; every refusal here is an event."""
+        problem = topic_filter_problem(subscription[0])
+        if problem is not None:
+            self.runtime.events.emit("subscribe.rejected", "invalid_filter", level="warning",
+                                     device=_device(session), filter=subscription[0][:200], detail=problem)
+            return 0x80
+        return int(await super().add_subscription(subscription, session))
 
     # -- 5. every delivery passes the receive check ---------------------------------------
 

@@ -54,6 +54,20 @@ def test_wildcard_subscription_wider_than_the_grant_is_refused_not_filtered(
     pump.close()
 
 
+def test_malformed_filters_are_refused_with_an_event(broker: BrokerThread, pki: DevPki) -> None:
+    """Raw SUBSCRIBE packets: paho would refuse to send these filters at all."""
+    from tests.support.raw import connect_packet, recv_exactly, subscribe_packet, tls_socket
+
+    with tls_socket(broker.port, pki.chain, pki.device("pump-17")) as sock:
+        sock.sendall(connect_packet("pump-17"))
+        assert recv_exactly(sock, 4)[3] == 0
+        for packet_id, bad in enumerate(["devices/pump-17/cmd/#/x", "devices/pump-17/cmd+"], start=1):
+            sock.sendall(subscribe_packet(packet_id, bad))
+            assert recv_exactly(sock, 5) == bytes([0x90, 3, 0, packet_id, SUB_FAILURE])
+    events = broker.wait_event("subscribe.rejected", "invalid_filter", count=2)
+    assert {e["filter"] for e in events} == {"devices/pump-17/cmd/#/x", "devices/pump-17/cmd+"}
+
+
 def test_dollar_topics_are_not_reached_by_leading_wildcards(broker: BrokerThread, pki: DevPki) -> None:
     pump = device(broker, pki, "pump-17")
     assert pump.subscribe("$SYS/#") == [SUB_FAILURE]

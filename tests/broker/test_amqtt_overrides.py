@@ -29,12 +29,13 @@ OVERRIDDEN = {
     "_publish_retained_messages_for_subscription": ["self", "subscription", "session"],
     "_publish_session_retained_messages": ["self", "session"],
     "_retain_broadcast_message": ["self", "broadcast", "qos", "target_session"],
+    "add_subscription": ["self", "subscription", "session"],
 }
 
 USED = [
     "external_connected", "_client_connected", "_client_message_loop", "_broadcast_message", "retain_message",
     "_delete_session", "_cleanup_session", "_del_subscription", "_matches", "_get_handler", "_stop_handler",
-    "add_subscription", "start", "shutdown",
+    "start", "shutdown",
 ]
 
 

@@ -36,6 +36,11 @@ def publish_packet(topic: str, payload: bytes) -> bytes:
     return bytes([0x30]) + remaining_length(len(body)) + body
 
 
+def subscribe_packet(packet_id: int, topic_filter: str, qos: int = 0) -> bytes:
+    body = struct.pack("!H", packet_id) + _string(topic_filter) + bytes([qos])
+    return bytes([0x82]) + remaining_length(len(body)) + body
+
+
 def tls_socket(port: int, chain: Path, cred: Credential | None, *,
                max_version: ssl.TLSVersion | None = None, timeout: float = 5.0) -> ssl.SSLSocket:
     ctx = tls_context(chain, cred, max_version=max_version)
