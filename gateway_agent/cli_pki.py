@@ -9,6 +9,7 @@ from typing import Any
 from edge_core.identity import spki_pin
 from gateway_agent.crl_issue import crl_path, issue_crl
 from gateway_agent.pki import init_dev, load_cert
+from gateway_agent.validation_service import make_validation_key
 
 
 def add_parser(sub: Any) -> None:
@@ -40,10 +41,12 @@ def _init_dev(args: argparse.Namespace) -> int:
                 for child in path.iterdir():
                     child.unlink()
     issue_crl(ca)
+    validation = make_validation_key(ca.dir / "agent", force=True)
     print(f"dev PKI written to {ca.dir}")
     print(f"  trust bundle: {ca.chain_path}")
     print(f"  registry:     {ca.registry_path}")
     print(f"  first CRL:    {crl_path(ca)}")
+    print(f"  validation key (gateway answers for MCUs): {validation.public} (kid {validation.kid})")
     for crt in sorted((ca.dir / "devices").glob("*.crt")):
         print(f"  device {crt.stem}: {spki_pin(load_cert(crt))}")
     return 0

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 from edge_core.clock import Clock, SystemClock
 from edge_core.events import SecurityEvents
+from edge_core.revocation import RevocationIndex, accept_crl, split_crl_bundle
 from edge_runtime.status_http import StatusServer, prometheus_text
 from gateway_agent.crl_sync import CrlSyncer, SyncReport
 from gateway_agent.settings import AgentSettings
@@ -39,6 +40,13 @@ class AgentService(Protocol):
     def status(self) -> dict[str, Any]: ...
 
 
+def _index_from_bundle(bundle: bytes, issuers: list[Any], now: Any) -> RevocationIndex:
+    """The revocation index of what was installed (already verified once; checked again, cheaply)."""
+    return RevocationIndex.from_updates(
+        accept_crl(block, issuers=issuers, installed=None, now=now) for block in split_crl_bundle(bundle)
+    )
+
+
 @dataclass
 class CrlService:
     syncer: CrlSyncer
@@ -46,10 +54,20 @@ class CrlService:
     name: str = "crl"
     last_report: SyncReport | None = None
     last_sync_at: str | None = None
+    #: the revoked serials now in force (the validation service answers from it)
+    index: RevocationIndex = field(default_factory=RevocationIndex)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     def sync_soon(self) -> None:
         self._wake.set()
+
+    async def _refresh_index(self) -> None:
+        target = self.syncer.install_targets[0]
+        try:
+            bundle = await asyncio.to_thread(target.read_bytes)
+        except FileNotFoundError:
+            return
+        self.index = await asyncio.to_thread(_index_from_bundle, bundle, self.syncer.issuers, self.clock.now())
 
     async def run(self) -> None:
         while True:
@@ -57,6 +75,8 @@ class CrlService:
             # blocking HTTP and a large CRL parse: off the event loop
             self.last_report = await asyncio.to_thread(self.syncer.sync_once)
             self.last_sync_at = self.clock.now().isoformat()
+            if self.last_report.changed or not self.index.installed:
+                await self._refresh_index()
             delay = self.syncer.next_delay(random.random())  # noqa: S311 - jitter, not a secret
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=delay)

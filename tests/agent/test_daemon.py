@@ -119,3 +119,80 @@ def test_status_of_an_agent_that_is_not_running_fails_with_1(tmp_path: Path, ca:
     from gateway_agent.cli import main
 
     assert main(["status", "-c", str(write_config(tmp_path, ca, free_port()))]) == 1
+
+
+VALIDATION_ACL = """\
+version: 1
+roles:
+  gateway:
+    - allow subscribe gateway/validation/+/request
+    - allow publish gateway/validation/+/response
+  sensor:
+    - allow publish gateway/validation/{device}/request
+    - allow subscribe gateway/validation/{device}/response
+"""
+
+
+async def test_daemon_answers_mcu_validation_from_the_crl_it_installed(
+    tmp_path: Path, start_broker: object, pki: object
+) -> None:
+    """Agent daemon (CRL sync + validation service) on a real broker; a device asks about two certs."""
+    import shutil
+
+    from cryptography.hazmat.primitives import serialization
+
+    from device_client.client import DeviceClient, DeviceConfig
+    from device_client.validation import check_certificate
+    from gateway_agent.validation_service import make_validation_key
+    from tests.support.pki import DevPki
+
+    assert isinstance(pki, DevPki)
+    ca_dir = tmp_path / "ca"
+    ca_dir.mkdir()
+    for name in ("issuing-ca.crt", "issuing-ca.key", "root-ca.crt", "ca-chain.pem"):
+        shutil.copy(pki.root / name, ca_dir / name)
+    own_ca = FileCA(ca_dir)
+    good = pki.issue("val-good", "peer-good")
+    bad = pki.issue("val-bad", "peer-bad")
+    from cryptography import x509
+
+    bad_serial = x509.load_pem_x509_certificate(bad.cert.read_bytes()).serial_number
+    revoke(own_ca, bad_serial)
+    issue_crl(own_ca)
+    acl = tmp_path / "acl.yaml"
+    acl.write_text(VALIDATION_ACL)
+    broker = await asyncio.to_thread(start_broker, acl=acl)  # type: ignore[operator]
+    keys = make_validation_key(tmp_path / "validation")
+    port = free_port()
+    config = write_config(tmp_path, own_ca, port)
+    config.write_text(config.read_text() + f"""broker:
+  host: 127.0.0.1
+  port: {broker.port}
+  ca: {pki.chain}
+  cert: {pki.root / 'agent' / 'gateway-agent.crt'}
+  key: {pki.root / 'agent' / 'gateway-agent.key'}
+validation:
+  signing_key: {keys.private}
+""")
+    from gateway_agent.services import service_factories
+
+    settings = load_agent_settings(config)
+    public = serialization.load_pem_public_key(keys.public.read_bytes())
+    async with Agent(settings, extra_services=service_factories(settings)) as agent:
+        assert [s.name for s in agent.services] == ["crl", "validation"]
+        for _ in range(250):
+            if agent.crl is not None and agent.crl.index.installed:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.to_thread(broker.wait_event, "subscription.granted")
+        device = DeviceClient(DeviceConfig("pump-17", "127.0.0.1", broker.port, pki.chain,
+                                           pki.device("pump-17").cert, pki.device("pump-17").key))
+        async with device:
+            for cred, expected in ((good, "good"), (bad, "revoked")):
+                der = x509.load_pem_x509_certificate(cred.cert.read_bytes()).public_bytes(
+                    serialization.Encoding.DER)
+                answer = await check_certificate(device, der, gateway_public_key=public, timeout=5)  # type: ignore[arg-type]
+                assert answer.status == expected and answer.gateway == "gateway-agent"
+                assert answer.crl_number == 1
+        status = agent.status()
+        assert status["services"]["validation"]["answered"] == 2  # type: ignore[index]
