@@ -158,15 +158,18 @@ class Agent:
         """Run a service; if it fails, log why and restart it after a pause (never silently)."""
         backoff = 1.0
         while True:
+            started = time.monotonic()
             try:
                 await service.run()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a failing service is reported and restarted
+                if time.monotonic() - started > 60:
+                    backoff = 1.0  # it ran fine for a while: this is a new failure, retry quickly
                 self.events.emit("agent.service_failed", type(exc).__name__, level="error", service=service.name,
                                  detail=str(exc)[:300], retry_in=backoff)
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 60.0)
+                backoff = min(backoff * 2, 30.0)
             else:
                 return
 

@@ -196,3 +196,30 @@ validation:
                 assert answer.crl_number == 1
         status = agent.status()
         assert status["services"]["validation"]["answered"] == 2  # type: ignore[index]
+
+
+async def test_validation_service_comes_up_when_the_broker_starts_after_the_agent(tmp_path: Path, ca: FileCA) -> None:
+    """systemd may start the agent first, and brokers restart: the service must reconnect, not die."""
+    from gateway_agent.services import service_factories
+    from gateway_agent.validation_service import make_validation_key
+
+    keys = make_validation_key(tmp_path / "validation")
+    config = write_config(tmp_path, ca, free_port())
+    config.write_text(config.read_text() + f"""broker:
+  host: 127.0.0.1
+  port: {free_port()}
+  ca: {ca.chain_path}
+  cert: {ca.dir / 'agent' / 'gateway-agent.crt'}
+  key: {ca.dir / 'agent' / 'gateway-agent.key'}
+validation:
+  signing_key: {keys.private}
+""")
+    settings = load_agent_settings(config)
+    async with Agent(settings, extra_services=service_factories(settings)) as agent:
+        for _ in range(300):
+            if agent.events.count("agent.service_failed") >= 2:
+                break
+            await asyncio.sleep(0.02)
+        failures = [e for e in agent.events.recent("agent.service_failed") if e["service"] == "validation"]
+        assert len(failures) >= 2
+        assert all(e["reason"] == "FetchError" for e in failures), failures  # reconnect attempts, not re-entry
