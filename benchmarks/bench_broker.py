@@ -111,6 +111,7 @@ require_certificate true
 use_identity_as_username true
 tls_version tlsv1.3
 max_queued_messages 100000
+set_tcp_nodelay true
 log_type none
 """ + ("user root\n" if os.geteuid() == 0 else ""))  # as root it drops to 'mosquitto': 0600 keys unreadable
     return path
