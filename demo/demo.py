@@ -8,6 +8,7 @@ the reference device client for devices, and the broker's status endpoint for re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from device_client.client import DeviceClient, DeviceConfig  # noqa: E402
 from device_client.commands import DeviceCommandVerifier  # noqa: E402
+from device_client.rotation import CredentialStore, DeviceRotation  # noqa: E402
 from device_client.validation import check_certificate  # noqa: E402
 from edge_core.clock import SystemClock  # noqa: E402
 from edge_core.operators import OperatorKeys, parse_operators  # noqa: E402
@@ -192,7 +194,66 @@ async def validation_section() -> None:
                 f"nonce echoed)")
 
 
-async def main(started: float, verifier: DeviceCommandVerifier, agent: subprocess.Popen[str]) -> None:
+def agent_events(name: str) -> list[dict[str, Any]]:
+    events = []
+    for line in (ROOT / "demo-agent.log").read_text().splitlines():
+        if line.startswith("{"):
+            event = json.loads(line)
+            if event.get("event") == name:
+                events.append(event)
+    return events
+
+
+async def wait_agent_event(name: str, device: str, limit_s: float) -> dict[str, Any]:
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        found = [e for e in agent_events(name) if e.get("device") == device]
+        if found:
+            return found[-1]
+        await asyncio.sleep(0.2)
+    raise SystemExit(f"expected {name} for {device} from the agent; see demo-agent.log")
+
+
+def pins_of(device: str) -> int:
+    entry = parse_registry((CERTS / "registry.yaml").read_bytes()).get(device)
+    return len(entry.pins) if entry else 0
+
+
+async def renewal_section(agent_config: Path, overlap_s: float) -> None:
+    step("7. Certificate renewal: CSR over the device's own session, test endpoint, switch, overlap, revocation")
+    factory = CERTS / "devices" / "device-002.crt"
+    old_serial = x509.load_pem_x509_certificate(factory.read_bytes()).serial_number
+    rotation = DeviceRotation(device_config("device-002"), CredentialStore(ROOT / "var" / "device-002"),
+                              test_endpoint=("127.0.0.1", 8884))
+    device_task = asyncio.create_task(rotation.run())
+    try:
+        await asyncio.wait_for(rotation.wait_connected(old_serial), 10)
+        say(f"device-002 runs the reference rotation client; connected with serial {old_serial:x}")
+        say(run("gateway-agent", "certs", "renew", "device-002", "-c", str(agent_config)).strip())
+        switched = await wait_agent_event("renewal.switched", "device-002", 30)
+        new_serial = int(switched["serial"], 16)
+        say("agent: asked for a CSR (fresh key made on the device), checked it, CA issued, pushed")
+        say(f"device: tested the new certificate on the test endpoint :8884, switched, reported {new_serial:x}")
+        await asyncio.wait_for(rotation.wait_connected(new_serial), 15)
+        say(f"device-002 reconnected with the new certificate; registry pins now: {pins_of('device-002')} "
+            f"(overlap: old and new both valid)")
+        say(f"(the demo's overlap is {overlap_s:.0f} s instead of 7 days)")
+        revoked = await wait_agent_event("cert.revoked", "device-002", overlap_s + 30)
+        say(f"agent: overlap over, old certificate {revoked['serial']} revoked (it goes into the next CRL); "
+            f"pins now: {pins_of('device-002')}")
+        await asyncio.sleep(1.0)  # the broker re-reads the registry every 0.5 s
+        outcome = await try_connect(device_config("device-002", factory, CERTS / "devices" / "device-002.key"))
+        event = wait_for_refusal("auth.rejected", count("auth.rejected") - 1)
+        say(f"the old certificate now: {outcome.split(' (')[0]} -> auth.rejected reason={event['reason']}")
+        say("`gateway-agent certs history device-002 --db var/agent/inventory.db` shows every transition")
+    finally:
+        device_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await device_task
+
+
+async def main(started: float, verifier: DeviceCommandVerifier, agent: subprocess.Popen[str],
+               agent_config: Path, overlap_s: float) -> None:
     step("3. Who may connect")
     async with DeviceClient(device_config("device-001")) as good:
         await good.publish("devices/device-001/telemetry/temp", b"21.5")
@@ -209,6 +270,7 @@ async def main(started: float, verifier: DeviceCommandVerifier, agent: subproces
     await commands_section(started, verifier)
     await revocation_section(agent)
     await validation_section()
+    await renewal_section(agent_config, overlap_s)
 
     step("Broker counters (edge-broker status)")
     for name, reasons in status()["events"].items():
@@ -242,8 +304,14 @@ def run_demo() -> None:
     say(run("gateway-agent", "pki", "init-dev", "--out", str(CERTS), "--devices", "3", "--force").splitlines()[0])
     verifier = verifier_for("device-001")  # device-001 "boots": its own replay cache starts now
 
-    step("2. Start gateway-agent (CRL sync) and the hardened broker")
-    agent = start(["gateway-agent", "run", "-c", "configs/agent.yaml"], "demo-agent.log")
+    step("2. Start gateway-agent (CRL sync, MCU validation, lifecycle) and the hardened broker")
+    # the demo shortens the rotation overlap from 7 days to seconds; everything else is configs/agent.yaml
+    overlap_s = 20.0
+    agent_config = ROOT / "var" / "demo-agent.yaml"  # var/ and configs/ are siblings: relative paths still hold
+    agent_config.parent.mkdir(parents=True, exist_ok=True)
+    agent_config.write_text((ROOT / "configs" / "agent.yaml").read_text().replace(
+        "overlap_days: 7 ", f"overlap_days: {overlap_s / 86400:.8f} "))
+    agent = start(["gateway-agent", "run", "-c", str(agent_config)], "demo-agent.log")
     broker = None
     try:
         wait_until_up("http://127.0.0.1:9465/status")
@@ -256,7 +324,7 @@ def run_demo() -> None:
         wait_until_up(STATUS)
         say(f"edge-broker: TLS 1.3 mTLS on 127.0.0.1:{PORT}, pins, ACL, command guard, CRL enforcement")
         say("structured logs: demo-broker.log, demo-agent.log (JSON lines)")
-        asyncio.run(main(started, verifier, agent))
+        asyncio.run(main(started, verifier, agent, agent_config, overlap_s))
     finally:
         for proc in (broker, agent):
             if proc is not None:

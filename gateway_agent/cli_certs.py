@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,13 @@ def add_parser(sub: Any) -> None:
     history.add_argument("--db", type=Path, default=DEFAULT_DB,
                          help=f"inventory file (default {DEFAULT_DB})")
     history.set_defaults(func=_history)
+    renew = verbs.add_parser("renew", help="ask the running agent to renew a device now (e.g. key exposure)",
+                             description="Queues the request for the daemon (gateway-agent run), which runs "
+                                         "the whole rotation over the device's session. Exit 0 queued, "
+                                         "1 no lifecycle section in the config.")
+    renew.add_argument("device")
+    renew.add_argument("-c", "--config", type=Path, default=Path("configs/agent.yaml"))
+    renew.set_defaults(func=_renew)
 
 
 def _expiring(args: argparse.Namespace) -> int:
@@ -87,4 +95,17 @@ def _history(args: argparse.Namespace) -> int:
         subject = "renewal" if t.serial is None else f"cert {t.serial:x}"
         print(f"{t.at:%Y-%m-%d %H:%M:%S}  {t.from_state or '(new)':>18} -> {t.to_state:<18} "
               f"{t.cause:<32} {subject}")
+    return 0
+
+
+def _renew(args: argparse.Namespace) -> int:
+    from gateway_agent.agent_session import request_renewal
+    from gateway_agent.settings import load_agent_settings
+
+    settings = load_agent_settings(args.config)
+    if settings.lifecycle is None:
+        print(f"error: {args.config} has no 'lifecycle' section, so no agent renews certificates", file=sys.stderr)
+        return 1
+    path = request_renewal(settings.lifecycle, args.device)
+    print(f"renewal of {args.device} queued ({path}); follow it with `gateway-agent certs history {args.device}`")
     return 0

@@ -241,8 +241,12 @@ class RenewalOrchestrator:
 
     # ------------------------------------------------------------------ public
 
-    async def renew(self, device_id: str, *, ignore_backoff: bool = False) -> RenewalOutcome:
-        """Renew one device if it is due (bounded by the shared semaphore)."""
+    async def renew(self, device_id: str, *, ignore_backoff: bool = False, force: bool = False) -> RenewalOutcome:
+        """Renew one device if it is due, or now with ``force`` (bounded by the shared semaphore).
+
+        ``force`` is the operator's "renew now" (say, a key may have been exposed): it starts a
+        renewal for an idle device with a valid certificate before its renewal window opens.
+        """
         if device_id in self._active:
             return RenewalOutcome(device_id, "busy", "a renewal is already running")
         self._active.add(device_id)
@@ -251,7 +255,7 @@ class RenewalOrchestrator:
                 self.in_flight += 1
                 self.max_in_flight = max(self.max_in_flight, self.in_flight)
                 try:
-                    return await self._guarded(device_id, ignore_backoff)
+                    return await self._guarded(device_id, ignore_backoff, force)
                 finally:
                     self.in_flight -= 1
         finally:
@@ -295,10 +299,7 @@ class RenewalOrchestrator:
                         self.events.emit(f"cert.{t.to_state}", device=t.device_id, serial=f"{t.serial:x}",
                                          level="warning" if t.to_state == CertState.EXPIRED else "info")
             devices.append(device)
-        ended = 0
-        for device in self.inventory.overlap_due(now):
-            if await self._end_overlap(device, now):
-                ended += 1
+        ended = await self.end_due_overlaps(now)
         rows = scan_expiring(devices, now, self.policy.renew_before)
         plans = plan_renewals(devices, now, self.policy)
         outcomes = await self.renew_many(p.device_id for p in plans)
@@ -313,11 +314,20 @@ class RenewalOrchestrator:
                          alarms=len(alarms))
         return ScanReport(now, len(rows), changes, ended, alarms, tuple(outcomes))
 
+    async def end_due_overlaps(self, now: datetime | None = None) -> int:
+        """Revoke the old certificate of every device whose overlap has ended (cheap; run often)."""
+        now = as_utc(now) if now is not None else self.clock.now()
+        ended = 0
+        for device in self.inventory.overlap_due(now):
+            if await self._end_overlap(device, now):
+                ended += 1
+        return ended
+
     # ------------------------------------------------------------------ workflow
 
-    async def _guarded(self, device_id: str, ignore_backoff: bool) -> RenewalOutcome:
+    async def _guarded(self, device_id: str, ignore_backoff: bool, force: bool = False) -> RenewalOutcome:
         try:
-            return await self._run(device_id, ignore_backoff)
+            return await self._run(device_id, ignore_backoff, force)
         except (EdgeSecurityError, OSError) as exc:
             # Inventory or CA trouble outside the per-step handling: the device keeps its state
             # (recover() or the next scan picks it up); the operator sees why.
@@ -325,12 +335,15 @@ class RenewalOrchestrator:
             self.events.emit("renewal.error", reason, level="error", device=device_id, detail=str(exc))
             return RenewalOutcome(device_id, "error", f"{reason}: {exc}")
 
-    async def _run(self, device_id: str, ignore_backoff: bool) -> RenewalOutcome:
+    async def _run(self, device_id: str, ignore_backoff: bool, force: bool = False) -> RenewalOutcome:
         device = self.inventory.get(device_id)
         if device is None:
             return RenewalOutcome(device_id, "skipped", "not in inventory")
         now = self.clock.now()
         reason = renewal_due(device, now, self.policy, ignore_backoff=ignore_backoff)
+        if (reason is None and force and device.renewal is RenewalState.IDLE
+                and device.current.state in (CertState.ACTIVE, CertState.EXPIRING) and now < device.current.not_after):
+            reason = "forced"
         if reason is None:
             return RenewalOutcome(device_id, "skipped", "not due")
         if reason == "resume":

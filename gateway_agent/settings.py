@@ -48,6 +48,7 @@ class LifecycleSettings:
     concurrency: int = 8
     scan_interval: timedelta = timedelta(days=1)
     lifetime: timedelta = timedelta(days=30)
+    broker_status_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,12 @@ def parse_agent_settings(text: bytes, *, source: str, base_dir: Path) -> AgentSe
             policy=policy, concurrency=lsec.take("concurrency", int, 8),
             scan_interval=timedelta(hours=lsec.take("scan_interval_hours", float, 24.0)),
             lifetime=timedelta(days=lsec.take("certificate_days", float, 30.0)),
+            broker_status_url=lsec.take("broker_status_url", str, None),
         )
+        url = lifecycle.broker_status_url
+        if url is not None and not url.startswith(("http://127.", "http://localhost:", "http://[::1]:")):
+            raise lsec.error("broker_status_url", "lifecycle.broker_status_url must be the broker's loopback "
+                                                  "status endpoint, e.g. http://127.0.0.1:9464/status")
         lsec.done()
         if not 1 <= lifecycle.concurrency <= 256:
             raise top.error("lifecycle", "lifecycle.concurrency must be 1 .. 256")

@@ -256,7 +256,7 @@ class ValidationService:
         except aiomqtt.MqttError as exc:
             await self._close(exc)
             raise FetchError("broker_refused", f"subscribe to {REQUEST_FILTER} failed: {exc}") from exc
-        if any(_refused(code) for code in granted):
+        if any(suback_refused(code) for code in granted):
             await self._close(None)
             raise ConfigError(f"the broker refused the subscription {REQUEST_FILTER}",
                               hint="grant the gateway role 'subscribe gateway/validation/+/request' and "
@@ -297,7 +297,7 @@ class ValidationService:
             self._serving = False
 
 
-def _refused(code: object) -> bool:
+def suback_refused(code: object) -> bool:
     """A SUBACK return code of 0x80 or more (paho reports MQTT 3.1.1 codes as ints or ReasonCodes)."""
     value = getattr(code, "value", code)
     return not isinstance(value, int) or value >= 0x80

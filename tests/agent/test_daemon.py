@@ -179,7 +179,7 @@ validation:
     settings = load_agent_settings(config)
     public = serialization.load_pem_public_key(keys.public.read_bytes())
     async with Agent(settings, extra_services=service_factories(settings)) as agent:
-        assert [s.name for s in agent.services] == ["crl", "validation"]
+        assert [s.name for s in agent.services] == ["crl", "session"]
         for _ in range(250):
             if agent.crl is not None and agent.crl.index.installed:
                 break
@@ -195,7 +195,7 @@ validation:
                 assert answer.status == expected and answer.gateway == "gateway-agent"
                 assert answer.crl_number == 1
         status = agent.status()
-        assert status["services"]["validation"]["answered"] == 2  # type: ignore[index]
+        assert status["services"]["session"]["validation"]["answered"] == 2  # type: ignore[index]
 
 
 async def test_validation_service_comes_up_when_the_broker_starts_after_the_agent(tmp_path: Path, ca: FileCA) -> None:
@@ -220,6 +220,6 @@ validation:
             if agent.events.count("agent.service_failed") >= 2:
                 break
             await asyncio.sleep(0.02)
-        failures = [e for e in agent.events.recent("agent.service_failed") if e["service"] == "validation"]
+        failures = [e for e in agent.events.recent("agent.service_failed") if e["service"] == "session"]
         assert len(failures) >= 2
         assert all(e["reason"] == "FetchError" for e in failures), failures  # reconnect attempts, not re-entry

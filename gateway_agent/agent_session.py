@@ -1,0 +1,200 @@
+"""The agent's one MQTT session to the local broker, shared by its services.
+
+The agent authenticates as one certificate identity, and the broker binds the client id
+to it, so a second session would take the first one over. This service therefore owns
+the single session and dispatches incoming messages: validation requests from MCUs
+(``ValidationService.handle``) and rotation responses from devices
+(``MqttDeviceChannel.dispatch``). The lifecycle runner (daily scan, renewal requests,
+overlap ends) runs beside the dispatcher on the same session. If the broker is not up
+yet or goes away, the whole session fails and the daemon's supervisor starts it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+
+from edge_core.clock import Clock
+from edge_core.errors import ConfigError, FetchError
+from edge_core.events import SecurityEvents
+from edge_core.identity import check_identity
+from edge_core.registry import parse_registry
+from edge_core.validation import REQUEST_FILTER
+from gateway_agent.commanding import BrokerEndpoint
+from gateway_agent.inventory import SqliteInventory, import_from_registry, write_registry
+from gateway_agent.pki import FileCA
+from gateway_agent.renewal import FileCABackend, RenewalOrchestrator, ScanReport
+from gateway_agent.rotation_channel import MqttDeviceChannel
+from gateway_agent.settings import LifecycleSettings
+from gateway_agent.validation_service import ValidationService, suback_refused
+
+__all__ = ["AgentSession", "LifecycleRunner", "request_renewal"]
+
+_SPOOL_POLL = 1.0
+
+
+def request_renewal(settings: LifecycleSettings, device_id: str) -> Path:
+    """Queue a "renew now" for the running daemon (``gateway-agent certs renew``); returns the request file."""
+    check_identity(device_id)
+    spool = settings.inventory.parent / "renew-requests"
+    spool.mkdir(parents=True, exist_ok=True)
+    path = spool / device_id
+    tmp = spool / f".{device_id}.tmp"
+    tmp.write_text("renew\n")
+    os.replace(tmp, path)
+    return path
+
+
+class LifecycleRunner:
+    """Daily scan, queued renewal requests and overlap ends, over the agent's session."""
+
+    def __init__(self, settings: LifecycleSettings, *, clock: Clock, events: SecurityEvents,
+                 broker_status_url: str | None) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.events = events
+        self.broker_status_url = broker_status_url
+        self.inventory = SqliteInventory(settings.inventory)
+        self.spool = settings.inventory.parent / "renew-requests"
+        self.last_scan: ScanReport | None = None
+        self._expected_digest: str | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        if self.inventory.count() == 0:
+            report = import_from_registry(self.inventory, settings.registry, settings.ca_dir / "devices",
+                                          now=clock.now())
+            events.emit("lifecycle.imported", enrolled=len(report.enrolled), skipped=len(report.skipped))
+
+    # -- pins: the inventory feeds the broker's registry -------------------------------
+
+    def _pins_changed(self, device_id: str) -> None:
+        base = parse_registry(self.settings.registry.read_bytes(), source=str(self.settings.registry))
+        written = write_registry(self.inventory, base, self.settings.registry)
+        self._expected_digest = written.digest
+        self.events.emit("registry.written", device=device_id, digest=written.digest[:12])
+
+    async def _pins_ready(self, device_id: str) -> None:
+        """Wait until the broker serves the registry we wrote (its status endpoint shows the digest)."""
+        expected = self._expected_digest
+        if expected is None or self.broker_status_url is None:
+            return
+        url = self.broker_status_url
+        for _ in range(100):
+            status = await asyncio.to_thread(_get_json, url)
+            if str(status.get("registry", {}).get("digest", "")) == expected[:12]:
+                return
+            await asyncio.sleep(0.1)
+        raise FetchError("broker_not_reloaded", f"the broker did not load registry {expected[:12]} within 10 s")
+
+    # -- the loop -----------------------------------------------------------------------
+
+    async def run(self, channel: MqttDeviceChannel) -> None:
+        ca = FileCA(self.settings.ca_dir)
+        orchestrator = RenewalOrchestrator(
+            self.inventory, channel, FileCABackend(ca, clock=ca.clock), clock=self.clock, events=self.events,
+            policy=self.settings.policy, concurrency=self.settings.concurrency,
+            lifetime=self.settings.lifetime, on_pins_changed=self._pins_changed,
+        )
+        channel.pins_ready = self._pins_ready
+        next_scan = self.clock.now()
+        while True:
+            now = self.clock.now()
+            if now >= next_scan:
+                self.last_scan = await orchestrator.daily_scan(now)
+                next_scan = now + self.settings.scan_interval
+            else:
+                await orchestrator.end_due_overlaps(now)
+            for request in sorted(self.spool.glob("*")) if self.spool.is_dir() else []:
+                if request.name.startswith("."):
+                    continue
+                request.unlink(missing_ok=True)
+                self.events.emit("renewal.requested", device=request.name)
+                task = asyncio.create_task(orchestrator.renew(request.name, ignore_backoff=True, force=True))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            await asyncio.sleep(_SPOOL_POLL)
+
+    def status(self) -> dict[str, Any]:
+        scan = self.last_scan
+        return {
+            "devices": self.inventory.count(),
+            "in_progress": [d.device_id for d in self.inventory.in_progress()],
+            "last_scan": None if scan is None else {
+                "at": scan.now.isoformat(), "expiring": scan.expiring, "alarms": len(scan.alarms),
+                "renewed": scan.count("switched")},
+        }
+
+
+def _get_json(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - loopback URL from settings
+        value = json.loads(response.read())
+    return value if isinstance(value, dict) else {}
+
+
+@dataclass
+class AgentSession:
+    endpoint: BrokerEndpoint
+    client_id: str
+    events: SecurityEvents
+    validator: ValidationService | None = None
+    lifecycle: LifecycleRunner | None = None
+    channel_timeout: float = 20.0
+    name: str = "session"
+    connections: int = field(default=0)
+
+    async def run(self) -> None:
+        client = aiomqtt.Client(self.endpoint.host, self.endpoint.port, identifier=self.client_id,
+                                tls_context=self.endpoint.tls_context(), protocol=aiomqtt.ProtocolVersion.V311,
+                                clean_session=True, timeout=10)
+        try:
+            await client.__aenter__()
+        except aiomqtt.MqttError as exc:
+            raise FetchError("broker_unreachable", f"agent session cannot connect to "
+                             f"{self.endpoint.host}:{self.endpoint.port}: {exc}") from exc
+        self.connections += 1
+        runner: asyncio.Task[None] | None = None
+        try:
+            channel = MqttDeviceChannel(client, timeout=self.channel_timeout) if self.lifecycle else None
+            if self.validator is not None:
+                granted = await client.subscribe(REQUEST_FILTER, qos=1)
+                if any(suback_refused(code) for code in granted):
+                    raise ConfigError(f"the broker refused {REQUEST_FILTER}",
+                                      hint="grant role gateway 'subscribe gateway/validation/+/request'")
+            if channel is not None and self.lifecycle is not None:
+                await channel.subscribe()
+                runner = asyncio.create_task(self.lifecycle.run(channel), name="lifecycle")
+            self.events.emit("agent.session_up", validation=self.validator is not None,
+                             lifecycle=self.lifecycle is not None)
+            async for message in client.messages:
+                if runner is not None and runner.done():
+                    runner.result()  # surface a lifecycle failure; the supervisor restarts the session
+                if channel is not None and channel.dispatch(message):
+                    continue
+                if self.validator is not None and str(message.topic).startswith("gateway/validation/"):
+                    payload = message.payload if isinstance(message.payload, bytes) else b""
+                    reply = self.validator.handle(str(message.topic), payload)
+                    if reply is not None:
+                        await client.publish(reply[0], reply[1], qos=1)
+        finally:
+            if runner is not None:
+                runner.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await runner
+            with contextlib.suppress(aiomqtt.MqttError):
+                await client.__aexit__(None, None, None)
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"connections": self.connections}
+        if self.validator is not None:
+            out["validation"] = {"answered": self.events.count("validation.answered"),
+                                 "refused": self.events.snapshot().get("validation.refused", {})}
+        if self.lifecycle is not None:
+            out["lifecycle"] = self.lifecycle.status()
+        return out
