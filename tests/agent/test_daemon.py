@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -223,3 +224,77 @@ validation:
         failures = [e for e in agent.events.recent("agent.service_failed") if e["service"] == "session"]
         assert len(failures) >= 2
         assert all(e["reason"] == "FetchError" for e in failures), failures  # reconnect attempts, not re-entry
+
+
+async def test_daemon_renews_a_device_when_asked(tmp_path: Path, pki: object, registry_file: Path,
+                                                 start_broker: object) -> None:
+    """`gateway-agent certs renew` -> the daemon's lifecycle service rotates the device over the wire."""
+    import shutil
+
+    from cryptography import x509
+
+    from device_client.client import DeviceConfig
+    from device_client.rotation import CredentialStore, DeviceRotation
+    from edge_core.registry import parse_registry
+    from gateway_agent.agent_session import request_renewal
+    from gateway_agent.services import service_factories
+    from tests.agent.test_rotation_e2e import DEVICE, ROTATION_ACL, _issue_device, _register
+    from tests.support.pki import DevPki
+
+    assert isinstance(pki, DevPki)
+    ca_dir = tmp_path / "ca"
+    ca_dir.mkdir()
+    for name in ("issuing-ca.crt", "issuing-ca.key", "root-ca.crt", "ca-chain.pem"):
+        shutil.copy(pki.root / name, ca_dir / name)
+    factory = _issue_device(FileCA(ca_dir), ca_dir / "devices", days_left=25)  # not due: only the request renews
+    _register(registry_file, factory)
+    acl = tmp_path / "acl.yaml"
+    acl.write_text(ROTATION_ACL)
+    broker = await asyncio.to_thread(start_broker, acl=acl,  # type: ignore[operator]
+                                     extra="cert_test_listener:\n  bind: 127.0.0.1:0\n")
+    edge = broker.edge
+    config = tmp_path / "agent.yaml"
+    config.write_text(f"""agent_id: gateway-agent
+broker:
+  host: 127.0.0.1
+  port: {broker.port}
+  ca: {pki.chain}
+  cert: {pki.root / 'agent' / 'gateway-agent.crt'}
+  key: {pki.root / 'agent' / 'gateway-agent.key'}
+lifecycle:
+  inventory: {tmp_path / 'agent' / 'inventory.db'}
+  ca_dir: {ca_dir}
+  registry: {registry_file}
+  broker_status_url: http://127.0.0.1:{edge.status_server.port}/status
+""")
+    settings = load_agent_settings(config)
+    old_serial = x509.load_pem_x509_certificate(factory.cert.read_bytes()).serial_number
+    rotation = DeviceRotation(DeviceConfig(DEVICE, "127.0.0.1", broker.port, pki.chain, factory.cert, factory.key),
+                              CredentialStore(tmp_path / "store"),
+                              test_endpoint=("127.0.0.1", edge.cert_test_listener.port))
+    device = asyncio.create_task(rotation.run())
+    try:
+        async with Agent(settings, extra_services=service_factories(settings)) as agent:
+            await asyncio.wait_for(rotation.wait_connected(old_serial), 10)
+            for _ in range(200):
+                if agent.events.count("lifecycle.scan"):
+                    break
+                await asyncio.sleep(0.05)
+            assert agent.events.count("renewal.started") == 0  # the daily scan found nothing due
+            assert settings.lifecycle is not None
+            request_renewal(settings.lifecycle, DEVICE)
+            for _ in range(600):
+                if agent.events.count("renewal.switched"):
+                    break
+                await asyncio.sleep(0.05)
+            switched = agent.events.recent("renewal.switched")[0]
+            new_serial = int(switched["serial"], 16)
+            assert new_serial != old_serial
+            await asyncio.wait_for(rotation.wait_connected(new_serial), 10)
+            entry = parse_registry(registry_file.read_bytes()).get(DEVICE)
+            assert entry is not None and len(entry.pins) == 2  # the 7-day overlap: both certificates admitted
+            assert broker.events.count("cert_test.passed") == 1
+    finally:
+        device.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await device
