@@ -291,7 +291,7 @@ lifecycle:
             new_serial = int(switched["serial"], 16)
             assert new_serial != old_serial
             await asyncio.wait_for(rotation.wait_connected(new_serial), 10)
-            entry = parse_registry(registry_file.read_bytes()).get(DEVICE)
+            entry = parse_registry(await asyncio.to_thread(registry_file.read_bytes)).get(DEVICE)
             assert entry is not None and len(entry.pins) == 2  # the 7-day overlap: both certificates admitted
             assert broker.events.count("cert_test.passed") == 1
     finally:
