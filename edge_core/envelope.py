@@ -36,8 +36,6 @@ No I/O: the token, the time, the keys and the replay store are handed in.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import re
 import secrets
@@ -51,6 +49,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.api_jws import PyJWS
 
+from edge_core import strictjson
 from edge_core.clock import as_utc
 from edge_core.errors import EnvelopeError
 from edge_core.identity import check_identity
@@ -326,39 +325,17 @@ _Refuser = Callable[[str, str], NoReturn]
 
 
 def _b64url_decode(part: bytes, name: str, refuse: _Refuser) -> bytes:
-    if not _B64URL.fullmatch(part):
-        refuse("not_envelope", f"{name} is not unpadded base64url ASCII")
     try:
-        raw = base64.urlsafe_b64decode(part + b"=" * (-len(part) % 4))
-    except (binascii.Error, ValueError):
-        refuse("not_envelope", f"{name} is not valid base64url")
-    # Canonical form only: unused trailing bits would give one signature many spellings.
-    if base64.urlsafe_b64encode(raw).rstrip(b"=") != part:
-        refuse("not_envelope", f"{name} is not canonical base64url")
-    return raw
+        return strictjson.b64url_canonical(part, name)
+    except ValueError as exc:
+        refuse("not_envelope", str(exc))
 
 
 def _json_object(raw: bytes, name: str, refuse: _Refuser) -> dict[str, Any]:
     try:
-        value = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_no_constant)
-    except (ValueError, RecursionError) as exc:
-        refuse("not_envelope", f"{name} is not a UTF-8 JSON object: {str(exc)[:80]}")
-    if not isinstance(value, dict):
-        refuse("not_envelope", f"{name} must be a JSON object")
-    return value
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"duplicate key {key[:40]!r}")  # parsers disagree on which one wins
-        result[key] = value
-    return result
-
-
-def _no_constant(name: str) -> NoReturn:
-    raise ValueError(f"{name} is not JSON")
+        return strictjson.json_object(raw, name)
+    except ValueError as exc:
+        refuse("not_envelope", str(exc))
 
 
 def _iso(timestamp: int) -> str:

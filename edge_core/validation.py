@@ -52,6 +52,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 
+from edge_core import strictjson
 from edge_core.clock import as_utc
 from edge_core.errors import CredentialError, EnvelopeError
 from edge_core.identity import check_identity
@@ -378,8 +379,7 @@ def parse_request(payload: bytes) -> ValidationRequest:
     if len(payload) > MAX_REQUEST_BYTES:
         raise RequestRefused("oversized", f"request is {len(payload)} bytes; at most {MAX_REQUEST_BYTES}")
     try:
-        doc = json.loads(bytes(payload).decode("utf-8"), object_pairs_hook=_unique_keys,
-                         parse_constant=_no_constant)
+        doc = strictjson.loads(bytes(payload).decode("utf-8"))
     except (ValueError, RecursionError) as exc:
         raise RequestRefused("bad_request", f"request is not UTF-8 JSON: {str(exc)[:80]}") from exc
     if not isinstance(doc, dict):
@@ -670,26 +670,17 @@ def _split_token(token: bytes) -> tuple[dict[str, Any], dict[str, Any], bytes, b
 
 
 def _b64url_decode(part: bytes, name: str) -> bytes:
-    if not _B64URL_RE.fullmatch(part):
-        _refuse("malformed", f"{name} is not unpadded base64url ASCII")
     try:
-        raw = base64.urlsafe_b64decode(part + b"=" * (-len(part) % 4))
-    except (binascii.Error, ValueError):
-        _refuse("malformed", f"{name} is not valid base64url")
-    # One spelling only: unused trailing bits would give one token many encodings.
-    if base64.urlsafe_b64encode(raw).rstrip(b"=") != part:
-        _refuse("malformed", f"{name} is not canonical base64url")
-    return raw
+        return strictjson.b64url_canonical(part, name)
+    except ValueError as exc:
+        _refuse("malformed", str(exc))
 
 
 def _json_object(raw: bytes, name: str) -> dict[str, Any]:
     try:
-        value = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_no_constant)
-    except (ValueError, RecursionError) as exc:
-        _refuse("malformed", f"{name} is not a UTF-8 JSON object: {str(exc)[:80]}")
-    if not isinstance(value, dict):
-        _refuse("malformed", f"{name} must be a JSON object")
-    return value
+        return strictjson.json_object(raw, name)
+    except ValueError as exc:
+        _refuse("malformed", str(exc))
 
 
 def _answer_from_claims(claims: dict[str, Any]) -> Answer:
@@ -740,16 +731,3 @@ def _answer_from_claims(claims: dict[str, Any]) -> Answer:
                       this_update=times["this_update"], next_update=times["next_update"], crl_number=number)
     except ValueError as exc:
         bad(str(exc))
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"duplicate key {key[:40]!r}")  # parsers disagree on which one wins
-        result[key] = value
-    return result
-
-
-def _no_constant(name: str) -> NoReturn:
-    raise ValueError(f"{name} is not JSON")
