@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge_runtime.tls import client_tls_context
+
 
 def _string(value: str) -> bytes:
     data = value.encode("utf-8")
@@ -55,11 +57,7 @@ class Endpoint:
     key: Path
 
     def context(self) -> ssl.SSLContext:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-        ctx.load_verify_locations(cafile=self.chain)
-        ctx.load_cert_chain(self.cert, self.key)
-        return ctx
+        return client_tls_context(self.chain, self.cert, self.key)
 
 
 async def read_packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:

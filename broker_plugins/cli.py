@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import signal
 import sys
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
 from broker_plugins.settings import BrokerSettings, load_settings
-from edge_core.errors import ConfigError, EdgeSecurityError
-from edge_runtime.logsetup import configure_logging
+from edge_core.errors import ConfigError
+from edge_runtime.cli_support import print_status, run_handler
 
 __all__ = ["main"]
 
@@ -44,16 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging(json=True, level="DEBUG" if args.verbose else "INFO")
-    try:
-        return int(args.func(args))
-    except EdgeSecurityError as exc:
-        if args.verbose:
-            raise
-        print(f"error: {exc.diagnostics()}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    return run_handler(args)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -83,18 +72,7 @@ def _status(args: argparse.Namespace) -> int:
     if settings.status_bind is None:
         raise ConfigError("no 'status:' section, so the broker exposes no status endpoint", source=str(args.config))
     host, port = settings.status_bind
-    url = f"http://{host}:{port}/{'metrics' if args.metrics else 'status'}"
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            body = response.read().decode("utf-8")
-    except OSError as exc:
-        print(f"error: broker status endpoint {url} unreachable: {exc}", file=sys.stderr)
-        return 1
-    if args.metrics:
-        print(body, end="")
-    else:
-        print(json.dumps(json.loads(body), indent=2))
-    return 0
+    return print_status("broker", host, port, metrics=args.metrics)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from edge_core.errors import ConfigError, CredentialError
+from edge_core.errors import CredentialError
 from edge_core.revocation import (
     CrlUpdate,
     Freshness,
@@ -29,6 +29,7 @@ from edge_core.revocation import (
     issuer_key,
     split_crl_bundle,
 )
+from edge_runtime.pemfiles import load_ca_certificates
 
 __all__ = ["RevocationSettings", "RevocationState", "load_issuer_certs"]
 
@@ -43,13 +44,7 @@ class RevocationSettings:
 
 
 def load_issuer_certs(paths: Sequence[Path]) -> list[x509.Certificate]:
-    certs: list[x509.Certificate] = []
-    for path in paths:
-        try:
-            certs.extend(x509.load_pem_x509_certificates(path.read_bytes()))
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot load issuer CA certificates: {exc}", source=str(path)) from exc
-    return certs
+    return load_ca_certificates(paths, what="CRL issuer certificate")
 
 
 def _accept_files(blobs: Mapping[str, bytes], issuers: Sequence[x509.Certificate],

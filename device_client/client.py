@@ -23,6 +23,7 @@ import aiomqtt
 
 from device_client.commands import DeviceCommandVerifier
 from edge_core.envelope import CommandRefused, VerifiedCommand
+from edge_runtime.tls import client_tls_context
 
 __all__ = ["CommandOutcome", "DeviceClient", "DeviceConfig"]
 
@@ -38,11 +39,7 @@ class DeviceConfig:
     keepalive: int = 30
 
     def tls_context(self) -> ssl.SSLContext:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-        ctx.load_verify_locations(cafile=self.ca)
-        ctx.load_cert_chain(self.cert, self.key)
-        return ctx
+        return client_tls_context(self.ca, self.cert, self.key)
 
 
 @dataclass(frozen=True)

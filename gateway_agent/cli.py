@@ -14,8 +14,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from edge_core.errors import EdgeSecurityError
-from edge_runtime.logsetup import configure_logging
+from edge_runtime.cli_support import run_handler
 
 __all__ = ["main"]
 
@@ -41,16 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    configure_logging(json=True, level="DEBUG" if args.verbose else "INFO")
-    try:
-        return int(args.func(args))
-    except EdgeSecurityError as exc:
-        if args.verbose:
-            raise
-        print(f"error: {exc.diagnostics()}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    return run_handler(args)
 
 
 if __name__ == "__main__":

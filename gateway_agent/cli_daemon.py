@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from edge_core.errors import ConfigError
+from edge_runtime.cli_support import print_status
 from gateway_agent.settings import load_agent_settings
 
 DEFAULT_CONFIG = Path("configs/agent.yaml")
@@ -52,12 +51,4 @@ def _status(args: argparse.Namespace) -> int:
     if settings.status_bind is None:
         raise ConfigError("no 'status:' section, so the agent exposes no status endpoint", source=str(args.config))
     host, port = settings.status_bind
-    url = f"http://{host}:{port}/{'metrics' if args.metrics else 'status'}"
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            body = response.read().decode("utf-8")
-    except OSError as exc:
-        print(f"error: agent status endpoint {url} unreachable: {exc}", file=sys.stderr)
-        return 1
-    print(body if args.metrics else json.dumps(json.loads(body), indent=2), end="" if args.metrics else "\n")
-    return 0
+    return print_status("agent", host, port, metrics=args.metrics)

@@ -27,6 +27,7 @@ from edge_core.clock import Clock, SystemClock
 from edge_core.envelope import REJECTION_TOPIC, sign_command
 from edge_core.errors import ConfigError, FetchError
 from edge_core.operators import EnvelopePolicy
+from edge_runtime.tls import client_tls_context
 
 __all__ = ["BrokerEndpoint", "SendResult", "load_signing_key", "send_command"]
 
@@ -40,11 +41,7 @@ class BrokerEndpoint:
     key: Path
 
     def tls_context(self) -> ssl.SSLContext:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-        ctx.load_verify_locations(cafile=self.ca)
-        ctx.load_cert_chain(self.cert, self.key)
-        return ctx
+        return client_tls_context(self.ca, self.cert, self.key)
 
 
 @dataclass(frozen=True)

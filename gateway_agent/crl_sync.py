@@ -74,6 +74,7 @@ from edge_core.revocation import (
     parse_staleness,
 )
 from edge_core.yamlsrc import Section
+from edge_runtime.pemfiles import load_ca_certificates
 
 __all__ = [
     "CrlSource",
@@ -320,13 +321,7 @@ def build_sources(settings: CrlSyncSettings) -> list[CrlSource]:
 
 def load_issuers(paths: Sequence[Path]) -> list[x509.Certificate]:
     """Every certificate in the given PEM files; ``ConfigError`` names an unreadable one."""
-    certs: list[x509.Certificate] = []
-    for path in paths:
-        try:
-            certs.extend(x509.load_pem_x509_certificates(path.read_bytes()))
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot load CRL issuer certificate: {exc}", source=str(path)) from exc
-    return certs
+    return load_ca_certificates(paths, what="CRL issuer certificate")
 
 
 # --------------------------------------------------------------------------- syncing
