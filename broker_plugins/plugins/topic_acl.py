@@ -29,10 +29,25 @@ _ACTIONS: dict[str, Action] = {
 }
 
 
+_CACHE_LIMIT = 65536
+
+
 class TopicAclPlugin(BaseTopicPlugin):
+    """Decides through ``Policy.check``; remembers *allowed* publish/receive decisions.
+
+    A decision depends only on the policy, the registry entry and (identity, action, topic),
+    and a reload swaps the policy or registry object, which empties the cache. Denials are
+    never cached: each one is decided again and logged. The cache is bounded.
+    """
+
     @dataclass
     class Config:
         runtime: Any = None
+
+    def __init__(self, context: Any) -> None:
+        super().__init__(context)
+        self._allowed: set[tuple[str, str, str]] = set()
+        self._cached_for: tuple[object, object] | None = None
 
     async def topic_filtering(
         self, *, session: Session | None = None, topic: str | None = None, action: AmqttAction | None = None
@@ -49,6 +64,13 @@ class TopicAclPlugin(BaseTopicPlugin):
             runtime.events.emit("acl.denied", "no_policy", level="error", device=admitted.identity, topic=topic)
             return False
         kind = _ACTIONS[action.value if isinstance(action, AmqttAction) else str(action)]
+        key = (admitted.identity, kind, topic)
+        if self._cached_for is not None and self._cached_for[0] is policy and self._cached_for[1] is runtime.registry:
+            if key in self._allowed:
+                return True
+        else:
+            self._allowed = set()
+            self._cached_for = (policy, runtime.registry)
         subject = runtime.subject_of(admitted.identity)
         if subject is None:
             runtime.events.emit("acl.denied", "unknown_device", level="warning", device=admitted.identity,
@@ -59,6 +81,10 @@ class TopicAclPlugin(BaseTopicPlugin):
             if kind == "subscribe":
                 runtime.events.emit("subscription.granted", device=admitted.identity, filter=topic,
                                     rule=str(decision.rule) if decision.rule else None)
+            else:
+                if len(self._allowed) >= _CACHE_LIMIT:
+                    self._allowed = set()
+                self._allowed.add(key)
             return True
         runtime.events.emit(
             "acl.denied", decision.reason, level="warning", device=admitted.identity, action=kind, topic=topic,
