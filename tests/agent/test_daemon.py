@@ -138,7 +138,6 @@ async def test_daemon_answers_mcu_validation_from_the_crl_it_installed(
     tmp_path: Path, start_broker: object, pki: object
 ) -> None:
     """Agent daemon (CRL sync + validation service) on a real broker; a device asks about two certs."""
-    import shutil
 
     from cryptography.hazmat.primitives import serialization
 
@@ -148,11 +147,7 @@ async def test_daemon_answers_mcu_validation_from_the_crl_it_installed(
     from tests.support.pki import DevPki
 
     assert isinstance(pki, DevPki)
-    ca_dir = tmp_path / "ca"
-    ca_dir.mkdir()
-    for name in ("issuing-ca.crt", "issuing-ca.key", "root-ca.crt", "ca-chain.pem"):
-        shutil.copy(pki.root / name, ca_dir / name)
-    own_ca = FileCA(ca_dir)
+    own_ca = pki.private_ca(tmp_path / "ca")
     good = pki.issue("val-good", "peer-good")
     bad = pki.issue("val-bad", "peer-bad")
     from cryptography import x509
@@ -229,7 +224,6 @@ validation:
 async def test_daemon_renews_a_device_when_asked(tmp_path: Path, pki: object, registry_file: Path,
                                                  start_broker: object) -> None:
     """`gateway-agent certs renew` -> the daemon's lifecycle service rotates the device over the wire."""
-    import shutil
 
     from cryptography import x509
 
@@ -242,10 +236,7 @@ async def test_daemon_renews_a_device_when_asked(tmp_path: Path, pki: object, re
     from tests.support.pki import DevPki
 
     assert isinstance(pki, DevPki)
-    ca_dir = tmp_path / "ca"
-    ca_dir.mkdir()
-    for name in ("issuing-ca.crt", "issuing-ca.key", "root-ca.crt", "ca-chain.pem"):
-        shutil.copy(pki.root / name, ca_dir / name)
+    ca_dir = pki.private_ca(tmp_path / "ca").dir
     factory = _issue_device(FileCA(ca_dir), ca_dir / "devices", days_left=25)  # not due: only the request renews
     _register(registry_file, factory)
     acl = tmp_path / "acl.yaml"

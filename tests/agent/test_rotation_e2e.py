@@ -15,7 +15,6 @@ import asyncio
 import hashlib
 import json
 import secrets
-import shutil
 import ssl
 from collections.abc import AsyncIterator, MutableMapping
 from dataclasses import dataclass, field, replace
@@ -70,11 +69,7 @@ WAIT = 10.0  # bound on every real-time wait for a network event
 @pytest.fixture
 def ca(tmp_path: Path, pki: DevPki) -> FileCA:
     """The test PKI's issuing CA with a revocation store of this test's own."""
-    directory = tmp_path / "ca"
-    directory.mkdir()
-    for name in ("issuing-ca.crt", "issuing-ca.key", "root-ca.crt", "ca-chain.pem"):
-        shutil.copy(pki.root / name, directory / name)
-    return FileCA(directory)
+    return pki.private_ca(tmp_path / "ca")
 
 
 @pytest.fixture(autouse=True)

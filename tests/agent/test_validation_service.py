@@ -10,7 +10,6 @@ import asyncio
 import base64
 import contextlib
 import json
-import shutil
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -104,11 +103,7 @@ class World:
 
 @pytest.fixture
 def world(tmp_path: Path, pki: DevPki) -> World:
-    ca_dir = tmp_path / "ca"
-    ca_dir.mkdir()
-    for name in ("issuing-ca.crt", "issuing-ca.key", "root-ca.crt", "ca-chain.pem"):
-        shutil.copy(pki.root / name, ca_dir / name)
-    ca = FileCA(ca_dir)
+    ca = pki.private_ca(tmp_path / "ca")
     issuing = ca.issuing()
     now = datetime.now(UTC)
     good = issue_leaf(issuing, identity="valve-good", now=now).cert

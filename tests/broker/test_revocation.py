@@ -4,7 +4,6 @@ bad CRL files keep the last good state; both staleness policies; the agent's HTT
 from __future__ import annotations
 
 import http.server
-import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -33,11 +32,7 @@ NOT_AUTHORIZED = 5
 @pytest.fixture
 def ca(tmp_path: Path, pki: DevPki) -> FileCA:
     """The test PKI's issuing CA with a revocation store of this test's own."""
-    directory = tmp_path / "ca"
-    directory.mkdir()
-    for name in ("issuing-ca.crt", "issuing-ca.key", "root-ca.crt", "ca-chain.pem"):
-        shutil.copy(pki.root / name, directory / name)
-    return FileCA(directory)
+    return pki.private_ca(tmp_path / "ca")
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -41,6 +42,14 @@ class DevPki:
         key.write_bytes(key_pem(issued.key))
         key.chmod(0o600)
         return Credential(crt, key)
+
+    def private_ca(self, directory: Path) -> FileCA:
+        """The issuing CA copied into ``directory``: same keys (the broker trusts what it issues),
+        but a revocation store and CRL numbers of the test's own, so revocations never leak."""
+        directory.mkdir(parents=True)
+        for name in ("issuing-ca.crt", "issuing-ca.key", "root-ca.crt", "ca-chain.pem"):
+            shutil.copy(self.root / name, directory / name)
+        return FileCA(directory)
 
     def issue(self, name: str, identity: str, **kwargs: object) -> Credential:
         issued = issue_leaf(self.ca.issuing(), identity=identity, now=datetime.now(UTC), **kwargs)  # type: ignore[arg-type]
