@@ -91,7 +91,7 @@ class HardenedBroker(Broker):
         }
         super().__init__(config)
         self._connections: dict[str, _Connection] = {}
-        self._message_guards: list[Any] = [
+        self._message_guards: list[MessageGuard] = [
             p for p in self.plugins_manager.plugins if callable(getattr(p, "guard_publish", None))
         ]
 

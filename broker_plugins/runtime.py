@@ -39,7 +39,6 @@ class BrokerRuntime:
     acl: Policy | None = None
     commands: Any = None  # broker_plugins.commands.CommandState when commands are configured
     revocation: Any = None  # broker_plugins.revocation.RevocationState when revocation is configured
-    extras: dict[str, Any] = field(default_factory=dict)
     _subjects: dict[str, Subject] = field(default_factory=dict, repr=False)
     _subjects_of: Registry | None = field(default=None, repr=False)
 

@@ -68,12 +68,10 @@ class EdgeBroker:
         *,
         clock: Clock | None = None,
         events: SecurityEvents | None = None,
-        extra_plugins: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         self.settings = settings
         self.clock = clock or SystemClock()
         self.events = events or SecurityEvents("edge-broker")
-        self._extra_plugins = extra_plugins or {}
         self.runtime: BrokerRuntime | None = None
         self.broker: HardenedBroker | None = None
         self.listener: DeviceListener | None = None
@@ -122,7 +120,6 @@ class EdgeBroker:
             await self._reload_crl(b"")
         plugins: dict[str, dict[str, Any]] = {AUTH_PLUGIN: {}}
         plugins.update(enabled_plugins(s))
-        plugins.update(self._extra_plugins)
         self.broker = HardenedBroker(self.runtime, plugins)
         ssl_context = server_context(s.listener)  # fails early on bad TLS material
         await self.broker.start()
