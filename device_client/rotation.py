@@ -54,6 +54,14 @@ from edge_core.errors import CredentialError, StateError
 from edge_core.events import SecurityEvents
 from edge_core.files import atomic_write_bytes, atomic_write_text
 from edge_core.identity import IdentityPolicy, check_identity
+from edge_core.rotation_wire import (
+    MAX_MESSAGE_BYTES,
+    PROTOCOL_VERSION,
+    REQUEST_TOPIC,
+    RESPONSE_TOPIC,
+    parse_serial,
+    serial_hex,
+)
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
@@ -73,11 +81,6 @@ __all__ = [
     "spki_pin_of",
 ]
 
-PROTOCOL_VERSION = 1
-REQUEST_TOPIC = "devices/{device}/rotation/request"
-RESPONSE_TOPIC = "devices/{device}/rotation/response"
-MAX_MESSAGE_BYTES = 16 * 1024  # a CSR is at most 8 KiB; a certificate plus chain a few KiB
-_SERIAL_RE = re.compile(r"^[0-9a-f]{1,40}$")
 _NONCE_RE = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _CONNACK_REASONS = {1: "unacceptable_protocol", 2: "identifier_rejected", 3: "server_unavailable",
@@ -112,10 +115,6 @@ class PendingCredential:
 def _key_id(public_key: ec.EllipticCurvePublicKey) -> str:
     spki = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return hashlib.sha256(spki).hexdigest()[:32]
-
-
-def _hex(serial: int) -> str:
-    return f"{serial:x}"
 
 
 class CredentialStore:
@@ -212,7 +211,7 @@ class CredentialStore:
         return kid
 
     def _write_cert(self, cert: x509.Certificate, chain_pem: bytes) -> str:
-        serial = _hex(cert.serial_number)
+        serial = serial_hex(cert.serial_number)
         atomic_write_bytes(self.dir / "certs" / f"{serial}.chain.pem", chain_pem)
         atomic_write_bytes(self.dir / "certs" / f"{serial}.crt", cert.public_bytes(serialization.Encoding.PEM))
         return serial
@@ -259,7 +258,7 @@ class CredentialStore:
     def mark_tested(self, serial: int) -> None:
         state = self._read()
         pending = state.get("pending")
-        if not isinstance(pending, dict) or pending.get("serial") != _hex(serial):
+        if not isinstance(pending, dict) or pending.get("serial") != serial_hex(serial):
             raise StateError("no_such_certificate", f"certificate {serial:x} is not the pending one")
         pending["tested"] = True
         self._write(state)
@@ -275,7 +274,7 @@ class CredentialStore:
         """Make the tested pending credential ``serial`` the active one; the old one becomes previous."""
         state = self._read()
         pending = state.get("pending")
-        if not isinstance(pending, dict) or pending.get("serial") != _hex(serial):
+        if not isinstance(pending, dict) or pending.get("serial") != serial_hex(serial):
             raise StateError("no_such_certificate", f"certificate {serial:x} is not the pending one")
         if not pending.get("tested"):
             raise StateError("not_tested", f"certificate {serial:x} has not passed its test; refusing to switch")
@@ -533,8 +532,8 @@ class RotationHandler:
             raise CredentialError("serial_mismatch", f"message says serial {serial:x}, certificate has "
                                   f"{cert.serial_number:x}")
         self.store.store_candidate(cert, chain_pem.encode("ascii"))
-        self.events.emit("rotation.cert_stored", device=self.device_id, serial=_hex(serial))
-        return HandlerResult(request_id, {"type": "stored", "serial": _hex(serial)})
+        self.events.emit("rotation.cert_stored", device=self.device_id, serial=serial_hex(serial))
+        return HandlerResult(request_id, {"type": "stored", "serial": serial_hex(serial)})
 
     async def _test(self, request_id: str, serial: int) -> HandlerResult:
         pending = self.store.pending()
@@ -550,11 +549,11 @@ class RotationHandler:
             else:
                 self.store.discard_pending()  # roll back: the device stays on the certificate it uses
         if result.ok:
-            self.events.emit("rotation.test_passed", device=self.device_id, serial=_hex(serial))
+            self.events.emit("rotation.test_passed", device=self.device_id, serial=serial_hex(serial))
         else:
             self.events.emit("rotation.test_failed", result.reason, level="warning", device=self.device_id,
-                             serial=_hex(serial))
-        return HandlerResult(request_id, {"type": "test_result", "serial": _hex(serial), "ok": result.ok,
+                             serial=serial_hex(serial))
+        return HandlerResult(request_id, {"type": "test_result", "serial": serial_hex(serial), "ok": result.ok,
                                           "reason": result.reason})
 
     def _switch(self, request_id: str, serial: int) -> HandlerResult:
@@ -565,7 +564,7 @@ class RotationHandler:
                 and candidate is not None and candidate.serial == serial:
             return HandlerResult(request_id, switch_to=self.store.switch(serial))
         # Already switched (a repeated ask), or nothing tested to switch to: report what is in use.
-        return HandlerResult(request_id, {"type": "switched", "serial_in_use": _hex(active.serial)})
+        return HandlerResult(request_id, {"type": "switched", "serial_in_use": serial_hex(active.serial)})
 
 
 def spki_pin_of(key: ec.EllipticCurvePublicKey) -> str:
@@ -574,10 +573,7 @@ def spki_pin_of(key: ec.EllipticCurvePublicKey) -> str:
 
 
 def _serial_field(request: dict[str, Any], name: str) -> int:
-    value = request.get(name)
-    if not isinstance(value, str) or not _SERIAL_RE.match(value):
-        raise ValueError(f"{name} must be a lowercase hex string")
-    return int(value, 16)
+    return parse_serial(request.get(name), name)
 
 
 # --------------------------------------------------------------------------- the session loop
@@ -663,13 +659,13 @@ class DeviceRotation:
                     old = self.store.rollback()
                     self._report = (self._report[0], old.serial)
                     self.events.emit("rotation.rolled_back", "reconnect_failed", level="warning",
-                                     device=self.device_id, serial=_hex(old.serial), detail=str(exc))
+                                     device=self.device_id, serial=serial_hex(old.serial), detail=str(exc))
                     continue
                 delay = min(self.retry_max, 0.1 * 2 ** min(failures, 10)) * (0.5 + secrets.randbelow(1000) / 2000)
                 await asyncio.sleep(delay)
                 continue
             if switched_to is not None:
-                self.events.emit("rotation.switching", device=self.device_id, serial=_hex(switched_to.serial))
+                self.events.emit("rotation.switching", device=self.device_id, serial=serial_hex(switched_to.serial))
 
     async def _session(self, credential: StoredCredential) -> StoredCredential | None:
         """One connection. Returns the credential to switch to, or raises ``MqttError`` when it ends."""
@@ -690,8 +686,8 @@ class DeviceRotation:
                 if self._report is not None:
                     request_id, serial = self._report
                     self._report = None
-                    await self._answer(client, request_id, {"type": "switched", "serial_in_use": _hex(serial)})
-                    self.events.emit("rotation.switched", device=self.device_id, serial_in_use=_hex(serial))
+                    await self._answer(client, request_id, {"type": "switched", "serial_in_use": serial_hex(serial)})
+                    self.events.emit("rotation.switched", device=self.device_id, serial_in_use=serial_hex(serial))
                 await self._set_connected(credential.serial)
                 async for message in client.messages:
                     if str(message.topic) != self.request_topic:

@@ -28,13 +28,14 @@ from edge_core.events import SecurityEvents
 from edge_core.identity import check_identity
 from edge_core.registry import parse_registry
 from edge_core.validation import REQUEST_FILTER
+from edge_runtime.mqtt import suback_refused
 from gateway_agent.commanding import BrokerEndpoint
 from gateway_agent.inventory import SqliteInventory, import_from_registry, write_registry
 from gateway_agent.pki import FileCA
 from gateway_agent.renewal import FileCABackend, RenewalOrchestrator, ScanReport
 from gateway_agent.rotation_channel import MqttDeviceChannel
 from gateway_agent.settings import LifecycleSettings
-from gateway_agent.validation_service import ValidationService, suback_refused
+from gateway_agent.validation_service import ValidationService
 
 __all__ = ["AgentSession", "LifecycleRunner", "request_renewal"]
 

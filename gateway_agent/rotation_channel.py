@@ -38,6 +38,15 @@ from edge_core.errors import ConfigError, CredentialError, FetchError
 from edge_core.events import SecurityEvents
 from edge_core.identity import check_identity
 from edge_core.lifecycle import MAX_CSR_BYTES
+from edge_core.rotation_wire import (
+    MAX_MESSAGE_BYTES,
+    PROTOCOL_VERSION,
+    REQUEST_TOPIC,
+    RESPONSE_FILTER,
+    RESPONSE_TOPIC,
+    parse_serial,
+)
+from edge_runtime.mqtt import suback_refused
 from gateway_agent.renewal import TestResult
 
 __all__ = [
@@ -49,12 +58,6 @@ __all__ = [
     "MqttDeviceChannel",
 ]
 
-PROTOCOL_VERSION = 1
-REQUEST_TOPIC = "devices/{device}/rotation/request"
-RESPONSE_TOPIC = "devices/{device}/rotation/response"
-RESPONSE_FILTER = "devices/+/rotation/response"
-MAX_MESSAGE_BYTES = 16 * 1024
-_SERIAL_RE = re.compile(r"^[0-9a-f]{1,40}$")
 _REASON_RE = re.compile(r"^[a-z0-9_.:-]{1,64}$")
 
 PinsReady = Callable[[str], Awaitable[None]]
@@ -71,16 +74,11 @@ def _reason(value: object) -> str:
     return value if isinstance(value, str) and _REASON_RE.match(value) else "unspecified"
 
 
-def _refused(code: object) -> bool:
-    """A SUBACK return code of 0x80 (MQTT 3.1.1) or any reason code >= 0x80 (MQTT 5)."""
-    value = getattr(code, "value", code)
-    return not isinstance(value, int) or value >= 0x80
-
-
 def _serial(value: object) -> int:
-    if not isinstance(value, str) or not _SERIAL_RE.match(value):
-        raise FetchError("device_protocol_error", f"serial {value!r} is not a lowercase hex string")
-    return int(value, 16)
+    try:
+        return parse_serial(value)
+    except ValueError as exc:
+        raise FetchError("device_protocol_error", f"serial {value!r:.60} is not a lowercase hex string") from exc
 
 
 class MqttDeviceChannel:
@@ -117,7 +115,7 @@ class MqttDeviceChannel:
             granted = await self.client.subscribe(RESPONSE_FILTER, qos=1)
         except aiomqtt.MqttError as exc:
             raise FetchError("broker_refused", f"subscribe to {RESPONSE_FILTER} failed: {exc}") from exc
-        if any(_refused(code) for code in granted):
+        if any(suback_refused(code) for code in granted):
             raise ConfigError(f"the broker refused the subscription {RESPONSE_FILTER}",
                               hint="grant the gateway role 'subscribe devices/+/rotation/response' and "
                                    "'publish devices/+/rotation/request' in the ACL (docs/rotation.md)")

@@ -53,6 +53,7 @@ from edge_core.validation import (
     response_topic,
     sign_answer,
 )
+from edge_runtime.mqtt import suback_refused
 from gateway_agent.commanding import BrokerEndpoint
 
 __all__ = [
@@ -295,12 +296,6 @@ class ValidationService:
                     await client.publish(reply[0], reply[1], qos=1)
         finally:
             self._serving = False
-
-
-def suback_refused(code: object) -> bool:
-    """A SUBACK return code of 0x80 or more (paho reports MQTT 3.1.1 codes as ints or ReasonCodes)."""
-    value = getattr(code, "value", code)
-    return not isinstance(value, int) or value >= 0x80
 
 
 def _checked_id(value: str, what: str) -> str:
