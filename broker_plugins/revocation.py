@@ -11,6 +11,7 @@ certificate are cut. A file reload is all-or-nothing: one bad block refuses the 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -75,6 +76,8 @@ class RevocationState:
         self.issuers = list(issuers)
         self.index = RevocationIndex()
         self.issuer_names = [issuer_key(c.subject) for c in self.issuers]
+        #: SHA-256 of each CRL file's bytes as last read, so file watchers start from what was loaded
+        self.file_digests: dict[str, str] = {}
         self._alarmed: dict[str, str] = {}
 
     async def reload(self, now: datetime) -> RevocationIndex:
@@ -87,6 +90,7 @@ class RevocationState:
                 continue  # not installed yet: the staleness policy decides ("missing")
             except OSError as exc:
                 raise CredentialError("crl_unreadable", f"{path}: {exc.strerror}") from exc
+        self.file_digests = {name: hashlib.sha256(blob).hexdigest() for name, blob in blobs.items()}
         updates = await asyncio.to_thread(_accept_files, blobs, self.issuers, self.index.installed, now,
                                           self.settings.max_skew)
         return RevocationIndex.from_updates(updates)

@@ -151,7 +151,9 @@ class EdgeBroker:
             self._watch(s.commands.operators_path, self._reload_operators, self.runtime.commands.config.digest)
         if s.revocation is not None:
             for crl_file in s.revocation.crl_files:
-                self._watch(crl_file, self._reload_crl, "")
+                # start from the bytes already loaded: no second parse of a large CRL at start-up
+                self._watch(crl_file, self._reload_crl,
+                            self.runtime.revocation.file_digests.get(str(crl_file), ""))
             self._tasks.append(asyncio.create_task(self._freshness_loop(s.revocation.check_interval),
                                                    name="crl-freshness"))
         if s.status_bind is not None:

@@ -230,3 +230,28 @@ def test_agent_sync_to_broker_disconnect(
     assert targets[1].read_bytes() == targets[0].read_bytes()
     print(f"CRL publication to disconnect: {elapsed * 1000:.0f} ms")
     assert elapsed < 2.0
+
+
+def test_a_crl_is_parsed_once_at_start_up(
+    start_broker: StartBroker, pki: DevPki, ca: FileCA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 1,000,000-entry CRL takes over a second to load: the file watcher must not load it again."""
+    from broker_plugins.revocation import RevocationState
+
+    crl = tmp_path / "crl.pem"
+    publish_crl(ca, crl)
+    calls = []
+    original = RevocationState.reload
+
+    async def counting(self: RevocationState, now: object) -> object:
+        calls.append(now)
+        return await original(self, now)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(RevocationState, "reload", counting)
+    broker = start_broker(acl=write_acl(tmp_path), extra=revocation_settings(crl, pki))
+    broker.wait_event("crl.loaded")
+    time.sleep(0.5)  # several watcher polls (0.1 s) pass
+    assert len(calls) == 1
+    publish_crl(ca, crl)  # a real change is still picked up
+    broker.wait_event("crl.loaded", count=2)
+    assert len(calls) == 2
