@@ -122,16 +122,7 @@ def test_status_of_an_agent_that_is_not_running_fails_with_1(tmp_path: Path, ca:
     assert main(["status", "-c", str(write_config(tmp_path, ca, free_port()))]) == 1
 
 
-VALIDATION_ACL = """\
-version: 1
-roles:
-  gateway:
-    - allow subscribe gateway/validation/+/request
-    - allow publish gateway/validation/+/response
-  sensor:
-    - allow publish gateway/validation/{device}/request
-    - allow subscribe gateway/validation/{device}/response
-"""
+from tests.agent.test_validation_service import VALIDATION_ACL  # noqa: E402 - the same grants
 
 
 async def test_daemon_answers_mcu_validation_from_the_crl_it_installed(
