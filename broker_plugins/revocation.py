@@ -27,6 +27,7 @@ from edge_core.revocation import (
     RevocationIndex,
     StalenessPolicy,
     accept_crl,
+    is_newer,
     issuer_key,
     split_crl_bundle,
 )
@@ -59,13 +60,10 @@ def _accept_files(blobs: Mapping[str, bytes], issuers: Sequence[x509.Certificate
         for block in blocks:
             # installed=None for a full re-read; anti-rollback is checked against ``installed`` below
             update = accept_crl(block, issuers=issuers, installed=None, now=now, max_skew=max_skew)
-            previous = installed.get(update.issuer)
-            if previous is not None and update.installed.crl_number < previous.crl_number:
-                raise CredentialError(
-                    "crl_rollback",
-                    f"{name}: new CRL number {update.installed.crl_number} must be >= installed "
-                    f"{previous.crl_number} for {update.issuer}",
-                )
+            try:
+                is_newer(installed.get(update.issuer), update.installed.crl_number, update.installed.sha256)
+            except CredentialError as exc:
+                raise CredentialError(exc.reason, f"{name}: {exc}", hint=exc.hint) from exc
             updates.append(update)
     return updates
 

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from edge_core.errors import ConfigError, CredentialError
+from edge_core.names import name_key
 
 __all__ = [
     "CertInfo",
@@ -106,7 +107,7 @@ class CertInfo:
 
     identity: str
     serial: int
-    issuer: str
+    issuer: str  # the RFC 5280 comparison key of the issuer name (edge_core.names.name_key)
     spki_pin: str
     fingerprint: str
     not_before: datetime
@@ -127,7 +128,7 @@ def describe_certificate(der: bytes, policy: IdentityPolicy) -> CertInfo:
     return CertInfo(
         identity=identity,
         serial=cert.serial_number,
-        issuer=cert.issuer.rfc4514_string(),
+        issuer=name_key(cert.issuer),
         spki_pin=spki_pin(cert),
         fingerprint=hashlib.sha256(der).hexdigest(),
         not_before=cert.not_valid_before_utc,

@@ -54,6 +54,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from edge_core import strictjson
 from edge_core.clock import as_utc
+from edge_core.der import name_fields
 from edge_core.errors import CredentialError, EnvelopeError
 from edge_core.identity import check_identity
 from edge_core.revocation import InstalledCrl, RevocationIndex, StalenessPolicy, issuer_key
@@ -230,7 +231,7 @@ def issuer_hash_of_certificate(der: bytes) -> str:
     This is what firmware computes: it needs no X.509 parser beyond finding the fourth
     element of tbsCertificate. Raises ``ValueError`` on malformed DER.
     """
-    issuer, _ = _name_fields(der)
+    issuer, _ = name_fields(der)
     return hashlib.sha256(issuer).hexdigest()
 
 
@@ -253,54 +254,6 @@ def load_gateway_public_key(pem: bytes) -> ec.EllipticCurvePublicKey:
 
 def _serial_hex(serial: int) -> str:
     return f"{serial:x}"
-
-
-# --------------------------------------------------------------------------- DER fields
-
-
-class _Malformed(ValueError):
-    pass
-
-
-def _tlv(buf: bytes, pos: int, end: int) -> tuple[int, int, int]:
-    """One DER TLV at ``pos``: (tag, content start, content end). Definite lengths only."""
-    if pos + 2 > end:
-        raise _Malformed(f"truncated at offset {pos}")
-    tag, length = buf[pos], buf[pos + 1]
-    pos += 2
-    if length & 0x80:
-        n = length & 0x7F
-        if not 1 <= n <= 4 or pos + n > end:
-            raise _Malformed(f"bad length at offset {pos}")
-        length = int.from_bytes(buf[pos : pos + n], "big")
-        pos += n
-    if pos + length > end:
-        raise _Malformed(f"length past end at offset {pos}")
-    return tag, pos, pos + length
-
-
-def _name_fields(der: bytes) -> tuple[bytes, bytes]:
-    """The raw issuer and subject Name TLVs of a DER certificate (RFC 5280 4.1)."""
-    _, cs, ce = _tlv(der, 0, len(der))  # Certificate
-    tag, ts, te = _tlv(der, cs, ce)  # tbsCertificate
-    if tag != 0x30:
-        raise _Malformed("tbsCertificate is not a SEQUENCE")
-    pos = ts
-    tag, _, end = _tlv(der, pos, te)
-    if tag == 0xA0:  # [0] version
-        pos = end
-        tag, _, end = _tlv(der, pos, te)
-    pos = end  # past serialNumber
-    _, _, pos = _tlv(der, pos, te)  # signature AlgorithmIdentifier
-    tag, _, issuer_end = _tlv(der, pos, te)
-    if tag != 0x30:
-        raise _Malformed("issuer is not a SEQUENCE")
-    issuer = der[pos:issuer_end]
-    _, _, pos = _tlv(der, issuer_end, te)  # validity
-    tag, _, subject_end = _tlv(der, pos, te)
-    if tag != 0x30:
-        raise _Malformed("subject is not a SEQUENCE")
-    return issuer, der[pos:subject_end]
 
 
 # --------------------------------------------------------------------------- issuers
@@ -326,7 +279,7 @@ class IssuerSet:
             der = ca.public_bytes(serialization.Encoding.DER)
             # The raw subject bytes are what device certificates carry; the re-encoded
             # form is added in case a CA's encoding differs (both name the same CA).
-            hashes_ = {hashlib.sha256(_name_fields(der)[1]).hexdigest(), issuer_hash(ca.subject)}
+            hashes_ = {hashlib.sha256(name_fields(der)[1]).hexdigest(), issuer_hash(ca.subject)}
             for value in hashes_:
                 by_hash.setdefault(value, []).append(ca)
         return cls({k: tuple(v) for k, v in by_hash.items()})
@@ -425,7 +378,7 @@ def _parse_cert(value: object, nonce: str, refuse: Callable[[str, str], NoReturn
     try:
         cert = x509.load_der_x509_certificate(der)
         serial = cert.serial_number
-        issuer_raw, _ = _name_fields(der)
+        issuer_raw, _ = name_fields(der)
     except ValueError as exc:
         refuse("bad_cert", f"cert is not a DER X.509 certificate: {str(exc)[:80]}")
     if serial <= 0:

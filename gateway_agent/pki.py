@@ -165,8 +165,13 @@ def issue_leaf(
     server_names: Iterable[str] = (),
     client: bool = True,
     serial: int | None = None,
+    issuer_name: x509.Name | None = None,
 ) -> Issued:
-    """Issue an end-entity certificate. Without ``public_key`` a fresh key is generated."""
+    """Issue an end-entity certificate. Without ``public_key`` a fresh key is generated.
+
+    ``issuer_name`` overrides the issuer field (default: the CA's subject, byte for byte);
+    tests use it for an issuer spelled in another letter case, as some CAs encode it.
+    """
     key = None
     if public_key is None:
         key = new_key()
@@ -184,7 +189,7 @@ def issue_leaf(
     builder = (
         x509.CertificateBuilder()
         .subject_name(_name(identity))
-        .issuer_name(ca.cert.subject)
+        .issuer_name(issuer_name if issuer_name is not None else ca.cert.subject)
         .public_key(public_key)
         .serial_number(serial if serial is not None else x509.random_serial_number())
         .not_valid_before(start)
