@@ -22,8 +22,8 @@ Acceptance rules (``accept_crl``), each with a stable reason code:
 
 The same CRL again is not an error: ``CrlUpdate.changed`` is False and the installed
 CRL stays (``is_newer`` is the rule, for every caller). An expired CRL (nextUpdate in
-the past) is still accepted if it is newer than the installed one, because it carries strictly more information; whether devices
-may connect under a stale CRL is decided separately by ``StalenessPolicy``.
+the past) is still accepted if it is newer than the installed one, because it carries
+strictly more information; whether devices may connect under a stale CRL is decided separately by ``StalenessPolicy``.
 
 Large CRLs. cryptography's CRL object holds the GIL while it parses, re-encodes or
 verifies (about 0.8 s for one million entries), which would freeze an event loop even
