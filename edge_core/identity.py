@@ -22,6 +22,7 @@ from typing import Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import NameOID
 
 from edge_core.errors import ConfigError, CredentialError
@@ -33,6 +34,7 @@ __all__ = [
     "check_identity",
     "describe_certificate",
     "spki_pin",
+    "spki_pin_of_key",
 ]
 
 _IDENTITY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
@@ -55,12 +57,15 @@ def check_identity(value: str) -> str:
     return value
 
 
-def spki_pin(cert: x509.Certificate) -> str:
-    """The pin of a certificate: ``sha256:`` and the hex SHA-256 of its SubjectPublicKeyInfo (DER)."""
-    spki = cert.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+def spki_pin_of_key(public_key: CertificatePublicKeyTypes) -> str:
+    """The one pin function: ``sha256:`` and the hex SHA-256 of the SubjectPublicKeyInfo (DER)."""
+    spki = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return "sha256:" + hashlib.sha256(spki).hexdigest()
+
+
+def spki_pin(cert: x509.Certificate | x509.CertificateSigningRequest) -> str:
+    """The pin of a certificate (or of the key a CSR asks to certify)."""
+    return spki_pin_of_key(cert.public_key())
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import json
 import os
 import urllib.request
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from edge_core.registry import parse_registry
 from edge_core.validation import REQUEST_FILTER
 from edge_runtime.mqtt import suback_refused
 from gateway_agent.commanding import BrokerEndpoint
-from gateway_agent.inventory import SqliteInventory, import_from_registry, write_registry
+from gateway_agent.inventory import ImportReport, SqliteInventory, import_from_registry, write_registry
 from gateway_agent.pki import FileCA
 from gateway_agent.renewal import FileCABackend, RenewalOrchestrator, ScanReport
 from gateway_agent.rotation_channel import MqttDeviceChannel
@@ -69,9 +70,14 @@ class LifecycleRunner:
         self._expected_digest: str | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         if self.inventory.count() == 0:
-            report = import_from_registry(self.inventory, settings.registry, settings.ca_dir / "devices",
-                                          now=clock.now())
+            report = self._reconcile(clock.now())
             events.emit("lifecycle.imported", enrolled=len(report.enrolled), skipped=len(report.skipped))
+
+    def _reconcile(self, now: datetime) -> ImportReport:
+        """Enrol registry devices the inventory lacks, from the CA's ledger and ``devices/`` (every scan)."""
+        ca = FileCA(self.settings.ca_dir)
+        return import_from_registry(self.inventory, self.settings.registry, [ca.issued_dir, ca.dir / "devices"],
+                                    now=now, overlap=self.settings.policy.overlap)
 
     # -- pins: the inventory feeds the broker's registry -------------------------------
 
@@ -99,9 +105,9 @@ class LifecycleRunner:
     async def run(self, channel: MqttDeviceChannel) -> None:
         ca = FileCA(self.settings.ca_dir)
         orchestrator = RenewalOrchestrator(
-            self.inventory, channel, FileCABackend(ca, clock=ca.clock), clock=self.clock, events=self.events,
-            policy=self.settings.policy, concurrency=self.settings.concurrency,
-            lifetime=self.settings.lifetime, on_pins_changed=self._pins_changed,
+            self.inventory, channel, FileCABackend(ca, clock=ca.clock, registry=self.settings.registry),
+            clock=self.clock, events=self.events, policy=self.settings.policy, concurrency=self.settings.concurrency,
+            lifetime=self.settings.lifetime, on_pins_changed=self._pins_changed, reconcile=self._reconcile,
         )
         channel.pins_ready = self._pins_ready
         next_scan = self.clock.now()
@@ -112,6 +118,7 @@ class LifecycleRunner:
                 next_scan = now + self.settings.scan_interval
             else:
                 await orchestrator.end_due_overlaps(now)
+                await orchestrator.retry_forced(now)
             for request in sorted(self.spool.glob("*")) if self.spool.is_dir() else []:
                 if request.name.startswith("."):
                     continue

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -51,6 +51,7 @@ from edge_core.lifecycle import (
     Step,
     Transition,
     enroll,
+    revoke_certificate,
 )
 from edge_core.registry import DeviceEntry, Registry, dump_registry, parse_registry
 from gateway_agent.pki import load_cert
@@ -61,13 +62,18 @@ __all__ = [
     "ImportReport",
     "Inventory",
     "SqliteInventory",
+    "apply_revocations",
     "export_registry",
     "import_from_registry",
     "iter_chunks",
     "write_registry",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Statements that bring an older schema to ``SCHEMA_VERSION`` (portable SQL), by the version they leave.
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    2: ("ALTER TABLE devices ADD COLUMN renew_forced INTEGER NOT NULL DEFAULT 0",),
+}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS inventory_meta (
@@ -99,6 +105,7 @@ CREATE TABLE IF NOT EXISTS devices (
     overlap_until          VARCHAR(32),
     last_error             VARCHAR(512),
     version                INTEGER      NOT NULL,
+    renew_forced           INTEGER      NOT NULL DEFAULT 0,
     CHECK (attempts >= 0),
     CHECK (version >= 1)
 );
@@ -140,7 +147,7 @@ _DEVICE_COLUMNS = (
     ["device_id"]
     + [f"{slot}_{part}" for slot in _SLOTS for part in ("serial", "pin", "not_before", "not_after", "state")]
     + ["renewal_state", "renewal_since", "attempts", "next_attempt_at", "overlap_until", "last_error",
-       "version"]
+       "version", "renew_forced"]
 )
 _SELECT_DEVICE = f"SELECT {', '.join(_DEVICE_COLUMNS)} FROM devices"  # noqa: S608 - fixed column list
 
@@ -186,6 +193,10 @@ class Inventory(Protocol):
     def overlap_due(self, now: datetime) -> list[DeviceLifecycle]: ...
 
     def in_progress(self) -> list[DeviceLifecycle]: ...
+
+    def forced_pending(self) -> list[DeviceLifecycle]:
+        """Devices with an operator's renewal that failed and waits for its retry."""
+        ...
 
     def history(self, device_id: str) -> list[Transition]: ...
 
@@ -238,7 +249,7 @@ def _device_from(row: Sequence[Any]) -> DeviceLifecycle:
         device_id=row[0], current=current, candidate=_cert_from(row, 6), retiring=_cert_from(row, 11),
         renewal=RenewalState(row[16]), renewal_since=_opt_dt(row[17]), attempts=row[18],
         next_attempt_at=_opt_dt(row[19]), overlap_until=_opt_dt(row[20]), last_error=row[21],
-        version=row[22],
+        version=row[22], forced=bool(row[23]),
     )
 
 
@@ -255,6 +266,7 @@ def _device_values(device: DeviceLifecycle, version: int) -> list[Any]:
         _opt_ts(device.overlap_until),
         device.last_error,
         version,
+        1 if device.forced else 0,
     ]
 
 
@@ -279,6 +291,16 @@ class SqliteInventory:
         self._db.execute("PRAGMA journal_mode = WAL")
         self._db.execute("PRAGMA synchronous = NORMAL")
         with self._tx():
+            existing = self._db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'inventory_meta'").fetchone()
+            found = None if existing is None else self._db.execute(
+                "SELECT value FROM inventory_meta WHERE name = 'schema_version'").fetchone()
+            if found is not None and found[0].isdigit() and int(found[0]) < SCHEMA_VERSION:
+                for version in range(int(found[0]) + 1, SCHEMA_VERSION + 1):
+                    for statement in MIGRATIONS.get(version, ()):
+                        self._db.execute(statement)
+                self._db.execute("UPDATE inventory_meta SET value = ? WHERE name = 'schema_version'",
+                                 (str(SCHEMA_VERSION),))
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     self._db.execute(statement)
@@ -359,6 +381,12 @@ class SqliteInventory:
         marks = ", ".join("?" * len(states))
         rows = self._db.execute(f"{_SELECT_DEVICE} WHERE renewal_state IN ({marks}) ORDER BY device_id",
                                 states)
+        return [_device_from(row) for row in rows]
+
+    def forced_pending(self) -> list[DeviceLifecycle]:
+        rows = self._db.execute(f"{_SELECT_DEVICE} WHERE renew_forced = 1 AND renewal_state IN (?, ?) "
+                                "ORDER BY next_attempt_at, device_id",
+                                (RenewalState.FAILED.value, RenewalState.ROLLED_BACK.value))
         return [_device_from(row) for row in rows]
 
     def history(self, device_id: str) -> list[Transition]:
@@ -500,28 +528,46 @@ class ImportReport:
     skipped: tuple[tuple[str, str], ...] = field(default=())  # (file or device, why)
 
 
+def _cert_files(sources: Path | str | Sequence[Path | str]) -> list[Path]:
+    paths = [sources] if isinstance(sources, str | Path) else list(sources)
+    found: list[Path] = []
+    for source in map(Path, paths):
+        if source.is_dir():
+            found.extend(sorted(source.glob("*.crt")) + sorted(source.glob("*.pem")))
+        elif source.is_file():
+            found.append(source)
+    return found
+
+
 def import_from_registry(
     inventory: Inventory,
     registry_path: Path | str,
-    certs_dir: Path | str,
+    certs: Path | str | Sequence[Path | str],
     *,
     now: datetime,
     identity_policy: IdentityPolicy | None = None,
+    overlap: timedelta = timedelta(days=7),
 ) -> ImportReport:
-    """Bootstrap the inventory from the dev PKI layout (``devices/*.crt`` + ``registry.yaml``).
+    """Enrol every registry device that the inventory does not know yet, from certificate files.
 
-    A certificate is enrolled only if its identity is in the registry and its pin is one of the
-    device's registered pins; otherwise it is skipped with the reason. Devices already in the
-    inventory with the same certificate are left alone, so the import can run again.
+    ``certs`` is a directory (``devices/*.crt``, the CA's ``issued/`` ledger), a file, or several.
+    A certificate counts only if its identity is in the registry and its pin is one of the
+    device's registered pins; the others are skipped with the reason. A device may hold
+    several (mid-rotation): the newest becomes current, the one before it stays pinned as
+    retiring for ``overlap``, so no registered pin is lost on the agent's first registry write.
+    Devices already in the inventory are left alone, so this runs on every scan (reconcile).
+    Registry devices with no usable certificate are reported as ``no_certificate``.
     """
     policy = identity_policy or IdentityPolicy()
+    now = as_utc(now)
     reg_path = Path(registry_path)
     registry = parse_registry(reg_path.read_bytes(), source=str(reg_path))
     enrolled: list[str] = []
     unchanged: list[str] = []
     skipped: list[tuple[str, str]] = []
-    steps: list[Step] = []
-    for crt in sorted(Path(certs_dir).glob("*.crt")):
+    by_device: dict[str, dict[int, tuple[CertRef, str]]] = {}
+    unpinned: set[str] = set()
+    for crt in _cert_files(certs):
         try:
             cert = load_cert(crt)
             identity = policy.extract(cert)
@@ -529,25 +575,59 @@ def import_from_registry(
             skipped.append((crt.name, exc.reason))
             continue
         entry = registry.get(identity)
-        ref = CertRef.from_certificate(cert, CertState.ACTIVE)
         if entry is None:
             skipped.append((identity, "not_in_registry"))
             continue
+        ref = CertRef.from_certificate(cert, CertState.ACTIVE)
         if not entry.pinned(ref.pin):
-            skipped.append((identity, "pin_not_registered"))
+            unpinned.add(identity)  # an older certificate of the device, or not yet registered
             continue
+        by_device.setdefault(identity, {})[ref.serial] = (ref, crt.name)
+    steps: list[Step] = []
+    for identity in sorted(registry.devices):
+        held = by_device.get(identity)
         existing = inventory.get(identity)
         if existing is not None:
-            held = (existing.current, existing.candidate, existing.retiring)
-            if ref.serial in {c.serial for c in held if c is not None}:
-                unchanged.append(identity)
-            else:
-                skipped.append((identity, "inventory_holds_other_cert"))
+            unchanged.append(identity)
             continue
-        steps.append(enroll(identity, ref, now=now, cause=f"import:{crt.name}"))
+        if not held:
+            if registry.devices[identity].enabled:
+                skipped.append((identity, "pin_not_registered" if identity in unpinned else "no_certificate"))
+            continue
+        newest = sorted(held.values(), key=lambda item: (item[0].not_before, item[0].serial), reverse=True)
+        current, name = newest[0]
+        if now >= current.not_after:
+            current = replace(current, state=CertState.EXPIRED)
+        retiring = newest[1][0] if len(newest) > 1 else None
+        steps.append(enroll(identity, current, now=now, cause=f"import:{name}", retiring=retiring,
+                            overlap_until=None if retiring is None else now + overlap))
         enrolled.append(identity)
+        skipped.extend((identity, "too_many_certificates") for _ in newest[2:])
     inventory.apply_many(steps)
     return ImportReport(tuple(enrolled), tuple(unchanged), tuple(skipped))
+
+
+def apply_revocations(inventory: Inventory, revoked: Mapping[int, str], *, now: datetime) -> list[str]:
+    """Record the CA's revocations (serial -> cause) in the inventory; returns the devices changed.
+
+    Fed by the CA's revocation store and by every accepted CRL, so a device revoked at the
+    CA is REVOKED here too: it leaves ``certs expiring`` and is never renewed again.
+    """
+    changed: list[str] = []
+    if not revoked:
+        return changed
+    for found in list(inventory.devices()):
+        device: DeviceLifecycle | None = found
+        while device is not None:
+            hit = next((c for c in (device.current, device.candidate, device.retiring)
+                        if c is not None and c.state is not CertState.REVOKED and c.serial in revoked), None)
+            if hit is None:
+                break
+            step = revoke_certificate(device, hit.serial, now=now, cause=f"ca_revoked:{revoked[hit.serial]}")
+            device = inventory.apply(step) if step.transitions else None
+            if device is not None and device.device_id not in changed:
+                changed.append(device.device_id)
+    return changed
 
 
 def iter_chunks(items: Iterable[Step], size: int) -> Iterator[list[Step]]:
