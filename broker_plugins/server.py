@@ -28,6 +28,7 @@ from broker_plugins.tls import server_context
 from edge_core.acl import Policy, parse_policy
 from edge_core.admission import still_admitted
 from edge_core.clock import Clock, SystemClock
+from edge_core.command_config import check_command_configuration
 from edge_core.errors import ConfigError, CredentialError
 from edge_core.events import SecurityEvents
 from edge_core.operators import OperatorConfig, parse_operators
@@ -111,6 +112,12 @@ class EdgeBroker:
         else:
             self.events.emit("broker.no_acl", "not_configured", level="warning",
                              detail="no 'acl:' file configured: every publish and subscribe is denied")
+        check_command_configuration(self.runtime.acl if isinstance(self.runtime.acl, Policy) else None,
+                                    commands_configured=s.commands is not None, disabled=s.commands_disabled,
+                                    source=s.source)
+        if s.commands_disabled:
+            self.events.emit("broker.commands_disabled", "unverified_commands", level="warning",
+                             detail="'commands: disabled': command topics are forwarded without verification")
         if s.commands is not None:
             operators = self._parse_operators(read_config_file(s.commands.operators_path, "operators file"))
             self.runtime.commands = CommandState.start(operators, capacity=s.commands.replay_capacity,

@@ -79,6 +79,8 @@ class BrokerSettings:
     cert_test_bind: tuple[str, int] | None = None
     event_loop: str = "uvloop"
     commands: CommandSettings | None = None
+    #: ``commands: disabled``: command topics are forwarded unverified, on the operator's word
+    commands_disabled: bool = False
     revocation: RevocationSettings | None = None
     source: str = "<settings>"
 
@@ -177,7 +179,14 @@ def parse_settings(text: str | bytes, *, source: str, base_dir: Path) -> BrokerS
         tsec.done()
 
     commands = None
-    csec = top.sub("commands")
+    commands_disabled = top.data.get("commands") == "disabled"
+    csec = None
+    if commands_disabled:
+        top.take("commands", str)
+    elif isinstance(top.data.get("commands"), str):
+        raise top.error("commands", "'commands' is a section (operators: ...) or the word 'disabled'")
+    else:
+        csec = top.sub("commands")
     if csec is not None:
         commands = CommandSettings(
             operators_path=path_of(csec, "operators"),
@@ -221,6 +230,7 @@ def parse_settings(text: str | bytes, *, source: str, base_dir: Path) -> BrokerS
         cert_test_bind=cert_test_bind,
         event_loop=event_loop,
         commands=commands,
+        commands_disabled=commands_disabled,
         revocation=revocation,
         source=source,
     )
