@@ -52,4 +52,4 @@ def test_commands_disabled_starts_and_says_so(tmp_path: Path, pki: DevPki, regis
 
 def test_commands_must_be_a_section_or_disabled(tmp_path: Path, pki: DevPki, registry_file: Path) -> None:
     with pytest.raises(ConfigError, match="'commands' is a section"):
-        load_settings(_settings(tmp_path, pki, registry_file, "commands: off\n"))
+        load_settings(_settings(tmp_path, pki, registry_file, "commands: skip\n"))
