@@ -1,3 +1,4 @@
+# ruff: noqa: F811 - pytest fixtures imported from test_commands are parameters here
 """A will that carries a signed command is verified once, when it fires.
 
 It used to be verified at CONNECT too, which recorded its nonce as seen, so the broker
