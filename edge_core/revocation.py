@@ -18,6 +18,7 @@ Acceptance rules (``accept_crl``), each with a stable reason code:
 ``crl_from_future``                 thisUpdate later than now + allowed clock skew
 ``crl_rollback``                    CRL Number lower than the installed one
 ``crl_equivocation``                CRL Number equal to the installed one, other content
+``crl_unsupported_algorithm``       signed with DSA (TLS 1.3 has none; we verify none)
 ==================================  ====================================================
 
 The same CRL again is not an error: ``CrlUpdate.changed`` is False and the installed
@@ -49,7 +50,7 @@ from typing import Any, Literal
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.x509.oid import ExtensionOID
 
@@ -91,6 +92,7 @@ REASONS = (
     "crl_from_future",
     "crl_rollback",
     "crl_equivocation",
+    "crl_unsupported_algorithm",
 )
 
 DEFAULT_MAX_SKEW = timedelta(minutes=5)
@@ -440,6 +442,8 @@ class CrlUpdate:
     der: bytes = field(repr=False)
     revoked: RevokedSerials | None = field(default=None, repr=False)
     previous_number: int | None = None
+    #: the certificate whose key verified the CRL (a separate CRL key, or the CA itself)
+    signer: x509.Certificate | None = field(default=None, repr=False, compare=False)
 
     @property
     def issuer(self) -> str:
@@ -573,7 +577,11 @@ def accept_crl(
     signers = [ca for ca in candidates if _may_sign_crls(ca)]
     if not signers:
         raise _refuse("crl_unknown_issuer", f"configured CA {shown!r} has no cRLSign key usage")
-    if not any(_verify_signature(der, split, crl, ca) for ca in signers):
+    signer = next((ca for ca in signers if _verify_signature(der, split, crl, ca)), None)
+    if signer is None:
+        if all(isinstance(ca.public_key(), dsa.DSAPublicKey) for ca in signers):
+            raise _refuse("crl_unsupported_algorithm",
+                          f"CRL of {shown!r} is signed with DSA, which this gateway does not support")
         raise _refuse("crl_bad_signature", f"CRL signature does not verify under the key of CA {shown!r}")
 
     try:
@@ -606,7 +614,7 @@ def accept_crl(
     record = InstalledCrl(issuer=issuer, crl_number=number, this_update=this_update,
                           next_update=next_update, sha256=digest, count=count)
     return CrlUpdate(changed=True, installed=record, der=der, revoked=serials,
-                     previous_number=current.crl_number if current is not None else None)
+                     previous_number=current.crl_number if current is not None else None, signer=signer)
 
 
 # --------------------------------------------------------------------------- the index
@@ -624,10 +632,14 @@ class RevocationIndex:
 
     by_issuer: Mapping[str, RevokedSerials] = field(default_factory=lambda: MappingProxyType({}))
     installed: Mapping[str, InstalledCrl] = field(default_factory=lambda: MappingProxyType({}))
+    #: who signed the CRL in force, per issuer (path validation checks a separate CRL signer)
+    signers: Mapping[str, x509.Certificate] = field(default_factory=lambda: MappingProxyType({}),
+                                                    compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "by_issuer", MappingProxyType(dict(self.by_issuer)))
         object.__setattr__(self, "installed", MappingProxyType(dict(self.installed)))
+        object.__setattr__(self, "signers", MappingProxyType(dict(self.signers)))
 
     def is_revoked(self, issuer: str, serial: int) -> bool:
         serials = self.by_issuer.get(issuer)
@@ -646,7 +658,12 @@ class RevocationIndex:
         by_issuer[update.issuer] = update.revoked
         installed = dict(self.installed)
         installed[update.issuer] = update.installed
-        return RevocationIndex(by_issuer, installed)
+        signers = dict(self.signers)
+        if update.signer is not None:
+            signers[update.issuer] = update.signer
+        else:
+            signers.pop(update.issuer, None)
+        return RevocationIndex(by_issuer, installed, signers)
 
     @classmethod
     def from_updates(cls, updates: Iterable[CrlUpdate]) -> RevocationIndex:
