@@ -273,7 +273,7 @@ def test_pkits_score_matches_or_beats_openssl(tmp_path: Path) -> None:
         scores["broker"] += broker_path(c) is c.expected_valid
         scores["mcu"] += mcu_path(c) is c.expected_valid
         scores["openssl"] += openssl_path(c, tmp_path) is c.expected_valid
-    print(f"PKITS 4.1-4.4 (46 cases): broker {scores['broker']}/46, MCU {scores['mcu']}/46, "  # noqa: T201
+    print(f"PKITS 4.1-4.4 (46 cases): broker {scores['broker']}/46, MCU {scores['mcu']}/46, "
           f"openssl verify -crl_check_all {scores['openssl']}/46")
     assert scores["broker"] >= scores["openssl"]
     assert scores["mcu"] >= scores["openssl"]
