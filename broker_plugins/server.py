@@ -297,12 +297,10 @@ class EdgeBroker:
             admitted = admitted_of(session)
             if admitted is None or session.client_id is None:
                 continue
-            cert = admitted.cert
-            if state.index.is_revoked(cert.issuer, cert.serial):
-                await self.broker.cut_session(session.client_id, "revoked", serial=f"{cert.serial:x}")
-                cut += 1
-            elif not state.freshness(cert.issuer, now).admit:
-                await self.broker.cut_session(session.client_id, "crl_stale", drop_state=False)
+            reason = state.verdict(admitted, now)
+            if reason is not None:
+                await self.broker.cut_session(session.client_id, reason, serial=f"{admitted.cert.serial:x}",
+                                              drop_state=reason != "crl_stale")
                 cut += 1
         return cut
 

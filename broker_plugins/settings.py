@@ -209,7 +209,8 @@ def parse_settings(text: str | bytes, *, source: str, base_dir: Path) -> BrokerS
             raise rsec.error("check_interval", "revocation: max_skew >= 0 and check_interval 0.1 .. 3600 s")
         rsec.done()
         revocation = RevocationSettings(crl_files=files, issuers=issuers, staleness=staleness,
-                                        max_skew=timedelta(seconds=max_skew), check_interval=check_interval)
+                                        max_skew=timedelta(seconds=max_skew), check_interval=check_interval,
+                                        trust_bundle=listener.client_ca)
 
     reload_interval = top.take("reload_interval", float, 0.5)
     if not 0.05 <= reload_interval <= 2.0:

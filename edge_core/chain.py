@@ -33,7 +33,17 @@ from edge_core.errors import CredentialError
 from edge_core.names import name_key, names_match
 from edge_core.revocation import RevocationIndex, StalenessPolicy
 
-__all__ = ["MAX_PATH", "PATH_REASONS", "PathRefused", "TrustStore", "ValidPath", "signed_by", "validate_path"]
+__all__ = [
+    "MAX_PATH",
+    "PATH_REASONS",
+    "PathRefused",
+    "TrustStore",
+    "ValidPath",
+    "build_path",
+    "check_revocation",
+    "signed_by",
+    "validate_path",
+]
 
 MAX_PATH = 8
 
@@ -221,9 +231,33 @@ def validate_path(
 ) -> ValidPath:
     """Validate ``cert`` up to a trust anchor, revocation included; return the path or raise ``PathRefused``."""
     now = as_utc(now)
+    path = build_path(cert, trust=trust, now=now)
+    check_revocation(path, trust=trust, index=index, now=now, staleness=staleness, _signers_seen=_signers_seen)
+    return path
+
+
+def build_path(cert: x509.Certificate, *, trust: TrustStore, now: datetime) -> ValidPath:
+    """The path to a trust anchor with names, signatures, validity and CA flags checked (no revocation)."""
+    return ValidPath(tuple(_build(cert, trust, as_utc(now))))
+
+
+def check_revocation(
+    path: ValidPath,
+    *,
+    trust: TrustStore,
+    index: RevocationIndex,
+    now: datetime,
+    staleness: StalenessPolicy | None = None,
+    _signers_seen: Sequence[bytes] = (),
+) -> None:
+    """Revocation and CRL freshness of every certificate on a built path; raises ``PathRefused``.
+
+    Cheap (no signature checks on the path itself), so a broker can re-run it for every
+    live session whenever a new CRL lands.
+    """
+    now = as_utc(now)
     policy = staleness or StalenessPolicy()
-    path = _build(cert, trust, now)
-    for depth, (subject, issuer) in enumerate(itertools.pairwise(path)):
+    for depth, (subject, issuer) in enumerate(itertools.pairwise(path.certificates)):
         key = name_key(issuer.subject)
         if trust.crl_issuers and key not in trust.crl_issuers:
             continue
@@ -250,4 +284,3 @@ def validate_path(
                 raise PathRefused("path_crl_signer_invalid",
                                   f"the CRL of {issuer.subject.rfc4514_string()} is signed by a certificate that "
                                   f"does not validate ({exc.reason}: {exc})", depth=depth) from exc
-    return ValidPath(tuple(path))

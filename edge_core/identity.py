@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
@@ -117,6 +117,8 @@ class CertInfo:
     fingerprint: str
     not_before: datetime
     not_after: datetime
+    #: the parsed certificate, for path checks (revocation of its CAs); not compared
+    certificate: x509.Certificate | None = field(default=None, repr=False, compare=False)
 
     @property
     def short_fingerprint(self) -> str:
@@ -138,4 +140,5 @@ def describe_certificate(der: bytes, policy: IdentityPolicy) -> CertInfo:
         fingerprint=hashlib.sha256(der).hexdigest(),
         not_before=cert.not_valid_before_utc,
         not_after=cert.not_valid_after_utc,
+        certificate=cert,
     )
