@@ -54,6 +54,7 @@ from edge_core.lifecycle import (
     revoke_certificate,
 )
 from edge_core.registry import DeviceEntry, Registry, dump_registry, parse_registry
+from edge_core.registry_edit import apply_entries
 from gateway_agent.pki import load_cert
 
 __all__ = [
@@ -513,7 +514,13 @@ def write_registry(inventory: Inventory, base: Registry, path: Path | str) -> Re
     Returns the registry as written, with the digest ``parse_registry`` will compute for the file.
     """
     registry = export_registry(inventory, base)
-    text = dump_registry(registry)
+    target = Path(path)
+    try:
+        current = target.read_text("utf-8")
+    except FileNotFoundError:
+        current = ""
+    # Round-trip: only the pins and enabled flags the inventory decides change; comments stay.
+    text = apply_entries(current, registry.devices, source=str(target)) if current else dump_registry(registry)
     atomic_write_text(path, text)
     return replace(registry, source=str(path), digest=hashlib.sha256(text.encode("utf-8")).hexdigest())
 
