@@ -13,7 +13,7 @@ from cryptography import x509
 from edge_core.clock import ManualClock
 from edge_core.errors import ConfigError, CredentialError
 from edge_core.revocation import accept_crl
-from gateway_agent import cli_crl
+from gateway_agent import cli_pki
 from gateway_agent.crl_issue import RevocationStore, crl_path, issue_crl, revoke, revoke_device
 from gateway_agent.pki import FileCA, init_dev, load_cert
 
@@ -124,8 +124,10 @@ def test_issue_without_ca_explains(tmp_path: Path) -> None:
 
 def _pki_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser()
-    cli_crl.add_pki_verbs(parser.add_subparsers(dest="verb", required=True))
-    return parser
+    cli_pki.add_parser(parser.add_subparsers(dest="group", required=True))
+    sub = parser._subparsers._group_actions[0].choices["pki"]  # type: ignore[union-attr]
+    assert isinstance(sub, argparse.ArgumentParser)
+    return sub
 
 
 def test_pki_verbs_revoke_and_crl(ca: FileCA, capsys: pytest.CaptureFixture[str]) -> None:
