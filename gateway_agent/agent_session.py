@@ -31,7 +31,7 @@ from edge_core.registry import parse_registry
 from edge_core.validation import REQUEST_FILTER
 from edge_runtime.mqtt import suback_refused
 from gateway_agent.commanding import BrokerEndpoint
-from gateway_agent.inventory import ImportReport, SqliteInventory, import_from_registry, write_registry
+from gateway_agent.inventory import ImportReport, Reconciler, SqliteInventory, write_registry
 from gateway_agent.pki import FileCA
 from gateway_agent.renewal import FileCABackend, RenewalOrchestrator, ScanReport
 from gateway_agent.rotation_channel import MqttDeviceChannel
@@ -69,15 +69,16 @@ class LifecycleRunner:
         self.last_scan: ScanReport | None = None
         self._expected_digest: str | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        ca = FileCA(settings.ca_dir)
+        self._reconciler = Reconciler(self.inventory, settings.registry, [ca.issued_dir, ca.dir / "devices"],
+                                      overlap=settings.policy.overlap)
         if self.inventory.count() == 0:
             report = self._reconcile(clock.now())
             events.emit("lifecycle.imported", enrolled=len(report.enrolled), skipped=len(report.skipped))
 
     def _reconcile(self, now: datetime) -> ImportReport:
         """Enrol registry devices the inventory lacks, from the CA's ledger and ``devices/`` (every scan)."""
-        ca = FileCA(self.settings.ca_dir)
-        return import_from_registry(self.inventory, self.settings.registry, [ca.issued_dir, ca.dir / "devices"],
-                                    now=now, overlap=self.settings.policy.overlap)
+        return self._reconciler(now)
 
     # -- pins: the inventory feeds the broker's registry -------------------------------
 

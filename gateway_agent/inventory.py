@@ -62,6 +62,7 @@ __all__ = [
     "CertRecord",
     "ImportReport",
     "Inventory",
+    "Reconciler",
     "SqliteInventory",
     "apply_revocations",
     "export_registry",
@@ -519,8 +520,14 @@ def write_registry(inventory: Inventory, base: Registry, path: Path | str) -> Re
         current = target.read_text("utf-8")
     except FileNotFoundError:
         current = ""
-    # Round-trip: only the pins and enabled flags the inventory decides change; comments stay.
-    text = apply_entries(current, registry.devices, source=str(target)) if current else dump_registry(registry)
+    if current:
+        # Round-trip: only the entries whose pins or enabled flag changed are touched; comments stay.
+        changed = {d: e for d, e in registry.devices.items() if base.devices.get(d) != e}
+        if not changed and base.digest == hashlib.sha256(current.encode("utf-8")).hexdigest():
+            return replace(registry, source=str(path), digest=base.digest)
+        text = apply_entries(current, changed, source=str(target))
+    else:
+        text = dump_registry(registry)
     atomic_write_text(path, text)
     return replace(registry, source=str(path), digest=hashlib.sha256(text.encode("utf-8")).hexdigest())
 
@@ -574,6 +581,9 @@ def import_from_registry(
     skipped: list[tuple[str, str]] = []
     by_device: dict[str, dict[int, tuple[CertRef, str]]] = {}
     unpinned: set[str] = set()
+    missing = {d for d in registry.devices if inventory.get(d) is None}
+    if not missing:  # the common case on a daily reconcile: nothing to read
+        return ImportReport((), tuple(sorted(registry.devices)), ())
     for crt in _cert_files(certs):
         try:
             cert = load_cert(crt)
@@ -612,6 +622,29 @@ def import_from_registry(
         skipped.extend((identity, "too_many_certificates") for _ in newest[2:])
     inventory.apply_many(steps)
     return ImportReport(tuple(enrolled), tuple(unchanged), tuple(skipped))
+
+
+class Reconciler:
+    """``import_from_registry`` on every scan, skipped while neither the registry nor the
+    certificate files changed (registry clients without a certificate here, such as
+    operators, would otherwise make every scan read every certificate again)."""
+
+    def __init__(self, inventory: Inventory, registry_path: Path, certs: Sequence[Path], *,
+                 overlap: timedelta = timedelta(days=7)) -> None:
+        self.inventory = inventory
+        self.registry_path = Path(registry_path)
+        self.certs = [Path(p) for p in certs]
+        self.overlap = overlap
+        self._seen: tuple[str, tuple[str, ...]] | None = None
+
+    def __call__(self, now: datetime) -> ImportReport:
+        files = tuple(sorted(str(p) for p in _cert_files(self.certs)))
+        key = (hashlib.sha256(self.registry_path.read_bytes()).hexdigest(), files)
+        if key == self._seen:
+            return ImportReport()
+        report = import_from_registry(self.inventory, self.registry_path, self.certs, now=now, overlap=self.overlap)
+        self._seen = key
+        return report
 
 
 def apply_revocations(inventory: Inventory, revoked: Mapping[int, str], *, now: datetime) -> list[str]:
