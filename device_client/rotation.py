@@ -685,6 +685,10 @@ class DeviceRotation:
                     self._report = None
                     await self._answer(client, request_id, {"type": "switched", "serial_in_use": serial_hex(serial)})
                     self.events.emit("rotation.switched", device=self.device_id, serial_in_use=serial_hex(serial))
+                # Tell the agent we are here: a renewal that waited for us (offline, backoff) runs now.
+                online = {"v": PROTOCOL_VERSION, "id": f"online-{secrets.token_hex(8)}", "type": "online",
+                          "serial_in_use": serial_hex(credential.serial)}
+                await client.publish(self.response_topic, json.dumps(online, separators=(",", ":")).encode(), qos=1)
                 await self._set_connected(credential.serial)
                 async for message in client.messages:
                     if str(message.topic) != self.request_topic:

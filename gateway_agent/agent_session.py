@@ -111,6 +111,13 @@ class LifecycleRunner:
             lifetime=self.settings.lifetime, on_pins_changed=self._pins_changed, reconcile=self._reconcile,
         )
         channel.pins_ready = self._pins_ready
+
+        def online(device_id: str) -> None:
+            task = asyncio.create_task(orchestrator.device_online(device_id), name=f"online-{device_id}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        channel.on_online = online
         next_scan = self.clock.now()
         while True:
             now = self.clock.now()
