@@ -377,7 +377,7 @@ async def test_offline_device_times_out_then_renews_when_it_comes_online(
     device = await world.start_device()
     async with asyncio.timeout(WAIT):
         back = await (await came_back.get())
-    assert [e for e in _logs if e["event"] == "device.online"][0]["device"] == DEVICE
+    assert next(e for e in _logs if e["event"] == "device.online")["device"] == DEVICE
 
     assert back is not None and back.result == "switched", back
     async with asyncio.timeout(WAIT):
