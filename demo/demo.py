@@ -31,6 +31,8 @@ from cryptography.hazmat.primitives import serialization
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from devices_steps import DemoKit, devices_section  # noqa: E402  (demo/ is on sys.path: run as a script)
+
 from device_client.client import DeviceClient, DeviceConfig  # noqa: E402
 from device_client.commands import DeviceCommandVerifier  # noqa: E402
 from device_client.rotation import CredentialStore, DeviceRotation  # noqa: E402
@@ -269,6 +271,8 @@ async def main(started: float, verifier: DeviceCommandVerifier, agent: subproces
 
     await commands_section(started, verifier)
     await revocation_section(agent)
+    kit = DemoKit(run, step, say, try_connect, device_config, wait_for_refusal, count)
+    await devices_section(kit, agent, agent_config, CERTS)
     await validation_section()
     await renewal_section(agent_config, overlap_s)
 
