@@ -24,14 +24,15 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, padding, rsa
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from edge_core.clock import as_utc
 from edge_core.errors import CredentialError
 from edge_core.names import name_key, names_match
 from edge_core.revocation import RevocationIndex, StalenessPolicy
+from edge_core.signatures import verify_signature
 
 __all__ = [
     "MAX_PATH",
@@ -122,27 +123,12 @@ def _unsupported(key: object) -> bool:
 
 def signed_by(item: x509.Certificate | x509.CertificateRevocationList, issuer: x509.Certificate) -> bool:
     """Does ``issuer``'s key verify the signature on a certificate or CRL? (No name check.)"""
-    key = issuer.public_key()
     data = item.tbs_certificate_bytes if isinstance(item, x509.Certificate) else item.tbs_certlist_bytes
-    signature = item.signature
     try:
         hash_alg = item.signature_hash_algorithm
-        if isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
-            key.verify(signature, data)
-            return True
-        if hash_alg is None:
-            return False
-        if isinstance(key, ec.EllipticCurvePublicKey):
-            key.verify(signature, data, ec.ECDSA(hash_alg))
-            return True
-        if isinstance(key, rsa.RSAPublicKey):
-            params = item.signature_algorithm_parameters
-            pad = params if isinstance(params, padding.PKCS1v15 | padding.PSS) else padding.PKCS1v15()
-            key.verify(signature, data, pad, hash_alg)
-            return True
-    except (InvalidSignature, UnsupportedAlgorithm, ValueError, TypeError):
+    except UnsupportedAlgorithm:
         return False
-    return False
+    return verify_signature(issuer.public_key(), item.signature, data, hash_alg, item.signature_algorithm_parameters)
 
 
 def _is_ca(cert: x509.Certificate) -> bool:

@@ -49,15 +49,15 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import dsa
 from cryptography.x509.oid import ExtensionOID
 
 from edge_core.clock import as_utc
 from edge_core.der import DerError, encode_length, tlv
 from edge_core.errors import ConfigError, CredentialError
 from edge_core.names import name_key, name_key_of_text, names_match
+from edge_core.signatures import verify_signature
 from edge_core.yamlsrc import Section
 
 __all__ = [
@@ -476,29 +476,14 @@ def is_newer(current: InstalledCrl | None, number: int, sha256: str) -> bool:
 
 def _verify_signature(der: bytes, split: _Split, crl: x509.CertificateRevocationList,
                       ca: x509.Certificate) -> bool:
-    key = ca.public_key()
     start, end = split.tbs
-    tbs = memoryview(der)[start:end]
-    signature = crl.signature
     try:
         hash_alg = crl.signature_hash_algorithm
-        params = crl.signature_algorithm_parameters
-        if isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
-            key.verify(signature, bytes(tbs))
-            return True
-        if hash_alg is None:
-            return False
-        # hashlib releases the GIL on large buffers; the verify itself is then microseconds.
-        digest = hashlib.new(hash_alg.name, tbs).digest()
-        if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(params, ec.ECDSA):
-            key.verify(signature, digest, ec.ECDSA(Prehashed(hash_alg)))
-            return True
-        if isinstance(key, rsa.RSAPublicKey) and isinstance(params, padding.PKCS1v15 | padding.PSS):
-            key.verify(signature, digest, params, Prehashed(hash_alg))
-            return True
-    except (InvalidSignature, UnsupportedAlgorithm, ValueError, TypeError):
+    except UnsupportedAlgorithm:
         return False
-    return False
+    # Over the original tbsCertList bytes (the skeleton was re-encoded without the entries).
+    return verify_signature(ca.public_key(), crl.signature, memoryview(der)[start:end], hash_alg,
+                            crl.signature_algorithm_parameters)
 
 
 def _may_sign_crls(ca: x509.Certificate) -> bool:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
 from structlog.testing import capture_logs
 
 from edge_core.clock import ManualClock
@@ -23,7 +24,7 @@ from edge_core.lifecycle import CertRef, CertState, CheckedCsr, RenewalPolicy, R
 from edge_core.registry import DeviceEntry, Registry, dump_registry, parse_registry
 from gateway_agent.crl_issue import revoke
 from gateway_agent.inventory import SqliteInventory, apply_revocations, export_registry, import_from_registry
-from gateway_agent.pki import init_dev, issue_leaf, new_key
+from gateway_agent.pki import FileCA, Issued, init_dev, issue_leaf, new_key
 from gateway_agent.renewal import FileCABackend
 from tests.agent.test_renewal import DAY, T0, World, make_world
 
@@ -110,18 +111,23 @@ def test_device_added_to_the_registry_later_is_enrolled_by_reconcile(tmp_path: P
         assert {r.device_id for r in rows} == {"pump-1", "pump-9"}
 
 
-def test_fleet_mid_rotation_imports_with_both_pins_kept(tmp_path: Path) -> None:
-    """Two certificates of one device (mid-rotation) used to fail the import as "already in the
-    inventory", and the agent's first registry write dropped the older pin."""
+def _mid_rotation(tmp_path: Path, device_ids: list[str]) -> tuple[FileCA, x509.Certificate, Issued]:
+    """A dev PKI where pump-1 holds two registered certificates, 20 days apart."""
     clock = ManualClock(T0)
-    ca = init_dev(tmp_path / "pki", device_ids=["pump-1", "pump-2"], clock=clock)
+    ca = init_dev(tmp_path / "pki", device_ids=device_ids, clock=clock)
     older = ca.certificates_of("pump-1")[-1]
     clock.advance(timedelta(days=20))
     newer = ca.issue_device("pump-1", write=False)
-    registry = parse_registry(ca.registry_path.read_bytes())
-    devices = dict(registry.devices)
+    devices = dict(parse_registry(ca.registry_path.read_bytes()).devices)
     devices["pump-1"] = DeviceEntry("pump-1", (spki_pin(older), newer.pin), frozenset({"sensor"}))
     ca.registry_path.write_text(dump_registry(Registry(devices)))
+    return ca, older, newer
+
+
+def test_fleet_mid_rotation_imports_with_both_pins_kept(tmp_path: Path) -> None:
+    """Two certificates of one device (mid-rotation) used to fail the import as "already in the
+    inventory", and the agent's first registry write dropped the older pin."""
+    ca, older, newer = _mid_rotation(tmp_path, ["pump-1", "pump-2"])
     base = parse_registry(ca.registry_path.read_bytes())
     with SqliteInventory(tmp_path / "inv.db") as inventory:
         report = import_from_registry(inventory, ca.registry_path, ca.issued_dir, now=ca.clock.now())
@@ -165,15 +171,7 @@ async def test_forced_renewal_that_fails_is_retried_with_backoff(world: World) -
 
 
 def test_revocation_of_a_retiring_certificate_ends_the_overlap(tmp_path: Path) -> None:
-    clock = ManualClock(T0)
-    ca = init_dev(tmp_path / "pki", device_ids=["pump-1"], clock=clock)
-    older = ca.certificates_of("pump-1")[-1]
-    clock.advance(timedelta(days=20))
-    newer = ca.issue_device("pump-1", write=False)
-    registry = parse_registry(ca.registry_path.read_bytes())
-    devices = dict(registry.devices)
-    devices["pump-1"] = DeviceEntry("pump-1", (spki_pin(older), newer.pin), frozenset({"sensor"}))
-    ca.registry_path.write_text(dump_registry(Registry(devices)))
+    ca, older, newer = _mid_rotation(tmp_path, ["pump-1"])
     with SqliteInventory(tmp_path / "inv.db") as inventory:
         import_from_registry(inventory, ca.registry_path, ca.issued_dir, now=ca.clock.now())
         changed = apply_revocations(inventory, {older.serial_number: "key_compromise"}, now=ca.clock.now())
