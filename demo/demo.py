@@ -169,7 +169,7 @@ async def revocation_section(agent: subprocess.Popen[str]) -> None:
     device = DeviceClient(device_config("device-003"))
     async with device:
         say("device-003 is connected")
-        say(run("gateway-agent", "pki", "revoke", "device-003", "--ca-dir", str(CERTS)).strip().splitlines()[-1])
+        say(run("gateway-agent", "pki", "revoke", "device-003", "--ca-dir", str(CERTS)).strip().splitlines()[0])
         say(run("gateway-agent", "pki", "crl", "--ca-dir", str(CERTS)).strip().splitlines()[-1])
         before = count("session.cut")
         started = time.monotonic()
