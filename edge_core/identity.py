@@ -79,29 +79,34 @@ class IdentityPolicy:
         if self.source == "san_uri" and not self.uri_prefix:
             raise ConfigError("identity uri_prefix must not be empty")
 
-    def extract(self, cert: x509.Certificate) -> str:
-        """The identity the certificate names under this policy; raises ``CredentialError``."""
+    def extract(self, cert: x509.Certificate | x509.CertificateSigningRequest) -> str:
+        """The identity a certificate (or a CSR) names under this policy; raises ``CredentialError``.
+
+        One extractor for both, so a renewal CSR is judged by exactly the rules the broker
+        applies to the certificate it becomes.
+        """
+        what = "CSR" if isinstance(cert, x509.CertificateSigningRequest) else "certificate"
         if self.source == "san_uri":
             try:
                 san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
             except x509.ExtensionNotFound as exc:
                 raise CredentialError(
-                    "identity_missing", f"certificate has no SubjectAltName with a {self.uri_prefix} URI"
+                    "identity_missing", f"{what} has no SubjectAltName with a {self.uri_prefix} URI"
                 ) from exc
             ids = [u[len(self.uri_prefix) :] for u in san.get_values_for_type(x509.UniformResourceIdentifier)
                    if u.startswith(self.uri_prefix)]
             if not ids:
                 raise CredentialError(
-                    "identity_missing", f"certificate has no SubjectAltName URI starting with {self.uri_prefix}"
+                    "identity_missing", f"{what} has no SubjectAltName URI starting with {self.uri_prefix}"
                 )
             if len(ids) > 1:
                 raise CredentialError(
-                    "identity_ambiguous", f"certificate names {len(ids)} identities; exactly one is allowed"
+                    "identity_ambiguous", f"{what} names {len(ids)} identities; exactly one is allowed"
                 )
             return check_identity(ids[0])
         cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         if len(cns) != 1:
-            raise CredentialError("identity_missing", f"certificate subject has {len(cns)} CNs; exactly one needed")
+            raise CredentialError("identity_missing", f"{what} subject has {len(cns)} CNs; exactly one needed")
         value = cns[0].value
         return check_identity(value if isinstance(value, str) else value.decode("utf-8", "replace"))
 

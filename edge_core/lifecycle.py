@@ -55,7 +55,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import AttributeOID, NameOID
+from cryptography.x509.oid import AttributeOID
 
 from edge_core.clock import as_utc
 from edge_core.errors import ConfigError, CredentialError, StateError
@@ -786,7 +786,7 @@ def check_csr(
         raise CredentialError("csr_signature_invalid",
                               f"CSR from {expected_identity} is not signed by its own key "
                               "(no proof of possession)")
-    identity = _csr_identity(csr, policy)
+    identity = policy.extract(csr)
     if identity != expected_identity:
         raise CredentialError("csr_identity_mismatch",
                               f"CSR names {identity!r} but was requested from {expected_identity!r}")
@@ -803,27 +803,3 @@ def check_csr(
         raise CredentialError("csr_key_reused", f"CSR from {expected_identity} reuses a key it already holds",
                               hint="the device must generate a fresh key for every renewal")
     return CheckedCsr(identity=identity, public_key=key, pin=pin)
-
-
-def _csr_identity(csr: x509.CertificateSigningRequest, policy: IdentityPolicy) -> str:
-    """The identity a CSR names, under the same rules ``IdentityPolicy.extract`` applies to certificates."""
-    if policy.source == "san_uri":
-        try:
-            san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        except x509.ExtensionNotFound as exc:
-            raise CredentialError("identity_missing",
-                                  f"CSR has no SubjectAltName with a {policy.uri_prefix} URI") from exc
-        ids = [u[len(policy.uri_prefix):] for u in san.get_values_for_type(x509.UniformResourceIdentifier)
-               if u.startswith(policy.uri_prefix)]
-        if not ids:
-            raise CredentialError("identity_missing",
-                                  f"CSR has no SubjectAltName URI starting with {policy.uri_prefix}")
-        if len(ids) > 1:
-            raise CredentialError("identity_ambiguous",
-                                  f"CSR names {len(ids)} identities; exactly one is allowed")
-        return check_identity(ids[0])
-    cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    if len(cns) != 1:
-        raise CredentialError("identity_missing", f"CSR subject has {len(cns)} CNs; exactly one needed")
-    value = cns[0].value
-    return check_identity(value if isinstance(value, str) else value.decode("utf-8", "replace"))
