@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -28,6 +29,7 @@ from edge_core.errors import ConfigError, FetchError
 from edge_core.events import SecurityEvents
 from edge_core.identity import check_identity
 from edge_core.registry import parse_registry
+from edge_core.revocation import RevocationIndex
 from edge_core.validation import REQUEST_FILTER
 from edge_runtime.mqtt import suback_refused
 from gateway_agent.commanding import BrokerEndpoint
@@ -59,8 +61,12 @@ class LifecycleRunner:
     """Daily scan, queued renewal requests and overlap ends, over the agent's session."""
 
     def __init__(self, settings: LifecycleSettings, *, clock: Clock, events: SecurityEvents,
-                 broker_status_url: str | None) -> None:
+                 broker_status_url: str | None,
+                 current_index: Callable[[], RevocationIndex] | None = None) -> None:
         self.settings = settings
+        #: the CRLs the agent's sync accepted: every revoked serial in them reaches the inventory
+        self.current_index = current_index
+        self._fed_index: RevocationIndex | None = None
         self.clock = clock
         self.events = events
         self.broker_status_url = broker_status_url
@@ -127,6 +133,7 @@ class LifecycleRunner:
             else:
                 await orchestrator.end_due_overlaps(now)
                 await orchestrator.retry_forced(now)
+            await self._feed_crl(orchestrator, now)
             for request in sorted(self.spool.glob("*")) if self.spool.is_dir() else []:
                 if request.name.startswith("."):
                     continue
@@ -136,6 +143,15 @@ class LifecycleRunner:
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
             await asyncio.sleep(_SPOOL_POLL)
+
+    async def _feed_crl(self, orchestrator: RenewalOrchestrator, now: datetime) -> None:
+        """Each newly accepted CRL: its revoked serials go into the inventory."""
+        index = self.current_index() if self.current_index is not None else None
+        if index is None or index is self._fed_index:
+            return
+        self._fed_index = index
+        for serials in index.by_issuer.values():
+            await orchestrator.sync_revocations(now, serials)
 
     def status(self) -> dict[str, Any]:
         scan = self.last_scan

@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -624,6 +625,27 @@ def import_from_registry(
     return ImportReport(tuple(enrolled), tuple(unchanged), tuple(skipped))
 
 
+class _CrlReasons(Mapping[int, str]):
+    """A CRL's serial set seen as serial -> "crl" (the reason is in the CRL, not needed here)."""
+
+    def __init__(self, serials: AbstractSet[int]) -> None:
+        self._serials = serials
+
+    def __getitem__(self, serial: int) -> str:
+        if serial not in self._serials:
+            raise KeyError(serial)
+        return "crl"
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._serials)
+
+    def __len__(self) -> int:
+        return len(self._serials)
+
+    def __contains__(self, serial: object) -> bool:
+        return serial in self._serials
+
+
 class Reconciler:
     """``import_from_registry`` on every scan, skipped while neither the registry nor the
     certificate files changed (registry clients without a certificate here, such as
@@ -647,12 +669,17 @@ class Reconciler:
         return report
 
 
-def apply_revocations(inventory: Inventory, revoked: Mapping[int, str], *, now: datetime) -> list[str]:
-    """Record the CA's revocations (serial -> cause) in the inventory; returns the devices changed.
+def apply_revocations(inventory: Inventory, revoked: Mapping[int, str] | AbstractSet[int], *,
+                      now: datetime) -> list[str]:
+    """Record the CA's revocations in the inventory; returns the devices changed.
 
-    Fed by the CA's revocation store and by every accepted CRL, so a device revoked at the
-    CA is REVOKED here too: it leaves ``certs expiring`` and is never renewed again.
+    ``revoked`` maps serial -> reason (the CA's revocation store) or is a set of serials
+    (an accepted CRL's entries). So a device revoked at the CA is REVOKED here too: it
+    leaves ``certs expiring`` and is never renewed again.
     """
+    if not isinstance(revoked, Mapping):
+        serials = revoked
+        revoked = _CrlReasons(serials)
     changed: list[str] = []
     if not revoked:
         return changed

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -365,8 +366,8 @@ class RenewalOrchestrator:
         return report
 
     async def sync_revocations(self, now: datetime | None = None,
-                               revoked: Mapping[int, str] | None = None) -> list[str]:
-        """Feed the CA's revocations (or an accepted CRL's ``revoked``) into the inventory."""
+                               revoked: Mapping[int, str] | AbstractSet[int] | None = None) -> list[str]:
+        """Feed the CA's revocations (or an accepted CRL's serials) into the inventory."""
         now = as_utc(now) if now is not None else self.clock.now()
         serials = revoked if revoked is not None else await self.ca.revoked_serials()
         changed = apply_revocations(self.inventory, serials, now=now)

@@ -49,6 +49,8 @@ async def _session(agent: Agent) -> AgentService | None:
         )
     lifecycle = None
     if s.lifecycle is not None:
+        crl_state = agent.crl
         lifecycle = LifecycleRunner(s.lifecycle, clock=agent.clock, events=agent.events,
-                                    broker_status_url=s.lifecycle.broker_status_url)
+                                    broker_status_url=s.lifecycle.broker_status_url,
+                                    current_index=(lambda: crl_state.index) if crl_state is not None else None)
     return AgentSession(endpoint, s.agent_id, agent.events, validator=validator, lifecycle=lifecycle)

@@ -180,3 +180,16 @@ def test_revocation_of_a_retiring_certificate_ends_the_overlap(tmp_path: Path) -
         assert device is not None and device.retiring is None and device.renewal is RenewalState.IDLE
         assert device.current.state is CertState.ACTIVE
         assert device.pins() == (newer.pin,)
+
+
+async def test_an_accepted_crl_feeds_the_inventory(world: World) -> None:
+    """The inventory learns revocations from every accepted CRL too (a CA it does not run itself)."""
+    from edge_core.revocation import RevokedSerials
+
+    serial = world.channel.devices["pump-2"].cert.serial_number
+    changed = await world.orchestrator.sync_revocations(world.clock.now(), RevokedSerials([serial, 12345]))
+    assert changed == ["pump-2"]
+    device = world.inventory.get("pump-2")
+    assert device is not None and device.current.state is CertState.REVOKED
+    history = world.inventory.history("pump-2")
+    assert history[-1].cause == "ca_revoked:crl"
