@@ -22,7 +22,7 @@ from edge_core.firmware import (
 )
 
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
-TOKEN_PIN = "20261201"
+TOKEN_PIN = "20261201"  # noqa: S105 - the PIN of a throwaway test token
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 CLASS = "pump-ctl"
 

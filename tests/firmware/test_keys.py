@@ -28,7 +28,7 @@ def test_token_key_is_sensitive_and_never_leaves_the_token(softhsm_token: str, l
         assert private[Attribute.EXTRACTABLE] is False
         assert private[Attribute.NEVER_EXTRACTABLE] is True
         with pytest.raises(pkcs11.exceptions.AttributeSensitive):
-            private[Attribute.VALUE]  # noqa: B018 - reading the key's value must fail
+            private[Attribute.VALUE]  # reading the value must fail
 
 
 def test_token_keys_sign_a_release_that_verifies(softhsm_token: str, label: str) -> None:

@@ -105,7 +105,7 @@ def test_release_key_rotation_refuses_the_old_keys_and_old_manifests() -> None:
         with pytest.raises(FirmwareRefused) as info:
             verify_offer(offer, root=got.root, device_class=CLASS, floor=VersionFloor(3), now=NOW)
         assert info.value.reason in {"unknown_key", "rolled_back"}
-    with pytest.raises(FirmwareRefused, match="retired|release key") as info:
+    with pytest.raises(FirmwareRefused, match="release key") as info:
         verify_offer(forged, root=got.root, device_class=CLASS, floor=VersionFloor(1), now=NOW)
     assert info.value.reason == "unknown_key"
 
