@@ -39,13 +39,14 @@ class Release:
     release_keys: list[SoftwareSigner] = field(default_factory=lambda: [signer(), signer(), signer()])
     threshold: int = 2
     chain: list[bytes] = field(default_factory=list)
+    now: datetime = NOW  # manifests are valid from an hour before to 30 days after
 
     def __post_init__(self) -> None:
         self.chain.append(self.root_envelope(1, self.root_keys))
 
     def root_envelope(self, version: int, signed_by: Sequence[SoftwareSigner]) -> bytes:
         keys = [k.public_key() for k in (*self.root_keys, *self.release_keys)]
-        body = make_root(version=version, expires=NOW + timedelta(days=365), keys=keys,
+        body = make_root(version=version, expires=self.now + timedelta(days=365), keys=keys,
                          root_keyids=[k.keyid for k in self.root_keys], root_threshold=len(self.root_keys),
                          release_keyids=[k.keyid for k in self.release_keys], release_threshold=self.threshold)
         return sign_envelope(ROOT_TYPE, body, signed_by)
@@ -65,8 +66,8 @@ class Release:
                  expires: datetime | None = None) -> bytes:
         body = make_manifest(device_class=device_class, version=version,
                              image_sha256=hashlib.sha256(image).hexdigest(), size=len(image),
-                             not_before=not_before or NOW - timedelta(hours=1),
-                             expires=expires or NOW + timedelta(days=30))
+                             not_before=not_before or self.now - timedelta(hours=1),
+                             expires=expires or self.now + timedelta(days=30))
         return sign_envelope(MANIFEST_TYPE, body, self.release_keys[: self.threshold]
                              if signed_by is None else signed_by)
 
