@@ -84,6 +84,7 @@ __all__ = [
     "parse_root_document",
     "sign_envelope",
     "verify_offer",
+    "verify_release",
     "verify_root_update",
 ]
 
@@ -392,6 +393,28 @@ def verify_offer(
     check_floor(manifest, floor)
     return VerifiedOffer(manifest=manifest, root=root, url=url,
                          manifest_envelope=canonical_json(offer["manifest"]))
+
+
+def verify_release(
+    manifest_envelope: bytes, chain: Sequence[bytes], *, now: datetime, device_class: str | None = None,
+    floor: VersionFloor | None = None, policy: FirmwarePolicy | None = None,
+) -> VerifiedOffer:
+    """The release tool's check: the manifest as a device pinned to ``chain[0]`` would see it.
+
+    Without ``device_class`` the manifest's own class is used (the signatures are verified
+    before the class is read, so the class is the release team's word).
+    """
+    if not chain:
+        raise ValueError("a root chain starts with the pinned root")
+    offer = make_offer(manifest_envelope, roots=chain[1:]) if manifest_envelope.lstrip().startswith(b"{") else b""
+    pinned = parse_root_document(chain[0])
+    floor = floor or VersionFloor()
+    try:
+        return verify_offer(offer, root=pinned, device_class=device_class or "", floor=floor, now=now, policy=policy)
+    except FirmwareRefused as exc:
+        if device_class is not None or exc.reason != "wrong_class" or exc.device_class is None:
+            raise
+        return verify_offer(offer, root=pinned, device_class=exc.device_class, floor=floor, now=now, policy=policy)
 
 
 def check_floor(manifest: Manifest, floor: VersionFloor) -> None:
