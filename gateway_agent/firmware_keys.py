@@ -28,7 +28,12 @@ from edge_core.firmware import SoftwareSigner, key_id
 
 __all__ = ["Pkcs11Key", "Pkcs11Token", "UnsafeFileKey", "generate_unsafe_file_key"]
 
-_log = structlog.get_logger("gateway-agent.firmware")
+
+
+def _warn_unsafe(**fields: object) -> None:
+    # looked up per call: a logger cached at import would outlive the CLI's logging configuration
+    structlog.get_logger("gateway-agent.firmware").warning("firmware.unsafe_file_key", reason="unsafe_file_key",
+                                                           **fields)
 
 
 @dataclass(frozen=True)
@@ -145,7 +150,7 @@ class UnsafeFileKey(SoftwareSigner):
         if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
             raise ConfigError("a release key must be an EC P-256 private key", source=str(path))
         super().__init__(key)
-        _log.warning("firmware.unsafe_file_key", reason="unsafe_file_key", path=str(path), keyid=self.keyid[:16],
+        _warn_unsafe(path=str(path), keyid=self.keyid[:16],
                      detail="UNSAFE: release key read from a file, not a secure element; development only")
 
 
@@ -156,6 +161,5 @@ def generate_unsafe_file_key(path: Path) -> ec.EllipticCurvePublicKey:
     key = ec.generate_private_key(ec.SECP256R1())
     atomic_write_bytes(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                serialization.NoEncryption()), mode=0o600)
-    _log.warning("firmware.unsafe_file_key", reason="unsafe_file_key", path=str(path),
-                 detail="UNSAFE: generated a release key in a file; use a PKCS#11 token in production")
+    _warn_unsafe(path=str(path), detail="UNSAFE: generated a release key in a file; use a PKCS#11 token in production")
     return key.public_key()

@@ -10,7 +10,8 @@ offer is refused outright (it would replay itself to every future subscriber).
 The trusted state (root and version floor per class) is loaded once at start-up from the
 pinned root and the state file, and written back atomically whenever an accepted offer
 moves it forward, so a broker restart does not reopen a rollback window. If it cannot be
-loaded, every offer is refused (fail closed) and the error is logged.
+loaded, every offer is refused (fail closed) and the error is logged; the next offer tries
+to load it again (the pinned root may be installed after the broker started).
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ class FirmwareGuardPlugin(BasePlugin[Any]):
     def __init__(self, context: Any) -> None:
         super().__init__(context)
         self.trust: FirmwareTrust | None = None
+        self._load()
+
+    def _load(self) -> None:
         runtime = self.config.runtime
         assert isinstance(runtime, BrokerRuntime)
         settings = runtime.settings.firmware
@@ -68,6 +72,8 @@ class FirmwareGuardPlugin(BasePlugin[Any]):
                                 topic=topic, **fields)
             return False
 
+        if self.trust is None:
+            self._load()  # the pinned root may have been installed since start-up
         trust = self.trust
         if trust is None:
             return refuse("no_firmware_trust")
