@@ -52,6 +52,7 @@ def add_parser(sub: Any) -> None:
     p = verb("root", "sign the next root (the release-key list) from the keys in the settings")
     p.add_argument("--version", type=int, required=True, help="1 for the first (pinned) root, then N+1")
     p.add_argument("--expires-days", type=int, default=365)
+    p.add_argument("--release-keys", nargs="+", help="the n release keys it lists (default: keys.release)")
     p.add_argument("--release-threshold", type=int, required=True, help="k of the release keys sign a manifest")
     p.add_argument("--root-threshold", type=int, default=1)
     p.add_argument("--also-sign", nargs="*", default=[], help="old root keys that vouch for a rotated root")
@@ -109,7 +110,8 @@ def _keygen(args: argparse.Namespace) -> int:
 
 def _root(args: argparse.Namespace) -> int:
     s = _settings(args)
-    release, root = s.signers(s.release_keys), s.signers(s.root_keys)
+    release = s.signers(tuple(args.release_keys) if args.release_keys else s.release_keys)
+    root = s.signers(s.root_keys)
     also = s.signers(tuple(args.also_sign)) if args.also_sign else []
     body = make_root(version=args.version, expires=SystemClock().now() + timedelta(days=args.expires_days),
                      keys=[k.public_key() for k in {x.keyid: x for x in (*root, *release)}.values()],
@@ -195,6 +197,7 @@ def _publish(args: argparse.Namespace) -> int:
         print(f"REFUSED reason={exc.reason}: {exc}")
         return 1
     summary = result.summary
+    print(f"canaries first: {', '.join(summary['canaries'])}")
     print(f"{summary['phase']}: v{result.manifest.version} confirmed on {len(summary['confirmed'])} device(s), "
           f"failed on {len(summary['failed'])}" + (f"; halted: {summary['halted']}" if result.halted else ""))
     return EXIT_HALTED if result.halted else 0
