@@ -73,6 +73,9 @@ __all__ = [
     "SoftwareSigner",
     "VerifiedOffer",
     "VersionFloor",
+    "add_signatures",
+    "admit_offer",
+    "authenticate_offer",
     "canonical_json",
     "check_floor",
     "device_from_topic",
@@ -237,6 +240,23 @@ def sign_envelope(payload_type: str, body: Mapping[str, Any], signers: Sequence[
     return canonical_json({"payloadType": payload_type, "payload": _b64(payload), "signatures": signatures})
 
 
+def add_signatures(envelope: bytes, signers: Sequence[Signer]) -> bytes:
+    """``envelope`` with one more signature per signer (threshold signing by separate holders).
+
+    The payload is not re-encoded: every holder signs the same bytes. A key that already
+    signed is skipped.
+    """
+    env = _envelope(_json(envelope, "envelope", "malformed"), MANIFEST_TYPE, "manifest", "malformed")
+    signing_input = pae(env.payload_type, env.payload)
+    present = {kid for kid, _ in env.signatures}
+    sigs = [dict(s) for s in env.raw["signatures"]]
+    for signer in signers:
+        if signer.keyid not in present:
+            sigs.append({"keyid": signer.keyid, "sig": _b64(signer.sign(signing_input))})
+            present.add(signer.keyid)
+    return canonical_json({**env.raw, "signatures": sigs})
+
+
 # --------------------------------------------------------------------------- data model
 
 
@@ -355,6 +375,16 @@ def verify_offer(
 ) -> VerifiedOffer:
     """Verify a firmware offer for a device of ``device_class``; see the module docstring for the order."""
     policy = policy or FirmwarePolicy()
+    offer = authenticate_offer(payload, root=root, now=now, policy=policy)
+    return admit_offer(offer, device_class=device_class, floor=floor, now=now, policy=policy)
+
+
+def authenticate_offer(payload: bytes, *, root: Root, now: datetime, policy: FirmwarePolicy) -> VerifiedOffer:
+    """Checks 1 to 4 (structure, root chain, signatures, schema): they depend only on the bytes and ``root``.
+
+    A verifier that sees the same offer bytes many times (the broker, during a rollout) may keep
+    this result for as long as its trusted root is ``root``, then call ``admit_offer`` each time.
+    """
     now = as_utc(now)
     if not isinstance(payload, bytes | bytearray | memoryview):
         _refuse("malformed", f"an offer is bytes, not {type(payload).__name__}")
@@ -376,10 +406,21 @@ def verify_offer(
     root_envs = [_envelope(r, ROOT_TYPE, f"roots[{i}]", "root_malformed") for i, r in enumerate(roots)]
     for env in root_envs:
         root = _apply_root(root, env)
-    if now > root.expires:
-        _refuse("root_expired", f"trusted root version {root.version} expired at {root.expires.isoformat()}; "
-                                "the release team must publish a new root")
+    _check_root_fresh(root, now)
     manifest = _verify_manifest(manifest_env, root)
+    if manifest.size > policy.max_image_size:
+        _manifest_refuser(manifest)("bad_manifest", f"image size {manifest.size} exceeds the limit "
+                                                    f"{policy.max_image_size}")
+    return VerifiedOffer(manifest=manifest, root=root, url=url, manifest_envelope=canonical_json(offer["manifest"]))
+
+
+def admit_offer(
+    offer: VerifiedOffer, *, device_class: str, floor: VersionFloor, now: datetime, policy: FirmwarePolicy,
+) -> VerifiedOffer:
+    """Checks 5 and 6 (and the root's expiry again): for whom, when, and against the version floor."""
+    now = as_utc(now)
+    _check_root_fresh(offer.root, now)
+    manifest = offer.manifest
     refuse = _manifest_refuser(manifest)
     if manifest.device_class != device_class:
         refuse("wrong_class", f"manifest is for class {manifest.device_class!r}, the device is {device_class!r}")
@@ -388,11 +429,14 @@ def verify_offer(
         refuse("not_yet_valid", f"manifest valid from {manifest.not_before.isoformat()}; now {now.isoformat()}")
     if now > manifest.expires + skew:
         refuse("expired", f"manifest expired at {manifest.expires.isoformat()}; now {now.isoformat()}")
-    if manifest.size > policy.max_image_size:
-        refuse("bad_manifest", f"image size {manifest.size} exceeds the limit {policy.max_image_size}")
     check_floor(manifest, floor)
-    return VerifiedOffer(manifest=manifest, root=root, url=url,
-                         manifest_envelope=canonical_json(offer["manifest"]))
+    return offer
+
+
+def _check_root_fresh(root: Root, now: datetime) -> None:
+    if now > root.expires:
+        _refuse("root_expired", f"trusted root version {root.version} expired at {root.expires.isoformat()}; "
+                                "the release team must publish a new root")
 
 
 def verify_release(

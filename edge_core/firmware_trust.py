@@ -2,7 +2,11 @@
 
 Like python-tuf's trusted metadata set, this object owns "newer than what I trust" and does
 no I/O: ``check`` verifies an offer with ``edge_core.firmware.verify_offer`` and, only when
-the offer is accepted, moves the root and that class's version floor forward. The caller
+the offer is accepted, moves the root and that class's version floor forward. The part of
+the check that depends only on the offer's bytes and the trusted root (structure, chain,
+signatures, schema) is kept for the last 64 distinct offers, so a rollout that sends one
+offer to thousands of devices pays for the ECDSA checks once; class, time and version floor
+are checked for every message. The caller
 persists ``to_json()`` whenever ``check`` reports a change (temp file + ``os.replace``), and
 restores it with ``from_json`` at start-up, so a restart never reopens a rollback window.
 
@@ -11,6 +15,8 @@ restores it with ``from_json`` at start-up, so a restart never reopens a rollbac
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -23,9 +29,10 @@ from edge_core.firmware import (
     Root,
     VerifiedOffer,
     VersionFloor,
+    admit_offer,
+    authenticate_offer,
     canonical_json,
     parse_root_document,
-    verify_offer,
 )
 
 __all__ = ["FirmwareGuardSettings", "FirmwareTrust", "parse_firmware_guard_settings"]
@@ -55,25 +62,44 @@ def parse_firmware_guard_settings(sec: yamlsrc.Section, base_dir: Path) -> Firmw
 
 
 class FirmwareTrust:
+    #: Authenticated offers kept by payload digest: a rollout sends the same bytes to every device.
+    CACHE_SIZE = 64
+
     def __init__(self, root: Root, floors: dict[str, VersionFloor] | None = None,
                  policy: FirmwarePolicy | None = None) -> None:
         self.root = root
         self.floors: dict[str, VersionFloor] = dict(floors or {})
         self.policy = policy or FirmwarePolicy()
+        self._authenticated: OrderedDict[bytes, VerifiedOffer] = OrderedDict()
 
     def floor(self, device_class: str) -> VersionFloor:
         return self.floors.get(device_class, VersionFloor())
 
     def check(self, payload: bytes, *, device_class: str, now: datetime) -> tuple[VerifiedOffer, bool]:
         """The verified offer and whether the trusted state moved (persist it then); raises ``FirmwareRefused``."""
-        offer = verify_offer(payload, root=self.root, device_class=device_class, floor=self.floor(device_class),
-                             now=now, policy=self.policy)
+        offer = self._authenticate(payload, now)
+        offer = admit_offer(offer, device_class=device_class, floor=self.floor(device_class), now=now,
+                            policy=self.policy)
         changed = False
         if offer.root.version > self.root.version:
             self.root, changed = offer.root, True
+            self._authenticated.clear()  # each entry was authenticated under the old root
         if offer.manifest.version > self.floor(device_class).version:
             self.floors[device_class], changed = offer.floor(), True
         return offer, changed
+
+    def _authenticate(self, payload: bytes, now: datetime) -> VerifiedOffer:
+        """Structure, chain, signatures and schema: computed once per distinct offer under this root."""
+        key = hashlib.sha256(payload).digest() if len(payload) <= self.policy.max_offer_size else b""
+        cached = self._authenticated.get(key) if key else None
+        if cached is not None:
+            self._authenticated.move_to_end(key)
+            return cached
+        offer = authenticate_offer(payload, root=self.root, now=now, policy=self.policy)
+        self._authenticated[key] = offer
+        if len(self._authenticated) > self.CACHE_SIZE:
+            self._authenticated.popitem(last=False)
+        return offer
 
     def to_json(self) -> bytes:
         return canonical_json({

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import json
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from edge_core.firmware import (
     FirmwareRefused,
     ImageCheck,
     VersionFloor,
+    add_signatures,
     make_manifest,
     make_root,
     parse_root_document,
@@ -65,6 +67,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--valid-days", type=int, default=30)
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=_sign)
+
+    p = verb("cosign", "add this signer's release-key signatures to a manifest another holder signed")
+    p.add_argument("--manifest", type=Path, required=True, help="rewritten in place (atomically)")
+    p.set_defaults(func=_cosign)
 
     p = verb("verify", "verify a manifest (and image) as a device would")
     p.add_argument("--manifest", type=Path, required=True)
@@ -155,6 +161,18 @@ def _sign(args: argparse.Namespace) -> int:
     atomic_write_bytes(args.out, envelope)
     print(f"signed {args.device_class} v{args.version} sha256={digest.hexdigest()[:16]}... "
           f"with {len(s.release_keys)} release key(s) -> {args.out}")
+    return 0
+
+
+def _cosign(args: argparse.Namespace) -> int:
+    s = _settings(args)
+    try:
+        envelope = add_signatures(_read(args.manifest, "manifest"), s.signers(s.release_keys))
+    except FirmwareRefused as exc:
+        print(f"REFUSED reason={exc.reason}: {exc}")
+        return 1
+    atomic_write_bytes(args.manifest, envelope)
+    print(f"{args.manifest}: {len(json.loads(envelope)['signatures'])} signature(s)")
     return 0
 
 

@@ -87,3 +87,28 @@ def test_config_errors_name_file_and_line(tmp_path: Path, capsys: pytest.Capture
     assert code == 1 and f"{path}:" in out and len(out.strip().splitlines()) <= 2
     code, out = run(capsys, "firmware", "verify", "-c", str(tmp_path / "missing.yaml"), "--manifest", "x")
     assert code == 1 and "cannot read firmware settings" in out
+
+
+def test_two_holders_each_sign_once(tmp_path: Path, softhsm_token: str, label: str,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """Threshold signing by separate people: each signs with only their own key; cosign merges."""
+    cfg = str(settings(tmp_path, softhsm_token, label))
+    alone = tmp_path / "alone.yaml"
+    alone.write_text(Path(cfg).read_text().replace(f"release: [{label}-r1, {label}-r2]", f"release: [{label}-r1]"))
+    second = tmp_path / "second.yaml"
+    second.write_text(Path(cfg).read_text().replace(f"release: [{label}-r1, {label}-r2]", f"release: [{label}-r2]"))
+    assert run(capsys, "firmware", "keygen", "-c", cfg, f"{label}-r1", f"{label}-r2", f"{label}-root")[0] == 0
+    assert run(capsys, "firmware", "root", "-c", cfg, "--version", "1", "--release-threshold", "2")[0] == 0
+    image = tmp_path / "fw.bin"
+    image.write_bytes(b"two-person rule")
+    manifest = tmp_path / "m.json"
+    assert run(capsys, "firmware", "sign", "-c", str(alone), "--image", str(image), "--class", "pump-ctl",
+               "--version", "3", "--out", str(manifest))[0] == 0
+    code, out = run(capsys, "firmware", "verify", "-c", cfg, "--manifest", str(manifest))
+    assert code == 1 and "reason=below_threshold" in out
+    code, out = run(capsys, "firmware", "cosign", "-c", str(second), "--manifest", str(manifest))
+    assert code == 0 and "2 signature(s)" in out
+    assert run(capsys, "firmware", "cosign", "-c", str(second), "--manifest", str(manifest))[1].endswith(
+        "2 signature(s)\n")  # signing twice adds nothing
+    code, out = run(capsys, "firmware", "verify", "-c", cfg, "--manifest", str(manifest), "--image", str(image))
+    assert code == 0 and "signers=2" in out
