@@ -101,8 +101,8 @@ class HttpImageSource:
                     raise FetchError("no_range", f"{self.url} ignored the Range request (HTTP {response.status})")
                 while chunk := response.read(_CHUNK):
                     yield chunk
-        except OSError as exc:
-            raise FetchError("download_failed", f"GET {self.url}: {exc}") from exc
+        except (OSError, ValueError) as exc:  # ValueError: not a URL urllib can fetch
+            raise FetchError("download_failed", f"GET {self.url[:200]}: {exc}") from exc
 
 
 @dataclass(frozen=True)

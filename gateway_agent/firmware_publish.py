@@ -23,6 +23,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aiomqtt
 
@@ -171,8 +172,10 @@ async def publish_release(
     events.emit("firmware.rollout_started", device_class=manifest.device_class, version=manifest.version,
                 devices=len(devices), canaries=list(rollout.canaries))
     with server.running():
-        port = server.port
-        base = settings.public_url.replace(":0", f":{port}") if settings.http_bind[1] == 0 else settings.public_url
+        base = settings.public_url
+        if settings.http_bind[1] == 0:  # an ephemeral port (tests): devices must be told the real one
+            parts = urlsplit(base)
+            base = urlunsplit(parts._replace(netloc=f"{parts.hostname}:{server.port}"))
         offer = make_offer(manifest_envelope, roots=chain[1:], url=f"{base}/firmware/{manifest.sha256}")
         await _drive(settings, rollout, offer, manifest, clock=clock, events=events, poll=poll)
     summary = rollout.summary()
