@@ -73,3 +73,23 @@ def test_unsafe_file_key_warns_loudly(tmp_path: Path) -> None:
     assert len(warnings) == 2 and all(e["log_level"] == "warning" for e in warnings)
     assert "UNSAFE" in warnings[1]["detail"] and warnings[1]["keyid"] == key.keyid[:16]
     assert (tmp_path / "dev.key").stat().st_mode & 0o777 == 0o600
+
+
+def test_an_extractable_key_on_the_token_is_refused_for_signing(softhsm_token: str, label: str) -> None:
+    """A key someone imported or generated as extractable could have been copied: never sign with it."""
+    from pkcs11 import Attribute, KeyType
+    from pkcs11.util.ec import encode_named_curve_parameters
+
+    from gateway_agent.firmware_keys import Pkcs11Key
+
+    token = Pkcs11Token(Path(SOFTHSM_MODULE), softhsm_token)
+    with token.session(rw=True) as session:
+        params = session.create_domain_parameters(
+            KeyType.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1")}, local=True)
+        params.generate_keypair(store=True, label=label, private_template={
+            Attribute.SENSITIVE: False, Attribute.EXTRACTABLE: True, Attribute.SIGN: True})
+    key = token.key(label)
+    assert isinstance(key, Pkcs11Key)
+    with pytest.raises(CredentialError) as info:
+        key.sign(b"manifest")
+    assert info.value.reason == "key_exportable"
