@@ -73,13 +73,18 @@ def test_corrupted_slot_is_never_booted(tmp_path: Path) -> None:
     assert fw.events.count("firmware.rolled_back", "slot_corrupt") == 1
 
 
+def cut_power_mid_download(fw: DeviceFirmware, offer: bytes, after: int) -> Path:
+    """The link (or the power) dies after ``after`` bytes; returns the partial file left on flash."""
+    with pytest.raises(FetchError):
+        fw.download(fw.verify(offer), BytesSource(NEW, fail_after=after))
+    return fw.storage / "download" / "image.part"
+
+
 def test_power_loss_mid_download_resumes(tmp_path: Path) -> None:
     release = Release()
     offer = release.offer(NEW, version=2)
     fw = device(tmp_path, release)
-    with pytest.raises(FetchError):
-        fw.download(fw.verify(offer), BytesSource(NEW, fail_after=150_000))
-    kept = (fw.storage / "download" / "image.part").stat().st_size
+    kept = cut_power_mid_download(fw, offer, 150_000).stat().st_size
     assert 0 < kept <= 150_000
     fw = reboot(fw)
     served: list[int] = []
@@ -99,9 +104,7 @@ def test_torn_tail_after_power_loss_restarts_from_zero(tmp_path: Path) -> None:
     release = Release()
     offer = release.offer(NEW, version=2)
     fw = device(tmp_path, release)
-    with pytest.raises(FetchError):
-        fw.download(fw.verify(offer), BytesSource(NEW, fail_after=100_000))
-    part = fw.storage / "download" / "image.part"
+    part = cut_power_mid_download(fw, offer, 100_000)
     part.write_bytes(part.read_bytes()[:-10] + b"\xff" * 10)  # the last page was half written
     fw = reboot(fw)
     assert fw.take_offer(offer, lambda _: BytesSource(NEW))["state"] == "installed"

@@ -21,7 +21,7 @@ from edge_core.clock import SystemClock
 from edge_core.events import SecurityEvents
 from edge_core.firmware_rollout import RolloutPolicy
 from edge_core.registry import DeviceEntry, Registry, dump_registry, parse_registry
-from gateway_agent.firmware_publish import publish_release
+from gateway_agent.firmware_publish import PublishResult, publish_release
 from gateway_agent.firmware_settings import PublishSettings
 from tests.broker.acl_fixture import TEST_ACL, write_acl
 from tests.conftest import StartBroker
@@ -100,47 +100,50 @@ async def stop(tasks: list[asyncio.Task[None]]) -> None:
             await task
 
 
-async def test_staged_rollout_reaches_every_device(broker: tuple[BrokerThread, Release], pki: DevPki,
-                                                   tmp_path: Path, registry_file: Path) -> None:
-    b, release = broker
+async def rollout(b: BrokerThread, pki: DevPki, tmp_path: Path, registry: Path, release: Release, *,
+                  healthy: bool, policy: RolloutPolicy, events: SecurityEvents) -> tuple[PublishResult, dict[str, int]]:
+    """Three devices run the reference updater; the publisher rolls release v2 out to them."""
     image = tmp_path / "fw.bin"
     image.write_bytes(NEW)
     offers: dict[str, int] = {}
-    tasks = await run_devices(b, pki, tmp_path, release, healthy=True, offers=offers)
+    tasks = await run_devices(b, pki, tmp_path, release, healthy=healthy, offers=offers)
     try:
-        events = SecurityEvents("test")
         result = await asyncio.wait_for(publish_release(
-            publish_settings(b, pki, tmp_path, registry_file, RolloutPolicy(canary_percent=30, rate_per_second=5,
-                                                                         report_timeout=timedelta(seconds=20))),
-            chain=release.chain, manifest_envelope=release.manifest(NEW, version=2), image=image,
-            clock=SystemClock(), events=events), 60)
+            publish_settings(b, pki, tmp_path, registry, policy), chain=release.chain,
+            manifest_envelope=release.manifest(NEW, version=2), image=image, clock=SystemClock(), events=events), 60)
+        await asyncio.sleep(0.5)  # anything still in flight arrives (nothing may, after a halt)
     finally:
         await stop(tasks)
+    return result, offers
+
+
+async def test_staged_rollout_reaches_every_device(broker: tuple[BrokerThread, Release], pki: DevPki,
+                                                   tmp_path: Path, registry_file: Path) -> None:
+    b, release = broker
+    events = SecurityEvents("test")
+    result, _ = await rollout(b, pki, tmp_path, registry_file, release, healthy=True, events=events,
+                              policy=RolloutPolicy(canary_percent=30, rate_per_second=5,
+                                                   report_timeout=timedelta(seconds=20)))
     assert result.summary["phase"] == "done" and result.summary["confirmed"] == sorted(DEVICES)
     for device in DEVICES:
         fw = DeviceFirmware(device, "pump-ctl", tmp_path / device, SystemClock())
         assert fw.version == 2 and fw.active_slot == "b" and fw.slot_image("b") == NEW
-    # the canary was offered and confirmed before anyone else was offered
-    offered = [e for e in events.recent("firmware.offered")]
-    assert offered[0]["canary"] is True and len(result.summary["canaries"]) == 1  # type: ignore[arg-type]
+    # the canary confirmed before anyone else was offered the release
+    (canary,) = result.summary["canaries"]  # type: ignore[misc]
+    log = events.recent()
+    confirmed = next(i for i, e in enumerate(log) if e["event"] == "firmware.report" and e["device"] == canary
+                     and e["state"] == "confirmed")
+    others = [i for i, e in enumerate(log) if e["event"] == "firmware.offered" and e["device"] != canary]
+    assert len(others) == 2 and confirmed < min(others)
     assert b.events.count("firmware.accepted") == 3
 
 
 async def test_failure_reports_halt_the_rollout(broker: tuple[BrokerThread, Release], pki: DevPki,
                                                 tmp_path: Path, registry_file: Path) -> None:
     b, release = broker
-    image = tmp_path / "fw.bin"
-    image.write_bytes(NEW)
-    offers: dict[str, int] = {}
-    tasks = await run_devices(b, pki, tmp_path, release, healthy=False, offers=offers)
-    try:
-        result = await asyncio.wait_for(publish_release(
-            publish_settings(b, pki, tmp_path, registry_file, RolloutPolicy(canary_percent=30, rate_per_second=5)),
-            chain=release.chain, manifest_envelope=release.manifest(NEW, version=2), image=image,
-            clock=SystemClock(), events=SecurityEvents("test")), 60)
-        await asyncio.sleep(0.5)  # nothing else is offered after the halt
-    finally:
-        await stop(tasks)
+    result, offers = await rollout(b, pki, tmp_path, registry_file, release, healthy=False,
+                                   events=SecurityEvents("test"),
+                                   policy=RolloutPolicy(canary_percent=30, rate_per_second=5))
     assert result.halted
     (canary,) = result.summary["canaries"]  # type: ignore[misc]
     assert list(result.summary["failed"]) == [canary]  # type: ignore[call-overload]
