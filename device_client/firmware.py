@@ -215,10 +215,12 @@ class DeviceFirmware:
     def _fetch(self, manifest: Manifest, source: ImageSource, part: Path) -> None:
         check = ImageCheck(manifest)
         offset = 0
+        if part.exists() and part.stat().st_size > manifest.size:
+            part.unlink()  # not what we wrote: start again from zero
         if part.exists():
             with part.open("rb") as handle:
                 while chunk := handle.read(_CHUNK):
-                    check.update(chunk)  # refuses a part file longer than the signed size
+                    check.update(chunk)
             offset = check.received
             if offset:
                 self.events.emit("firmware.download_resumed", device=self.device_id, offset=offset)

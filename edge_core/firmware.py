@@ -289,10 +289,6 @@ class Manifest:
     signers: frozenset[str]
     digest: str  # SHA-256 of the signed payload: the identity of this manifest
 
-    @property
-    def image_digest(self) -> bytes:
-        return bytes.fromhex(self.sha256)
-
 
 @dataclass(frozen=True)
 class VersionFloor:
@@ -482,7 +478,7 @@ def verify_root_update(trusted: Root, envelope: bytes) -> Root:
     return _apply_root(trusted, env)
 
 
-def parse_root_document(envelope: bytes, *, pinned: bool = True) -> Root:
+def parse_root_document(envelope: bytes) -> Root:
     """A root read from local, trusted storage (first boot pin, or our own state file).
 
     The root must carry a threshold of its own root-role signatures; no older root vouches
@@ -492,8 +488,7 @@ def parse_root_document(envelope: bytes, *, pinned: bool = True) -> Root:
     body = _json(env.payload, "root payload", "root_malformed")
     candidate = _parse_root_body(body, _root_refuser)
     _require_canonical(env.payload, body, "root_malformed")
-    if pinned:
-        _count_valid(env, candidate.keys, candidate.root, "root_signature", "root", refuse=_root_refuser)
+    _count_valid(env, candidate.keys, candidate.root, "root_signature", "root", refuse=_root_refuser)
     return _with_raw(candidate, env)
 
 

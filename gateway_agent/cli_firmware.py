@@ -57,6 +57,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--release-keys", nargs="+", help="the n release keys it lists (default: keys.release)")
     p.add_argument("--release-threshold", type=int, required=True, help="k of the release keys sign a manifest")
     p.add_argument("--root-threshold", type=int, default=1)
+    p.add_argument("--unsafe-single-key", action="store_true",
+                   help="accept --release-threshold 1 (one stolen release key could then ship firmware)")
     p.add_argument("--also-sign", nargs="*", default=[], help="old root keys that vouch for a rotated root")
     p.set_defaults(func=_root)
 
@@ -115,6 +117,9 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _root(args: argparse.Namespace) -> int:
+    if args.release_threshold < 2 and not args.unsafe_single_key:
+        raise ConfigError("--release-threshold 1 lets one stolen release key ship firmware",
+                          hint="use 2 or more (k of n), or pass --unsafe-single-key for a development root")
     s = _settings(args)
     release = s.signers(tuple(args.release_keys) if args.release_keys else s.release_keys)
     root = s.signers(s.root_keys)

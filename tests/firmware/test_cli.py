@@ -112,3 +112,13 @@ def test_two_holders_each_sign_once(tmp_path: Path, softhsm_token: str, label: s
         "2 signature(s)\n")  # signing twice adds nothing
     code, out = run(capsys, "firmware", "verify", "-c", cfg, "--manifest", str(manifest), "--image", str(image))
     assert code == 0 and "signers=2" in out
+
+
+def test_a_single_key_root_needs_the_unsafe_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = str(settings(tmp_path, "-", "dev", unsafe=True))
+    assert run(capsys, "firmware", "keygen", "-c", cfg, "dev-r1", "dev-r2", "dev-root")[0] == 0
+    code, out = run(capsys, "firmware", "root", "-c", cfg, "--version", "1", "--release-threshold", "1")
+    assert code == 1 and "one stolen release key" in out and not (tmp_path / "roots" / "1.root.json").exists()
+    code, out = run(capsys, "firmware", "root", "-c", cfg, "--version", "1", "--release-threshold", "1",
+                    "--unsafe-single-key")
+    assert code == 0

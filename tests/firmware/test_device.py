@@ -147,3 +147,12 @@ def test_wrong_class_and_expired_offers(tmp_path: Path) -> None:
         == "wrong_class"
     fw.clock.advance(NOW - NOW.replace(month=1))  # type: ignore[attr-defined]
     assert fw.take_offer(release.offer(NEW), lambda _: BytesSource(NEW))["reason"] == "expired"
+
+
+def test_an_overlong_partial_file_is_discarded(tmp_path: Path) -> None:
+    release = Release()
+    offer = release.offer(NEW, version=2)
+    fw = device(tmp_path, release)
+    part = cut_power_mid_download(fw, offer, 10_000)
+    part.write_bytes(b"\x00" * (len(NEW) + 1))  # flash garbage longer than the image
+    assert reboot(fw).take_offer(offer, lambda _: BytesSource(NEW))["state"] == "installed"
