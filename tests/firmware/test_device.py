@@ -156,3 +156,29 @@ def test_an_overlong_partial_file_is_discarded(tmp_path: Path) -> None:
     part = cut_power_mid_download(fw, offer, 10_000)
     part.write_bytes(b"\x00" * (len(NEW) + 1))  # flash garbage longer than the image
     assert reboot(fw).take_offer(offer, lambda _: BytesSource(NEW))["state"] == "installed"
+
+
+def test_power_loss_during_install_keeps_the_old_firmware(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Power dies after the slot is written but before the pending trial is recorded."""
+    import device_client.firmware as module
+
+    release = Release()
+    offer = release.offer(NEW, version=2)
+    fw = device(tmp_path, release)
+    verified = fw.verify(offer)
+    part = fw.download(verified, BytesSource(NEW))
+    real = module.atomic_write_bytes
+
+    def dies_at_state(path: Path, data: bytes, **kw: int) -> None:
+        if Path(path).name == "state.json":
+            raise OSError("power lost")
+        real(path, data, **kw)
+
+    monkeypatch.setattr(module, "atomic_write_bytes", dies_at_state)
+    with pytest.raises(OSError, match="power lost"):
+        fw.install(verified, part)
+    monkeypatch.setattr(module, "atomic_write_bytes", real)
+    fw = reboot(fw)
+    assert fw.boot() == "a" and fw.version == 1 and fw.pending_version is None
+    assert fw.take_offer(offer, lambda _: BytesSource(NEW))["state"] == "installed"  # the offer simply runs again
+    assert reboot(fw).boot() == "b"

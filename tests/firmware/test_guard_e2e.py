@@ -137,3 +137,31 @@ def test_unusable_trust_refuses_every_offer(start, pki: DevPki, release: Release
         broker.wait_event("firmware.rejected", "no_firmware_trust")
     finally:
         publisher.close()
+
+
+def test_offers_from_mosquitto_clients(start, pki: DevPki, release: Release, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Debian's mosquitto_pub/mosquitto_sub, clients nobody on this project wrote, on both ends."""
+    import subprocess
+
+    def mosq(tool: str, identity: str, *args: str) -> list[str]:
+        cred = pki.device(identity)
+        return [tool, "-h", "127.0.0.1", "-p", str(broker.port), "--cafile", str(pki.chain), "--cert",
+                str(cred.cert), "--key", str(cred.key), "--tls-version", "tlsv1.3", "-i", identity, "-V",
+                "mqttv311", "-q", "1", *args]
+
+    broker = start()
+    good, forged = tmp_path / "good.json", tmp_path / "forged.json"
+    good.write_bytes(release.offer(IMAGE, version=6))
+    forged.write_bytes(make_offer(release.manifest(IMAGE, version=7, signed_by=[signer(), signer()])))
+    sub = subprocess.Popen(mosq("mosquitto_sub", "pump-17", "-t", TOPIC, "-C", "1", "-W", "10"),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        broker.wait_event("subscription.granted")
+        subprocess.run(mosq("mosquitto_pub", "sensor-01", "-t", TOPIC, "-f", str(forged)), check=True, timeout=10)
+        broker.wait_event("firmware.rejected", "unknown_key")
+        subprocess.run(mosq("mosquitto_pub", "sensor-01", "-t", TOPIC, "-f", str(good)), check=True, timeout=10)
+        out, err = sub.communicate(timeout=15)
+    finally:
+        sub.kill()
+        sub.wait()
+    assert out.rstrip(b"\n") == good.read_bytes(), err  # only the genuine offer, byte for byte
