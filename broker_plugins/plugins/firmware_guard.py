@@ -10,13 +10,14 @@ offer is refused outright (it would replay itself to every future subscriber).
 The trusted state (root and version floor per class) is loaded once at start-up from the
 pinned root and the state file, and written back atomically whenever an accepted offer
 moves it forward, so a broker restart does not reopen a rollback window. If it cannot be
-loaded, every offer is refused (fail closed) and the error is logged; the next offer tries
-to load it again (the pinned root may be installed after the broker started).
+loaded, every offer is refused (fail closed) and the error is logged; offers try to load it
+again, at most once a second (the pinned root may be installed after the broker started).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 from amqtt.plugins.base import BasePlugin
@@ -30,6 +31,9 @@ from edge_core.firmware_trust import FirmwareTrust
 
 __all__ = ["FirmwareGuardPlugin"]
 
+#: While the trust is unusable, at most one attempt per second to load it again.
+_RETRY = timedelta(seconds=1)
+
 
 class FirmwareGuardPlugin(BasePlugin[Any]):
     @dataclass
@@ -39,6 +43,7 @@ class FirmwareGuardPlugin(BasePlugin[Any]):
     def __init__(self, context: Any) -> None:
         super().__init__(context)
         self.trust: FirmwareTrust | None = None
+        self._last_load: datetime | None = None
         self._load()
 
     def _load(self) -> None:
@@ -46,6 +51,7 @@ class FirmwareGuardPlugin(BasePlugin[Any]):
         assert isinstance(runtime, BrokerRuntime)
         settings = runtime.settings.firmware
         assert settings is not None
+        self._last_load = runtime.clock.now()
         try:
             pinned = _read(settings.root, "pinned firmware root")
             state = settings.state.read_bytes() if settings.state.exists() else None
@@ -72,7 +78,7 @@ class FirmwareGuardPlugin(BasePlugin[Any]):
                                 topic=topic, **fields)
             return False
 
-        if self.trust is None:
+        if self.trust is None and (self._last_load is None or runtime.clock.now() - self._last_load >= _RETRY):
             self._load()  # the pinned root may have been installed since start-up
         trust = self.trust
         if trust is None:

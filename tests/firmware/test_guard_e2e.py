@@ -47,9 +47,14 @@ def release(tmp_path: Path) -> Release:
 
 
 @pytest.fixture
-def start(start_broker: StartBroker, tmp_path: Path, registry_file: Path, release: Release):  # type: ignore[no-untyped-def]
+def clock() -> ManualClock:
+    return ManualClock(NOW)
+
+
+@pytest.fixture
+def start(start_broker: StartBroker, tmp_path: Path, registry_file: Path, release: Release,  # type: ignore[no-untyped-def]
+          clock: ManualClock):
     with_classes(registry_file)
-    clock = ManualClock(NOW)
 
     def go() -> BrokerThread:
         return start_broker(acl=write_acl(tmp_path, FIRMWARE_ACL), clock=clock,
@@ -165,3 +170,22 @@ def test_offers_from_mosquitto_clients(start, pki: DevPki, release: Release, tmp
         sub.kill()
         sub.wait()
     assert out.rstrip(b"\n") == good.read_bytes(), err  # only the genuine offer, byte for byte
+
+
+def test_a_root_installed_after_start_is_picked_up(start, pki: DevPki, release: Release, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                    clock: ManualClock) -> None:
+    (tmp_path / "root.json").unlink()
+    broker = start()
+    publisher = connect(broker, pki, "sensor-01")
+    try:
+        publisher.publish(TOPIC, release.offer(IMAGE))
+        broker.wait_event("firmware.rejected", "no_firmware_trust")
+        (tmp_path / "root.json").write_bytes(release.chain[0])
+        publisher.publish(TOPIC, release.offer(IMAGE))  # within a second: no new attempt yet
+        broker.wait_event("firmware.rejected", "no_firmware_trust", count=2)
+        assert broker.events.count("firmware.config_error") == 1
+        clock.advance(timedelta(seconds=1))
+        publisher.publish(TOPIC, release.offer(IMAGE))
+        broker.wait_event("firmware.accepted")
+    finally:
+        publisher.close()
