@@ -122,3 +122,12 @@ def test_a_single_key_root_needs_the_unsafe_flag(tmp_path: Path, capsys: pytest.
     code, out = run(capsys, "firmware", "root", "-c", cfg, "--version", "1", "--release-threshold", "1",
                     "--unsafe-single-key")
     assert code == 0
+
+
+def test_shipped_settings_load() -> None:
+    from gateway_agent.firmware_settings import load_firmware_settings
+
+    shipped = load_firmware_settings(Path(__file__).resolve().parents[2] / "configs" / "firmware.yaml")
+    assert shipped.token is not None and shipped.token.pin_env == "FIRMWARE_TOKEN_PIN"
+    assert shipped.publish is not None and shipped.publish.rollout.max_failures == 0
+    assert shipped.release_keys == ("release-1", "release-2") and not shipped.unsafe_files
