@@ -31,7 +31,8 @@ from cryptography.hazmat.primitives import serialization
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from devices_steps import DemoKit, devices_section  # noqa: E402  (demo/ is on sys.path: run as a script)
+from devices_steps import DemoKit, devices_section  # noqa: E402 - demo/ is the script directory
+from firmware_steps import firmware_section  # noqa: E402 - demo/ is the script directory
 
 from device_client.client import DeviceClient, DeviceConfig  # noqa: E402
 from device_client.commands import DeviceCommandVerifier  # noqa: E402
@@ -274,6 +275,7 @@ async def main(started: float, verifier: DeviceCommandVerifier, agent: subproces
     kit = DemoKit(run, step, say, try_connect, device_config, wait_for_refusal, count)
     await devices_section(kit, agent, agent_config, CERTS)
     await validation_section()
+    await firmware_section(run=run, say=say, step=step, wait_for_refusal=wait_for_refusal, count=count)
     await renewal_section(agent_config, overlap_s)
 
     step("Broker counters (edge-broker status)")
