@@ -58,14 +58,6 @@ def add_parser(sub: Any) -> None:
 
 def _init_dev(args: argparse.Namespace) -> int:
     ca = init_dev(args.out, devices=args.devices, device_ids=args.device_ids, force=args.force)
-    if args.force:
-        for stale in ("revoked.json", "crl"):  # a new CA starts with no revocations and CRL number 1
-            path = ca.dir / stale
-            if path.is_file():
-                path.unlink()
-            elif path.is_dir():
-                for child in path.iterdir():
-                    child.unlink()
     issue_crl(ca)
     validation = make_validation_key(ca.dir / "agent", force=True)
     print(f"dev PKI written to {ca.dir}")

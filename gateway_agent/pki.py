@@ -315,6 +315,15 @@ def init_dev(
         raise ConfigError(
             f"{out_dir} already holds a CA", hint="pass --force to replace it (all existing certificates die)"
         )
+    if force:
+        # A new CA starts with no revocations, no issuance ledger and CRL number 1.
+        for stale in ("revoked.json", "crl", "issued"):
+            path = out_dir / stale
+            if path.is_file():
+                path.unlink()
+            elif path.is_dir():
+                for child in path.iterdir():
+                    child.unlink()
     now = clock.now()
     root = new_root("Edge Dev Root CA", now)
     issuing = new_intermediate(root, "Edge Dev Issuing CA", now)

@@ -145,3 +145,14 @@ def test_pki_verbs_revoke_and_crl(ca: FileCA, capsys: pytest.CaptureFixture[str]
     args = parser.parse_args(["revoke", "not-a-device", "--ca-dir", str(ca.dir)])
     with pytest.raises(ConfigError, match="neither a device"):
         args.func(args)
+
+
+def test_init_dev_force_starts_a_new_ca_without_old_revocations(tmp_path: Path) -> None:
+    """A revoked device of the old dev CA used to make `init-dev --force` stop half-way."""
+    ca = init_dev(tmp_path / "certs-dev", device_ids=["pump-17"], clock=ManualClock(NOW))
+    revoke(ca, "pump-17", "key_compromise")
+    issue_crl(ca)
+    again = init_dev(tmp_path / "certs-dev", device_ids=["pump-17"], force=True, clock=ManualClock(NOW))
+    assert RevocationStore(again).entries() == ()
+    assert [c.serial_number for c in again.certificates_of("pump-17")] == [
+        load_cert(again.device_paths("pump-17")[0]).serial_number]
