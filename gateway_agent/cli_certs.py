@@ -125,7 +125,7 @@ def _renew(args: argparse.Namespace) -> int:
         return 1
     if device.current.state is CertState.REVOKED:
         print(f"error: device {args.device} is revoked; a revoked device is never renewed "
-              f"(re-enrol it with `gateway-agent devices enroll`)", file=sys.stderr)
+              f"(re-enrol it on purpose: `gateway-agent devices add|enroll ... --reinstate`)", file=sys.stderr)
         return 1
     path = request_renewal(settings.lifecycle, args.device)
     deadline = time.monotonic() + args.wait

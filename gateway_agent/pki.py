@@ -263,7 +263,8 @@ class FileCA:
             return None
         return CredentialError("device_revoked", f"device {identity} was revoked ({blocked.reason}, "
                                f"{blocked.revoked_at:%Y-%m-%d}); the CA issues nothing for it",
-                               hint=f"re-enrol it on purpose: `gateway-agent devices enroll {identity} --csr ...`")
+                               hint=f"re-enrol it on purpose: `gateway-agent devices enroll {identity} "
+                                    "--csr ... --reinstate`")
 
     # loading ---------------------------------------------------------------
     def issuing(self) -> IssuingCA:
