@@ -30,7 +30,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from edge_core import yamlsrc
-from edge_core.errors import ConfigError
+from edge_core.errors import ConfigError, CredentialError
 from edge_core.identity import check_identity
 from edge_core.topics import MULTI_LEVEL, SEPARATOR, SINGLE_LEVEL, TopicFilter, filters_overlap, topic_name_problem
 
@@ -325,7 +325,7 @@ def parse_uplink_config(text: bytes, *, source: str, base_dir: Path) -> UplinkCo
         value = top.take(key, str, required=True)
         try:
             check_identity(value)
-        except ValueError as exc:
+        except (ValueError, CredentialError) as exc:
             raise top.error(key, f"uplink settings: {key}: {exc}") from exc
         names[key] = value
 
@@ -344,7 +344,7 @@ def parse_uplink_config(text: bytes, *, source: str, base_dir: Path) -> UplinkCo
                       keepalive=int(_positive(lsec, "keepalive", int, 30, most=3600)))
     try:
         check_identity(local.client_id)
-    except ValueError as exc:
+    except (ValueError, CredentialError) as exc:
         raise lsec.error("client_id", f"local.client_id: {exc}") from exc
     lsec.done()
 

@@ -1,0 +1,77 @@
+"""The uplink service in-process against our real broker, with the cloud unreachable: bounds, alarms, reload."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from edge_core.events import SecurityEvents
+from edge_core.uplink_rules import load_uplink_config
+from gateway_agent.uplink import UplinkService
+from gateway_agent.uplink_devcloud import MosquittoCloud
+from tests.support.broker import BrokerThread
+from tests.support.mqtt import Device
+from tests.support.pki import DevPki
+from tests.uplink.conftest import free_port, needs_mosquitto, write_uplink_config
+
+pytestmark = [pytest.mark.integration, needs_mosquitto]
+
+
+async def _until(predicate: object, limit_s: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + limit_s
+    while not predicate():  # type: ignore[operator]
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0.05)
+
+
+async def test_full_queue_drops_oldest_with_an_alarm_and_reload_is_all_or_nothing(
+    local_broker: BrokerThread, cloud: MosquittoCloud, pki: DevPki, tmp_path: Path,
+) -> None:
+    cloud.stop()  # unreachable for the whole test
+    path = write_uplink_config(tmp_path, local_port=local_broker.port, cloud=cloud, pki=pki,
+                               status_port=free_port(), max_bytes=20 * 74)
+    events = SecurityEvents("uplink-test")
+    service = UplinkService(load_uplink_config(path), events=events)
+    task = asyncio.create_task(service.run())
+    device = Device(local_broker.port, pki.chain, pki.device("sensor-02"), "sensor-02")
+    try:
+        await _until(lambda: service.local_up)
+        assert await asyncio.to_thread(device.connect) == 0
+        for n in range(30):  # each message: 60-byte cloud topic + 14-byte payload = 74 bytes
+            await asyncio.to_thread(device.publish, "devices/sensor-02/telemetry/seq", f"{n:014d}".encode())
+        await _until(lambda: service.counters.received == 30)
+        assert service.queue is not None
+        kept = [int(m.payload) for m in service.queue.peek(0, 100)]
+        assert kept == list(range(10, 30))  # drop_oldest: the newest 20 survive
+        assert service.status()["dropped"] == {"drop_oldest": 10}
+        assert events.count("uplink.queue_alarm", "high_watermark") == 1
+        assert events.count("uplink.queue_overflow", "drop_oldest") >= 1
+        assert service.gauges()["uplink_queue_depth"] == 20
+        assert events.count("uplink.cloud_unreachable") >= 1
+        assert not service.cloud_up
+
+        # a broken file: refused with file and line, the running rules stay
+        good = path.read_text()
+        path.write_text(good.replace("to: devices/{1}/cmd/{2}", "to: devices/{1}/cmd/{3}"))
+        before = service.config
+        assert service.reload() is False
+        failed = events.recent("uplink.reload_failed")[-1]
+        assert failed["file"] == str(path) and failed["line"] == good.splitlines().index(
+            "    to: devices/{1}/cmd/{2}") + 1
+        assert service.config is before
+        # a good one: swapped in whole, the sessions restart, the queue is kept
+        path.write_text(good.replace("gateways/{gateway}/devices/{1}/telemetry/{#}",
+                                     "gateways/{gateway}/v2/devices/{1}/telemetry/{#}"))
+        assert service.reload() is True
+        await _until(lambda: service.counters.local_connects >= 2)
+        moved = service.config.cloud_topic("devices/a/telemetry/x")
+        assert moved == "sites/plant-a/gateways/gw-01/v2/devices/a/telemetry/x"
+        assert service.queue.stats().depth == 20
+    finally:
+        await asyncio.to_thread(device.close)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await service.close()
