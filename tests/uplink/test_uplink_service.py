@@ -10,11 +10,11 @@ import pytest
 from edge_core.events import SecurityEvents
 from edge_core.uplink_rules import load_uplink_config
 from gateway_agent.uplink import UplinkService
-from gateway_agent.uplink_devcloud import MosquittoCloud
+from gateway_agent.uplink_devcloud import CloudPki, MosquittoCloud
 from tests.support.broker import BrokerThread
 from tests.support.mqtt import Device
 from tests.support.pki import DevPki
-from tests.uplink.conftest import free_port, needs_mosquitto, write_uplink_config
+from tests.uplink.conftest import CloudClient, free_port, needs_mosquitto, write_uplink_config
 
 pytestmark = [pytest.mark.integration, needs_mosquitto]
 
@@ -75,3 +75,73 @@ async def test_full_queue_drops_oldest_with_an_alarm_and_reload_is_all_or_nothin
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await service.close()
+
+
+async def _ack_after_disk(service: UplinkService, publish: object) -> None:
+    """The disk write fails: no PUBACK goes out, so the broker still owes the message; it arrives later."""
+    task = asyncio.create_task(service.run())
+    try:
+        await _until(lambda: service.local_up)
+        assert service.queue is not None
+        real_put = service.queue.put_many
+        failures: list[int] = []
+
+        def disk_full(items: list[tuple[str, bytes, int]]) -> object:
+            failures.append(len(items))
+            raise OSError(28, "No space left on device")
+
+        service.queue.put_many = disk_full  # type: ignore[method-assign]
+        await asyncio.to_thread(publish)  # type: ignore[arg-type]
+        with pytest.raises(OSError):
+            await asyncio.wait_for(task, 10)  # the service fails (the daemon's supervisor restarts it)
+        assert failures == [1]
+        service.queue.put_many = real_put  # type: ignore[method-assign]
+        task = asyncio.create_task(service.run())  # what the supervisor does
+        await _until(lambda: service.queue is not None and service.queue.stats().depth == 1)
+        assert [m.payload for m in service.queue.peek(0, 10)] == [b"precious"]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await service.close()
+
+
+async def test_ack_only_after_disk_against_a_conformant_local_broker(
+    cloud: MosquittoCloud, cloud_pki: CloudPki, pki: DevPki, tmp_path: Path,
+) -> None:
+    """A mosquitto standing in for the local broker: it re-sends the unacknowledged QoS 1 message (MQTT 3.1.1 4.4)."""
+    cloud.stop()
+    local = MosquittoCloud(cloud_pki, tmp_path / "local-mosquitto")
+    local.acl.write_text("user gw-01\ntopic read devices/#\n\nuser cloud-app\ntopic write devices/#\n")
+    local.start()
+    try:
+        path = write_uplink_config(tmp_path, local_port=local.port, cloud=cloud, pki=pki, status_port=free_port())
+        text = path.read_text()
+        cred = tmp_path / "uplink-cred"
+        text = (text.replace(f"ca: {pki.chain}", f"ca: {cloud_pki.ca}")
+                .replace(str(cred / "gateway-uplink.crt"), str(cloud_pki.cert("gw-01")))
+                .replace(str(cred / "gateway-uplink.key"), str(cloud_pki.key("gw-01"))))
+        path.write_text(text)
+        service = UplinkService(load_uplink_config(path), events=SecurityEvents("uplink-test"))
+        device = CloudClient(local, "cloud-app", persistent=False)
+        try:
+            await _ack_after_disk(service, lambda: device.publish("devices/sensor-02/telemetry/x", b"precious"))
+        finally:
+            device.close()
+    finally:
+        local.stop()
+
+
+@pytest.mark.xfail(strict=True, reason="the current broker engine does not re-send unacknowledged QoS 1 messages "
+                                       "when a persistent session resumes (MQTT 3.1.1 4.4); see docs/uplink.md")
+async def test_ack_only_after_disk_against_our_broker(
+    local_broker: BrokerThread, cloud: MosquittoCloud, pki: DevPki, tmp_path: Path,
+) -> None:
+    cloud.stop()
+    path = write_uplink_config(tmp_path, local_port=local_broker.port, cloud=cloud, pki=pki, status_port=free_port())
+    service = UplinkService(load_uplink_config(path), events=SecurityEvents("uplink-test"))
+    device = Device(local_broker.port, pki.chain, pki.device("sensor-02"), "sensor-02")
+    assert device.connect() == 0
+    try:
+        await _ack_after_disk(service, lambda: device.publish("devices/sensor-02/telemetry/x", b"precious"))
+    finally:
+        await asyncio.to_thread(device.close)
