@@ -61,10 +61,7 @@ class _CloudApp:
 
     def __init__(self, cloud: MosquittoCloud) -> None:
         self.got: list[str] = []
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-        ctx.load_verify_locations(cafile=cloud.pki.ca)
-        ctx.load_cert_chain(cloud.pki.cert("cloud-app"), cloud.pki.key("cloud-app"))
+        ctx = cloud.pki.client_context("cloud-app")
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="cloud-app", clean_session=False,
                                   protocol=mqtt.MQTTv311)
         self.client.tls_set_context(ctx)
@@ -174,9 +171,7 @@ def uplink_section(*, root: Path, certs: Path, bin_dir: Path, device: DeviceConf
 
 
 def _cloud_publish(cloud: MosquittoCloud, topic: str, payload: bytes) -> None:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.load_verify_locations(cafile=cloud.pki.ca)
-    ctx.load_cert_chain(cloud.pki.cert("cloud-operator"), cloud.pki.key("cloud-operator"))
+    ctx = cloud.pki.client_context("cloud-operator")
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="cloud-operator", protocol=mqtt.MQTTv311)
     client.tls_set_context(ctx)
     client.connect("127.0.0.1", cloud.port)

@@ -23,13 +23,13 @@ refused at load.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 from edge_core import yamlsrc
+from edge_core.binds import loopback_bind
 from edge_core.errors import ConfigError, CredentialError
 from edge_core.identity import check_identity
 from edge_core.topics import MULTI_LEVEL, SEPARATOR, SINGLE_LEVEL, TopicFilter, filters_overlap, topic_name_problem
@@ -202,18 +202,6 @@ def load_uplink_config(path: Path | str) -> UplinkConfig:
     return parse_uplink_config(text, source=str(p), base_dir=p.resolve().parent)
 
 
-def _loopback_bind(value: str, sec: yamlsrc.Section, key: str) -> tuple[str, int]:
-    host, _, port = value.rpartition(":")
-    host = host.strip("[]")
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback or not port.isdigit():
-        raise sec.error(key, f"{sec.what}.{key} must be a loopback host:port; the uplink listens toward nothing else")
-    return host, int(port)
-
-
 def _positive(sec: yamlsrc.Section, key: str, kind: type[int] | type[float], default: float,
               *, most: float | None = None) -> float:
     value: float = sec.take(key, kind, default)
@@ -332,7 +320,7 @@ def parse_uplink_config(text: bytes, *, source: str, base_dir: Path) -> UplinkCo
     status_bind = None
     ssec = top.sub("status")
     if ssec is not None:
-        status_bind = _loopback_bind(ssec.take("bind", str, "127.0.0.1:9466"), ssec, "bind")
+        status_bind = loopback_bind(ssec.take("bind", str, "127.0.0.1:9466"), ssec, "bind", who="the uplink")
         ssec.done()
 
     lsec = top.sub("local", required=True)

@@ -22,9 +22,9 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 from edge_core import yamlsrc
+from edge_core.binds import is_loopback, split_bind
 from edge_core.errors import ConfigError
 
 __all__ = [
@@ -289,9 +289,18 @@ def _get(node: Any, *path: str) -> tuple[Any, int | None]:
     return node, line
 
 
-def _split_bind(value: str) -> tuple[str, int | None]:
-    host, _, port = value.rpartition(":")
-    return host.strip("[]"), int(port) if port.isdigit() else None
+def _split_url(url: str) -> tuple[str, str, int | None]:
+    """Scheme, host and port of ``scheme://[user@]host[:port]/...`` (the core parses no URLs beyond this)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "", "", None
+    authority = rest.split("/", 1)[0].split("?", 1)[0].rsplit("@", 1)[-1]
+    if authority.startswith("["):
+        host, _, tail = authority[1:].partition("]")
+        port_text = tail[1:] if tail.startswith(":") else ""
+    else:
+        host, _, port_text = authority.partition(":")
+    return scheme.lower(), host.lower(), int(port_text) if port_text.isdigit() else None
 
 
 class _Checker:
@@ -306,21 +315,21 @@ class _Checker:
     def loopback_only(self, value: Any, line: int | None, what: str) -> None:
         if not isinstance(value, str):
             return
-        host, _ = _split_bind(value)
-        if not _is_loopback(host):
+        host, _ = split_bind(value)
+        if not is_loopback(host):
             self.add("not_loopback", line, f"{what} {value} must be on loopback; it serves this gateway only")
 
     def listener(self, value: Any, line: int | None, what: str) -> None:
         """A listener devices reach: loopback, or an address on an interface with an inbound conduit."""
         if not isinstance(value, str):
             return
-        host, port = _split_bind(value)
+        host, port = split_bind(value)
         if host in ("", "0.0.0.0", "::", "*"):  # noqa: S104 - we are detecting wildcard binds
             if self.model.interfaces_facing(3) or self.model.interfaces_facing(4):
                 self.add("wildcard_listener", line, f"{what} binds {value}: every address, so also the Zone 3 "
                                                     "interface; bind the Zone 1 address instead")
             return
-        if _is_loopback(host):
+        if is_loopback(host):
             return
         try:
             address = ipaddress.ip_address(host)
@@ -372,15 +381,6 @@ class _Checker:
                              f"in {self.model.source}")
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def check_broker(model: ZoneModel, doc: Any, *, source: str) -> list[Violation]:
     """``broker.yaml``: listeners only toward Zone 1 conduits or loopback, no plaintext, status on loopback."""
     chk = _Checker(model, source)
@@ -406,16 +406,16 @@ def check_agent(model: ZoneModel, doc: Any, *, source: str) -> list[Violation]:
             url = item.get("url") if isinstance(item, dict) else None
             if not isinstance(url, str):
                 continue  # a file source crosses no conduit
-            parts = urlsplit(url)
+            scheme, hostname, url_port = _split_url(url)
             item_line = _line(item, "url") or lines[index]
-            if parts.scheme != "https":
+            if scheme != "https":
                 chk.add("plaintext_fetch", item_line, f"crl.sources[{index}] {url} is not HTTPS; a CRL is signed, "
                                                       "but a plaintext conduit is still one")
                 continue
-            chk.outbound(parts.hostname or "", parts.port or 443, "https", item_line, f"crl.sources[{index}]",
+            chk.outbound(hostname, url_port or 443, "https", item_line, f"crl.sources[{index}]",
                          "crl_source_without_conduit")
     host, line = _get(doc, "broker", "host")
-    if isinstance(host, str) and not _is_loopback(host):
+    if isinstance(host, str) and not is_loopback(host):
         chk.add("not_loopback", line, f"broker.host {host} must be loopback: the agent talks to this gateway's "
                                       "broker only")
     value, line = _get(doc, "status", "bind")
@@ -431,7 +431,7 @@ def check_uplink(model: ZoneModel, doc: Any, *, source: str) -> list[Violation]:
     if isinstance(host, str):
         chk.outbound(host, port if isinstance(port, int) else 8883, "mqtt-tls", line, "cloud", "uplink_without_conduit")
     local, line = _get(doc, "local", "host")
-    if isinstance(local, str) and not _is_loopback(local):
+    if isinstance(local, str) and not is_loopback(local):
         chk.add("not_loopback", line, f"local.host {local} must be loopback: the uplink subscribes on this "
                                       "gateway's broker only")
     value, line = _get(doc, "status", "bind")

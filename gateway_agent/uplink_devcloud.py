@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from edge_core.errors import ConfigError
 from edge_core.files import atomic_write_bytes, atomic_write_text
 from edge_core.identity import spki_pin
 from edge_core.registry import DeviceEntry, Registry, dump_registry, parse_registry
+from edge_runtime.tls import client_tls_context
 from gateway_agent.pki import FileCA, cert_pem, issue_leaf, key_pem, new_intermediate, new_root
 
 __all__ = ["CloudPki", "MosquittoCloud", "enroll_dev_uplink", "free_port", "init_cloud_pki"]
@@ -51,6 +53,10 @@ class CloudPki:
 
     def key(self, name: str) -> Path:
         return self.dir / f"{name}.key"
+
+    def client_context(self, name: str) -> ssl.SSLContext:
+        """TLS 1.3 toward the cloud broker as client ``name`` (its certificate's CN is its username)."""
+        return client_tls_context(self.ca, self.cert(name), self.key(name))
 
 
 def init_cloud_pki(out: Path, *, gateway: str = "gw-01") -> CloudPki:

@@ -7,7 +7,6 @@ import os
 import queue
 import shutil
 import signal
-import ssl
 import subprocess
 import sys
 import threading
@@ -182,10 +181,7 @@ class CloudClient:
         self.received: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.subscriptions: list[str] = []
         self.connected = threading.Event()
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-        ctx.load_verify_locations(cafile=cloud.pki.ca)
-        ctx.load_cert_chain(cloud.pki.cert(name), cloud.pki.key(name))
+        ctx = cloud.pki.client_context(name)
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=name, clean_session=not persistent,
                                   protocol=mqtt.MQTTv311)
         self.client.tls_set_context(ctx)

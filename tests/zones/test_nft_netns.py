@@ -132,6 +132,9 @@ class Lab:
         for proc in self.servers:
             proc.kill()
             proc.wait(5)
+            for pipe in (proc.stdin, proc.stdout):
+                if pipe is not None:
+                    pipe.close()
         for ns in (self.gw, self.z1, self.z3):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
 
