@@ -10,6 +10,7 @@ import pytest
 
 from edge_core.clock import ManualClock
 from edge_core.envelope import sign_command
+from gateway_agent.cli import main
 from gateway_agent.commanding import load_signing_key
 from gateway_agent.pki import new_key
 from gateway_agent.uplink_devcloud import MosquittoCloud
@@ -129,5 +130,6 @@ def test_forged_downlink_command_is_refused_by_the_broker(
         local_broker.wait_event("command.accepted", timeout=5)
         status = uplink.wait(lambda s: s["downlink"]["forwarded"] >= 2, what="two downlink messages")
         assert status["downlink"]["refused"] == {}
+        assert main(["uplink", "status", "-c", str(uplink.config)]) == 0
     finally:
         device.close()

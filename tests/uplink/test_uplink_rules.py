@@ -83,3 +83,15 @@ def test_bad_settings_are_refused(old: str, new: str, words: str) -> None:
         _parse(text.replace(old, new).encode())
     assert words in str(err.value)
     assert err.value.line is not None
+
+
+def test_cli_check_prints_rules_or_the_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway_agent.cli import main
+
+    assert main(["uplink", "check", "-c", str(SHIPPED)]) == 0
+    out = capsys.readouterr().out
+    assert "downlink line 53: sites/plant-a/gateways/gw-01/devices/+/cmd/+ -> devices/{1}/cmd/{2}" in out
+    bad = tmp_path / "uplink.yaml"
+    bad.write_text(SHIPPED.read_text().replace("to: devices/{1}/cmd/{2}", "to: sensors/{1}"))
+    assert main(["uplink", "check", "-c", str(bad)]) == 1
+    assert f"{bad}:54: downlink[0]" in capsys.readouterr().err
