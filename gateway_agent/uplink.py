@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 import ssl
 import time
@@ -76,6 +77,64 @@ class UplinkCounters:
     def drop(self, reason: str, n: int = 1, table: str = "dropped") -> None:
         target: dict[str, int] = getattr(self, table)
         target[reason] = target.get(reason, 0) + n
+
+
+class _Window:
+    """The messages in flight to the cloud, and the acknowledged ones on their way out of the queue.
+
+    Completions arrive by callback (no scan of the whole window per PUBACK); deletions run in
+    one worker-thread call per batch, overlapped with publishing.
+    """
+
+    def __init__(self, queue: StoreAndForwardQueue, size: int) -> None:
+        self.queue = queue
+        self.size = size
+        self.inflight: dict[int, asyncio.Task[None]] = {}
+        self.done: list[int] = []
+        self.changed = asyncio.Event()
+        self._to_remove: list[int] = []
+        self._remover: asyncio.Task[None] | None = None
+
+    def add(self, seq: int, task: asyncio.Task[None]) -> None:
+        self.inflight[seq] = task
+        task.add_done_callback(functools.partial(self._completed, seq))
+
+    def _completed(self, seq: int, _task: object) -> None:
+        self.done.append(seq)
+        self.changed.set()
+
+    def take_done(self) -> list[int]:
+        """The acknowledged sequence numbers; raises ``MqttError`` for a publish that failed."""
+        self.changed.clear()
+        acked: list[int] = []
+        done, self.done = self.done, []
+        for seq in done:
+            task = self.inflight.get(seq)
+            if task is None:
+                continue
+            if task.cancelled() or task.exception() is not None:
+                exc = None if task.cancelled() else task.exception()
+                raise aiomqtt.MqttError(f"publish failed: {exc}") from exc
+            del self.inflight[seq]
+            acked.append(seq)
+        return acked
+
+    def remove_soon(self, seqs: list[int]) -> None:
+        self._to_remove.extend(seqs)
+        if self._to_remove and (self._remover is None or self._remover.done()):
+            self._remover = asyncio.create_task(self._remove())
+
+    async def _remove(self) -> None:
+        while self._to_remove:
+            batch, self._to_remove = self._to_remove, []
+            await asyncio.to_thread(self.queue.remove, batch)
+
+    async def flush(self) -> None:
+        if self._remover is not None:
+            with contextlib.suppress(Exception):
+                await self._remover
+        if self._to_remove:
+            await self._remove()
 
 
 class UplinkService:
@@ -274,59 +333,51 @@ class UplinkService:
     async def _drain(self, client: aiomqtt.Client, watcher: asyncio.Task[None]) -> None:
         """Publish in order with a window of unacknowledged messages; delete each on its PUBACK."""
         assert self.queue is not None
-        queue = self.queue
-        window = self.config.cloud.inflight
-        timeout = self.config.cloud.publish_timeout
-        inflight: dict[int, asyncio.Task[None]] = {}
-        after = 0
-        last_expiry = time.monotonic()
+        window = _Window(self.queue, self.config.cloud.inflight)
         try:
-            await self._drain_loop(client, watcher, queue, inflight, window, timeout, after, last_expiry)
+            await self._drain_loop(client, watcher, window)
         finally:
+            # acknowledged: delete them now, or a reconnect would send them again
+            await window.flush()
             # sent but not acknowledged: the cloud may have them already, so they may arrive twice
-            self._unconfirmed |= set(inflight)
-            for task in inflight.values():
+            self._unconfirmed |= set(window.inflight)
+            for task in window.inflight.values():
                 task.cancel()
 
-    async def _drain_loop(self, client: aiomqtt.Client, watcher: asyncio.Task[None], queue: StoreAndForwardQueue,
-                          inflight: dict[int, asyncio.Task[None]], window: int, publish_timeout: float, after: int,
-                          last_expiry: float) -> None:
+    async def _drain_loop(self, client: aiomqtt.Client, watcher: asyncio.Task[None], window: _Window) -> None:
+        publish_timeout = self.config.cloud.publish_timeout
+        after = 0
+        last_expiry = time.monotonic()
         while True:
-            if len(inflight) < window:
-                batch = await asyncio.to_thread(queue.peek, after, window - len(inflight))
-                for entry in batch:
+            room = window.size - len(window.inflight)
+            if room > 0:
+                for entry in await asyncio.to_thread(window.queue.peek, after, room):
                     if entry.seq in self._unconfirmed:
                         self._unconfirmed.discard(entry.seq)
                         self.counters.resent += 1
                     # tasks start in creation order, so paho writes the PUBLISHes in queue order
-                    inflight[entry.seq] = asyncio.create_task(
-                        client.publish(entry.topic, entry.payload, qos=1, timeout=publish_timeout))
+                    window.add(entry.seq, asyncio.create_task(
+                        client.publish(entry.topic, entry.payload, qos=1, timeout=publish_timeout)))
                     after = entry.seq
-            self._wake.clear()
-            waiters: list[asyncio.Future[Any]] = [watcher, *inflight.values()]
-            wake = asyncio.create_task(self._wake.wait())
-            if len(inflight) < window:
-                waiters.append(wake)
-            try:
-                await asyncio.wait(waiters, timeout=_IDLE_POLL, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                wake.cancel()
+            if not window.done:
+                self._wake.clear()
+                waiters: list[asyncio.Future[Any]] = [watcher, asyncio.ensure_future(window.changed.wait())]
+                if len(window.inflight) < window.size:
+                    waiters.append(asyncio.ensure_future(self._wake.wait()))
+                try:
+                    await asyncio.wait(waiters, timeout=_IDLE_POLL, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for waiter in waiters[1:]:
+                        waiter.cancel()
             if watcher.done():
                 watcher.result()  # raises the disconnect
                 raise aiomqtt.MqttError("downlink reader stopped")
-            acked = [seq for seq, task in inflight.items() if task.done()]
-            for seq in acked:
-                task = inflight.pop(seq)
-                if task.cancelled() or task.exception() is not None:
-                    inflight[seq] = task  # still unconfirmed
-                    exc = None if task.cancelled() else task.exception()
-                    raise aiomqtt.MqttError(f"publish failed: {exc}") from exc
-            if acked:
-                await asyncio.to_thread(queue.remove, acked)
-                self.counters.forwarded += len(acked)
+            acked = window.take_done()
+            self.counters.forwarded += len(acked)
+            window.remove_soon(acked)
             if time.monotonic() - last_expiry > 10:
                 last_expiry = time.monotonic()
-                self._account(PutReport(stored=0, expired=await asyncio.to_thread(queue.expire)))
+                self._account(PutReport(stored=0, expired=await asyncio.to_thread(window.queue.expire)))
 
     async def _downlink(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
