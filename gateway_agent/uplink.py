@@ -79,6 +79,25 @@ class UplinkCounters:
         target[reason] = target.get(reason, 0) + n
 
 
+class _SocketTrackingContext(ssl.SSLContext):
+    """Remembers the sockets it wrapped: paho leaves the socket of a failed TLS handshake open, and
+    an uplink retrying a refusing cloud for hours would leak one per attempt."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__()
+        self.sockets: list[ssl.SSLSocket] = []
+
+    def wrap_socket(self, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        sock = super().wrap_socket(*args, **kwargs)
+        self.sockets.append(sock)
+        return sock
+
+    def close_all(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+        self.sockets.clear()
+
+
 class _Window:
     """The messages in flight to the cloud, and the acknowledged ones on their way out of the queue.
 
@@ -203,15 +222,17 @@ class UplinkService:
 
     # -- local side: broker -> disk ------------------------------------------------------------
 
-    def _tls(self, ca: Any, cert: Any, key: Any) -> ssl.SSLContext:
-        return client_tls_context(ca, cert, key)
+    def _tls(self, ca: Any, cert: Any, key: Any) -> _SocketTrackingContext:
+        ctx = client_tls_context(ca, cert, key, context_class=_SocketTrackingContext)
+        assert isinstance(ctx, _SocketTrackingContext)
+        return ctx
 
     async def _local_loop(self) -> None:
         link = self.config.local
         attempt = 0
         while True:
-            client = aiomqtt.Client(link.host, link.port, identifier=link.client_id,
-                                    tls_context=self._tls(link.ca, link.cert, link.key),
+            tls = self._tls(link.ca, link.cert, link.key)
+            client = aiomqtt.Client(link.host, link.port, identifier=link.client_id, tls_context=tls,
                                     protocol=aiomqtt.ProtocolVersion.V311, clean_session=False,
                                     keepalive=link.keepalive, timeout=10)
             paho = enable_manual_ack(client)  # before CONNECT: a resumed session delivers at once
@@ -237,6 +258,7 @@ class UplinkService:
             finally:
                 self._local = None
                 self.local_up = False
+                tls.close_all()
             await asyncio.sleep(backoff_delay(attempt, initial=0.5, most=10.0, rng=self.rng))
             attempt += 1
 
@@ -326,6 +348,7 @@ class UplinkService:
                                  attempt=attempt)
             finally:
                 self.cloud_up = False
+                ctx.close_all()
             await asyncio.sleep(backoff_delay(attempt, initial=link.backoff_initial, most=link.backoff_max,
                                               rng=self.rng))
             attempt += 1

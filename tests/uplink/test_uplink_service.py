@@ -145,3 +145,28 @@ async def test_ack_only_after_disk_against_our_broker(
         await _ack_after_disk(service, lambda: device.publish("devices/sensor-02/telemetry/x", b"precious"))
     finally:
         await asyncio.to_thread(device.close)
+
+
+async def test_a_cloud_with_the_wrong_certificate_gets_nothing(
+    local_broker: BrokerThread, cloud: MosquittoCloud, pki: DevPki, tmp_path: Path,
+) -> None:
+    """A man in the middle (a broker our cloud CA did not sign): no connection, messages stay queued."""
+    path = write_uplink_config(tmp_path, local_port=local_broker.port, cloud=cloud, pki=pki, status_port=free_port())
+    path.write_text(path.read_text().replace(f"ca: {cloud.pki.ca}", f"ca: {pki.chain}"))  # trust the wrong CA
+    events = SecurityEvents("uplink-test")
+    service = UplinkService(load_uplink_config(path), events=events)
+    device = Device(local_broker.port, pki.chain, pki.device("sensor-02"), "sensor-02")
+    task = asyncio.create_task(service.run())
+    try:
+        await _until(lambda: service.local_up and events.count("uplink.cloud_unreachable") >= 2)
+        assert await asyncio.to_thread(device.connect) == 0
+        await asyncio.to_thread(device.publish, "devices/sensor-02/telemetry/x", b"secret")
+        await _until(lambda: service.queue is not None and service.queue.stats().depth == 1)
+        assert not service.cloud_up and service.counters.forwarded == 0
+        detail = events.recent("uplink.cloud_unreachable")[-1]["detail"]
+        assert "CERTIFICATE_VERIFY_FAILED" in detail or "certificate verify failed" in detail, detail
+    finally:
+        await asyncio.to_thread(device.close)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await service.close()
