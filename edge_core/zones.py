@@ -90,6 +90,8 @@ class Conduit:
     port: int
     hosts: tuple[str, ...]
     line: int | None
+    #: outbound only: the local user (or uid) whose processes may use this conduit; None = any process
+    user: str | None = None
 
     @property
     def inbound(self) -> bool:
@@ -142,6 +144,16 @@ def _int_zone(sec: yamlsrc.Section, key: str) -> int:
     if not 0 <= value <= 4:
         raise sec.error(key, f"{sec.what}.{key}: zone {value} is not 0 .. 4")
     return value
+
+
+def _user(sec: yamlsrc.Section) -> str | None:
+    value = sec.take("user", object, None)
+    if value is None:
+        return None
+    text = str(value)
+    if not (text.isdigit() or (text.replace("-", "").replace("_", "").isalnum() and text[0].isalpha())):
+        raise sec.error("user", f"{sec.what}.user: {text!r} is not a user name or uid")
+    return text
 
 
 def parse_zones(text: bytes, *, source: str) -> ZoneModel:
@@ -198,8 +210,12 @@ def parse_zones(text: bytes, *, source: str) -> ZoneModel:
             raise sec.error("port", f"conduits[{index}].port must be 1 .. 65535, not {port}")
         conduit = Conduit(name=sec.take("name", str, f"conduit-{index}"), source_zone=_int_zone(sec, "from"),
                           target_zone=_int_zone(sec, "to"), protocol=sec.take("protocol", str, required=True),
-                          port=port, hosts=tuple(str(h) for h in sec.take("hosts", list, [])), line=line)
+                          port=port, hosts=tuple(str(h) for h in sec.take("hosts", list, [])), line=line,
+                          user=_user(sec))
         sec.done()
+        if conduit.user is not None and conduit.source_zone != 2:
+            raise sec.error("user", f"conduits[{index}].user: only an outbound conduit (from: 2) can be bound to "
+                                    "the local user that opens it")
         conduits.append(conduit)
     top.done()
     return ZoneModel(gateway=gateway, zones=zones, interfaces=tuple(interfaces), conduits=tuple(conduits),
@@ -519,6 +535,8 @@ def render_nftables(model: ZoneModel, *, table: str = "edge_zones", log: bool = 
                 if hosts and not dst:
                     continue
                 match = f" {ip} daddr {_set(dst)}" if dst else ""
+                if c.user is not None:  # only that user's processes (the uplink daemon) may open it
+                    match += f" meta skuid {c.user}" if c.user.isdigit() else f' meta skuid "{c.user}"'
                 lines.append(f'    oifname "{iface.name}" meta nfproto {"ipv4" if version == 4 else "ipv6"}'
                              f'{match} tcp dport {c.port} ct state new accept '
                              f'comment "{c.name}: Zone 2 -> {c.target_zone} {c.protocol}"')

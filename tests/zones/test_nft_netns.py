@@ -41,7 +41,7 @@ interfaces:
   {{gw3}}: {{zone: 3, addresses: [{GW3}/24]}}
 conduits:
   - {{name: devices-mqtt, from: 1, to: 2, protocol: mqtt-tls, port: 8883}}
-  - {{name: cloud-uplink, from: 2, to: 3, protocol: mqtt-tls, port: 8883, hosts: [{Z3}]}}
+  - {{name: cloud-uplink, from: 2, to: 3, protocol: mqtt-tls, port: 8883, hosts: [{Z3}], user: root}}
   - {{name: crl-fetch, from: 2, to: 3, protocol: https, port: 443}}
 """
 
@@ -74,7 +74,7 @@ def _unavailable() -> str | None:
         return "network namespaces are Linux only"
     if os.geteuid() != 0:
         return "creating network namespaces needs root (CAP_NET_ADMIN)"
-    for tool in ("ip", "nft"):
+    for tool in ("ip", "nft", "setpriv"):
         if shutil.which(tool) is None:
             return f"'{tool}' is not installed (scripts/system-packages.sh installs nftables and iproute2)"
     probe = f"i12probe{os.getpid()}"
@@ -123,9 +123,13 @@ class Lab:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
         self.servers.append(proc)
 
-    def reaches(self, ns: str, host: str, port: int) -> bool:
-        done = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", CLIENT, host, str(port)],
-                              capture_output=True, check=False, timeout=20)
+    def reaches(self, ns: str, host: str, port: int, *, as_nobody: bool = False) -> bool:
+        argv = ["ip", "netns", "exec", ns]
+        if as_nobody:  # another local user: the system python, which that user can read
+            argv += ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", "/usr/bin/python3"]
+        else:
+            argv.append(sys.executable)
+        done = subprocess.run([*argv, "-c", CLIENT, host, str(port)], capture_output=True, check=False, timeout=20)
         return done.returncode == 0
 
     def down(self) -> None:
@@ -164,6 +168,8 @@ def _matrix(lab: Lab) -> dict[str, bool]:
         "gw -> z3:2222": lab.reaches(lab.gw, Z3, 2222),
         "gw -> z1:2222": lab.reaches(lab.gw, Z1, 2222),
         "gw -> z1:8883": lab.reaches(lab.gw, Z1, 8883),
+        "gw as nobody -> z3:8883": lab.reaches(lab.gw, Z3, 8883, as_nobody=True),
+        "gw as nobody -> z3:443": lab.reaches(lab.gw, Z3, 443, as_nobody=True),
     }
 
 
@@ -188,10 +194,12 @@ def test_ruleset_enforces_exactly_the_conduits(lab: Lab, tmp_path: Path) -> None
         "gw -> z3:2222": False,   # no other way out
         "gw -> z1:2222": False,   # the DMZ does not reach into the control zone
         "gw -> z1:8883": False,
+        "gw as nobody -> z3:8883": False,  # the uplink conduit is bound to its user (here root)
+        "gw as nobody -> z3:443": True,    # the CRL conduit is not bound to a user
     }
 
     # loading again replaces the table atomically (no duplicate rules, no error)
     _sh("ip", "netns", "exec", lab.gw, "nft", "-f", str(rules))
     listed = subprocess.run(["ip", "netns", "exec", lab.gw, "nft", "list", "table", "inet", "edge_zones"],
                             capture_output=True, text=True, check=True).stdout
-    assert listed.count("tcp dport 8883 ct state new accept") == 2
+    assert listed.count("tcp dport 8883") == 2

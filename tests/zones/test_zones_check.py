@@ -75,3 +75,14 @@ def test_nft_refuses_a_non_compliant_zone_file(tmp_path: Path, capsys: pytest.Ca
     text = out.read_text()
     assert "policy drop" in text and 'iifname "eth0"' in text and "tcp dport 8883" in text
     assert 'iifname "eth1"' not in text  # nothing is opened inbound on the Zone 3 interface
+
+
+def test_user_binding_only_on_outbound_conduits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = (CONFIGS / "zones.yaml").read_text()
+    bound = text.replace("# user: edge-uplink", "user: edge-uplink")
+    model = zones.parse_zones(bound.encode(), source="z.yaml")
+    assert 'meta skuid "edge-uplink" tcp dport 8883' in zones.render_nftables(model)
+    bad = tmp_path / "zones.yaml"
+    bad.write_text(text.replace("    port: 8884\n", "    port: 8884\n    user: edge-broker\n"))
+    assert main(["zones", "check", "--zones", str(bad)]) == 3
+    assert "only an outbound conduit" in capsys.readouterr().err
