@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import random
 import ssl
 import time
@@ -239,6 +240,7 @@ class UplinkService:
             try:
                 async with client:
                     attempt = 0
+                    await self._drop_stale_subscriptions(client)
                     granted = await client.subscribe([(f, 1) for f in self.config.forward_filters()])
                     refused = [f for f, code in zip(self.config.forward_filters(), granted, strict=False)
                                if suback_refused(code)]
@@ -261,6 +263,18 @@ class UplinkService:
                 tls.close_all()
             await asyncio.sleep(backoff_delay(attempt, initial=0.5, most=10.0, rng=self.rng))
             attempt += 1
+
+    async def _drop_stale_subscriptions(self, client: aiomqtt.Client) -> None:
+        """The broker keeps a persistent session's subscriptions: drop those no rule wants any more."""
+        assert self.queue is not None
+        current = self.config.forward_filters()
+        stored = await asyncio.to_thread(self.queue.get_meta, "local_filters")
+        held = json.loads(stored) if stored else []
+        stale = [f for f in held if f not in current]
+        if stale:
+            await client.unsubscribe(stale)
+            self.events.emit("uplink.unsubscribed", "rules_changed", filters=stale)
+        await asyncio.to_thread(self.queue.set_meta, "local_filters", json.dumps(current))
 
     async def _take(self, client: aiomqtt.Client, paho: Any) -> None:
         """Read messages in batches, commit each batch to disk, then acknowledge it to the broker."""

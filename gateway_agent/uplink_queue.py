@@ -42,6 +42,10 @@ CREATE TABLE IF NOT EXISTS messages (
     enqueued_at REAL NOT NULL,
     size INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 """
 
 
@@ -232,6 +236,17 @@ class StoreAndForwardQueue:
             self._depth -= removed
             self._bytes -= size
             return removed
+
+    def get_meta(self, key: str) -> str | None:
+        """A small value the uplink keeps beside its queue (e.g. the filters its session holds)."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._lock:
+            self._db.execute("INSERT INTO meta (key, value) VALUES (?, ?) "
+                             "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value))
 
     def stats(self) -> QueueStats:
         with self._lock:

@@ -67,6 +67,12 @@ async def test_full_queue_drops_oldest_with_an_alarm_and_reload_is_all_or_nothin
                                      "gateways/{gateway}/v2/devices/{1}/telemetry/{#}"))
         assert service.reload() is True
         await _until(lambda: service.counters.local_connects >= 2)
+        # the persistent session still held the old filters: the ones no rule wants are dropped
+        path.write_text(path.read_text().replace("  - from: operators/+/cmd-rejected\n    to: sites/{site}/gateways/"
+                                                 "{gateway}/operators/{1}/cmd-rejected\n", ""))
+        assert service.reload() is True
+        await _until(lambda: events.count("uplink.unsubscribed", "rules_changed") == 1)
+        assert events.recent("uplink.unsubscribed")[-1]["filters"] == ["operators/+/cmd-rejected"]
         moved = service.config.cloud_topic("devices/a/telemetry/x")
         assert moved == "sites/plant-a/gateways/gw-01/v2/devices/a/telemetry/x"
         assert service.queue.stats().depth == 20
