@@ -82,35 +82,27 @@ class TopicRule:
                 return None
         if topic.startswith("$") and pattern[0] in (SINGLE_LEVEL, MULTI_LEVEL):
             return None  # as in MQTT: leading wildcards never match $ topics
-        out: list[str] = []
-        for level in self.target:
-            match = _PLACEHOLDER.match(level)
-            if match is None:
-                out.append(level)
-                continue
-            name = match.group(1)
-            if name == MULTI_LEVEL:
-                out.extend(rest)
-            elif name.isdigit():
-                out.append(plus[int(name) - 1])
-            else:
-                out.append(names[name])
-        return SEPARATOR.join(out)
+        return SEPARATOR.join(self._fill(names, rest, plus))
 
     def as_filter(self, names: dict[str, str]) -> TopicFilter:
         """Every topic this rule can produce, as a filter (placeholders become wildcards)."""
+        return TopicFilter(SEPARATOR.join(self._fill(names, [MULTI_LEVEL], None)))
+
+    def _fill(self, names: dict[str, str], rest: list[str], plus: list[str] | None) -> list[str]:
+        """The target's levels with placeholders replaced; ``plus=None`` puts ``+`` for each ``{n}``."""
         out: list[str] = []
         for level in self.target:
             match = _PLACEHOLDER.match(level)
-            if match is None:
+            name = match.group(1) if match is not None else None
+            if name is None:
                 out.append(level)
-            elif match.group(1) == MULTI_LEVEL:
-                out.append(MULTI_LEVEL)
-            elif match.group(1).isdigit():
-                out.append(SINGLE_LEVEL)
+            elif name == MULTI_LEVEL:
+                out.extend(rest)
+            elif name.isdigit():
+                out.append(SINGLE_LEVEL if plus is None else plus[int(name) - 1])
             else:
-                out.append(names[match.group(1)])
-        return TopicFilter(SEPARATOR.join(out))
+                out.append(names[name])
+        return out
 
 
 @dataclass(frozen=True)

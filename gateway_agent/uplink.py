@@ -223,6 +223,14 @@ class UplinkService:
 
     # -- local side: broker -> disk ------------------------------------------------------------
 
+    @staticmethod
+    def _client(host: str, port: int, client_id: str, tls: ssl.SSLContext, keepalive: int, *, persistent: bool,
+                max_inflight_messages: int | None = None) -> aiomqtt.Client:
+        """MQTT 3.1.1 over our TLS context; ``persistent`` is ``clean_session=False``."""
+        return aiomqtt.Client(host, port, identifier=client_id, tls_context=tls,
+                              protocol=aiomqtt.ProtocolVersion.V311, clean_session=not persistent,
+                              keepalive=keepalive, timeout=10, max_inflight_messages=max_inflight_messages)
+
     def _tls(self, ca: Any, cert: Any, key: Any) -> _SocketTrackingContext:
         ctx = client_tls_context(ca, cert, key, context_class=_SocketTrackingContext)
         assert isinstance(ctx, _SocketTrackingContext)
@@ -233,9 +241,7 @@ class UplinkService:
         attempt = 0
         while True:
             tls = self._tls(link.ca, link.cert, link.key)
-            client = aiomqtt.Client(link.host, link.port, identifier=link.client_id, tls_context=tls,
-                                    protocol=aiomqtt.ProtocolVersion.V311, clean_session=False,
-                                    keepalive=link.keepalive, timeout=10)
+            client = self._client(link.host, link.port, link.client_id, tls, link.keepalive, persistent=True)
             paho = enable_manual_ack(client)  # before CONNECT: a resumed session delivers at once
             try:
                 async with client:
@@ -329,9 +335,8 @@ class UplinkService:
         attempt = 0
         while True:
             ctx = self._tls(link.ca, link.cert, link.key)
-            client = aiomqtt.Client(link.host, link.port, identifier=link.client_id, tls_context=ctx,
-                                    protocol=aiomqtt.ProtocolVersion.V311, clean_session=True,
-                                    keepalive=link.keepalive, timeout=10, max_inflight_messages=link.inflight)
+            client = self._client(link.host, link.port, link.client_id, ctx, link.keepalive, persistent=False,
+                                  max_inflight_messages=link.inflight)
             client.pending_calls_threshold = link.inflight + 10  # our window, not a leak: no warning per message
             try:
                 async with client:
