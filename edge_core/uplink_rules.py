@@ -38,6 +38,7 @@ __all__ = [
     "OVERFLOW_POLICIES",
     "CloudLink",
     "LocalLink",
+    "MqttTlsLink",
     "QueuePolicy",
     "TopicRule",
     "UplinkConfig",
@@ -106,8 +107,8 @@ class TopicRule:
 
 
 @dataclass(frozen=True)
-class LocalLink:
-    """The uplink's own mTLS session to the local broker: an identity in the registry."""
+class MqttTlsLink:
+    """An MQTT 3.1.1 session over TLS 1.3 with a client certificate."""
 
     host: str
     port: int
@@ -119,16 +120,14 @@ class LocalLink:
 
 
 @dataclass(frozen=True)
-class CloudLink:
-    """The outbound connection to the cloud broker (TLS 1.3, the gateway's cloud certificate)."""
+class LocalLink(MqttTlsLink):
+    """The uplink's own mTLS session to the local broker: an identity in the registry."""
 
-    host: str
-    port: int
-    ca: Path
-    cert: Path
-    key: Path
-    client_id: str
-    keepalive: int = 30
+
+@dataclass(frozen=True)
+class CloudLink(MqttTlsLink):
+    """The outbound connection to the cloud broker (the cloud's CA, the gateway's cloud certificate)."""
+
     inflight: int = 32
     backoff_initial: float = 1.0
     backoff_max: float = 60.0
