@@ -203,3 +203,40 @@ def test_ruleset_enforces_exactly_the_conduits(lab: Lab, tmp_path: Path) -> None
     listed = subprocess.run(["ip", "netns", "exec", lab.gw, "nft", "list", "table", "inet", "edge_zones"],
                             capture_output=True, text=True, check=True).stdout
     assert listed.count("tcp dport 8883") == 2
+
+
+@skip_without_netns
+def test_dual_stack_ruleset_is_accepted_by_nft(tmp_path: Path) -> None:
+    """IPv6 interfaces, Zone 0 in both families, a user-bound conduit: what nft itself accepts."""
+    zones = tmp_path / "zones.yaml"
+    zones.write_text("""version: 1
+gateway: gw-6
+zones:
+  - {id: 0, networks: [198.18.0.0/24, "2001:db8:0::/64"]}
+  - {id: 1, networks: [198.18.1.0/24, "2001:db8:1::/64"]}
+  - {id: 2}
+  - {id: 3, networks: [198.18.3.0/24, "2001:db8:3::/64"]}
+interfaces:
+  lo: {zone: 2, addresses: [127.0.0.1/8, "::1/128"]}
+  eth0: {zone: 1, addresses: [198.18.1.1/24, "2001:db8:1::1/64"]}
+  eth1: {zone: 3, addresses: [198.18.3.1/24, "2001:db8:3::1/64"]}
+conduits:
+  - {name: devices-mqtt, from: 1, to: 2, protocol: mqtt-tls, port: 8883}
+  - {name: cloud-uplink, from: 2, to: 3, protocol: mqtt-tls, port: 8883, hosts: ["2001:db8:3::20"], user: 0}
+  - {name: crl-fetch, from: 2, to: 3, protocol: https, port: 443}
+""")
+    rules = tmp_path / "zones.nft"
+    assert main(["zones", "nft", "--zones", str(zones), "-o", str(rules)]) == 0
+    text = rules.read_text()
+    assert 'iifname "eth0" ip6 saddr { 2001:db8:1::/64 } ip6 daddr { 2001:db8:1::1 } tcp dport 8883' in text
+    assert "ip6 daddr { 2001:db8:3::20 } meta skuid 0 tcp dport 8883" in text
+    assert "nd-neighbor-solicit" in text
+    probe = f"i12nft{os.getpid() % 100000}"
+    _sh("ip", "netns", "add", probe)
+    try:
+        _sh("ip", "netns", "exec", probe, "nft", "-f", str(rules))
+        listed = subprocess.run(["ip", "netns", "exec", probe, "nft", "list", "chain", "inet", "edge_zones", "output"],
+                                capture_output=True, text=True, check=True).stdout
+        assert "policy drop" in listed and "2001:db8:3::20" in listed
+    finally:
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True, check=False)
