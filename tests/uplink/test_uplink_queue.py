@@ -89,6 +89,7 @@ def test_old_messages_expire(tmp_path: Path) -> None:
     assert q.stats().bytes == 22
 
 
+@pytest.mark.integration
 def test_committed_messages_survive_kill_9(tmp_path: Path) -> None:
     """A writer killed with SIGKILL mid-stream: every batch it reported committed is on disk, in order."""
     script = textwrap.dedent(f"""
