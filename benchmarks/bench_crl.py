@@ -6,7 +6,7 @@ The CRL is generated once with ``openssl ca -gencrl`` from an index.txt of N rev
 lines (about 5 s for a million; cryptography's builder takes minutes) and cached under
 ``benchmarks/.cache/``. Only the work a gateway does is timed:
 
-- parse: DER split and header (``edge_core.revocation`` internals, as ``accept_crl`` runs them)
+- parse: DER split and header (``edge_core.crl`` internals, as ``accept_crl`` runs them)
 - verify: signature over tbsCertList
 - index: walking the entries into ``RevokedSerials``
 - accept_crl end to end, peak Python memory (tracemalloc) and RSS growth
@@ -38,8 +38,9 @@ from cryptography import x509
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edge_core import revocation
-from edge_core.revocation import RevocationIndex, accept_crl
+from edge_core import crl as crl_parse
+from edge_core.crl_trust import accept_crl
+from edge_core.revocation import RevocationIndex
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 
@@ -132,11 +133,11 @@ def main() -> int:
     now = datetime.now(UTC)
     rss_before = rss_mb()
 
-    split, parse_s = timed(lambda: revocation._split(der))
+    split, parse_s = timed(lambda: crl_parse._split(der))
     skeleton, header_s = timed(lambda: x509.load_der_x509_crl(split.skeleton))
-    ok, verify_s = timed(lambda: revocation._verify_signature(der, split, skeleton, ca))
+    ok, verify_s = timed(lambda: crl_parse._verify_signature(der, split, skeleton, ca))
     assert ok, "benchmark CRL does not verify"
-    (serials, count), index_s = timed(lambda: revocation._walk_entries(der, *split.revoked))
+    (serials, count), index_s = timed(lambda: crl_parse._walk_entries(der, *split.revoked))
     assert count == entries, (count, entries)
     del serials
 

@@ -1,7 +1,7 @@
 """The broker's revocation state: the installed CRL files, verified here too, and enforced.
 
 The gateway agent fetches, verifies and installs CRLs; the broker does not trust the
-file for that: it runs the same acceptance rules (``edge_core.revocation.accept_crl``)
+file for that: it runs the same acceptance rules (``edge_core.crl_trust.accept_crl``)
 against its configured issuer CAs, so a tampered or rolled-back file is refused and the
 last good index stays in force. Parsing a large CRL runs in a worker thread and the new
 index is swapped in with one assignment; then live sessions holding a now-revoked
@@ -21,18 +21,11 @@ from cryptography import x509
 
 from edge_core.admission import Admitted, RevocationView, session_verdict
 from edge_core.chain import PathRefused, TrustStore, ValidPath, build_path
+from edge_core.crl import CrlUpdate, InstalledCrl, issuer_key, split_crl_bundle
+from edge_core.crl_freshness import Freshness, StalenessPolicy
+from edge_core.crl_trust import TrustedCrls, accept_crl
 from edge_core.errors import CredentialError
-from edge_core.revocation import (
-    CrlUpdate,
-    Freshness,
-    InstalledCrl,
-    RevocationIndex,
-    StalenessPolicy,
-    accept_crl,
-    is_newer,
-    issuer_key,
-    split_crl_bundle,
-)
+from edge_core.revocation import RevocationIndex
 from edge_runtime.pemfiles import load_ca_certificates
 
 __all__ = ["RevocationSettings", "RevocationState", "load_issuer_certs"]
@@ -67,7 +60,7 @@ def _accept_files(blobs: Mapping[str, bytes], issuers: Sequence[x509.Certificate
             # installed=None for a full re-read; anti-rollback is checked against ``installed`` below
             update = accept_crl(block, issuers=issuers, installed=None, now=now, max_skew=max_skew)
             try:
-                is_newer(installed.get(update.issuer), update.installed.crl_number, update.installed.sha256)
+                TrustedCrls(installed).admits(update.installed)
             except CredentialError as exc:
                 raise CredentialError(exc.reason, f"{name}: {exc}", hint=exc.hint) from exc
             updates.append(update)

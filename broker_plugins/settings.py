@@ -12,10 +12,10 @@ from pathlib import Path
 
 from broker_plugins.revocation import RevocationSettings
 from edge_core import yamlsrc
+from edge_core.crl_freshness import StalenessPolicy, parse_staleness
 from edge_core.errors import ConfigError
 from edge_core.firmware_trust import FirmwareGuardSettings, parse_firmware_guard_settings
 from edge_core.identity import IdentityPolicy
-from edge_core.revocation import StalenessPolicy, parse_staleness
 
 __all__ = [
     "BrokerSettings", "CommandSettings", "Limits", "ListenerSettings", "load_settings", "parse_settings", "split_bind",

@@ -11,10 +11,11 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from edge_core.chain import PathRefused, TrustStore, ValidPath, build_path, check_revocation
+from edge_core.crl_freshness import StalenessPolicy
 from edge_core.errors import CredentialError
 from edge_core.identity import CertInfo, IdentityPolicy, describe_certificate
 from edge_core.registry import DeviceEntry, Registry
-from edge_core.revocation import RevocationIndex, StalenessPolicy
+from edge_core.revocation import RevocationIndex
 
 __all__ = ["REASONS", "AdmissionRefused", "Admitted", "RevocationView", "admit", "session_verdict", "still_admitted"]
 

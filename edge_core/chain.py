@@ -29,9 +29,10 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, r
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from edge_core.clock import as_utc
+from edge_core.crl_freshness import StalenessPolicy
 from edge_core.errors import CredentialError
 from edge_core.names import name_key, names_match
-from edge_core.revocation import RevocationIndex, StalenessPolicy
+from edge_core.revocation import RevocationIndex
 from edge_core.signatures import verify_signature
 
 __all__ = [

@@ -55,11 +55,13 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from edge_core import strictjson
 from edge_core.chain import PathRefused, TrustStore, validate_path
 from edge_core.clock import as_utc
+from edge_core.crl import InstalledCrl, issuer_key
+from edge_core.crl_freshness import StalenessPolicy
 from edge_core.der import name_fields
 from edge_core.errors import CredentialError, EnvelopeError
 from edge_core.identity import check_identity
 from edge_core.names import names_match
-from edge_core.revocation import InstalledCrl, RevocationIndex, StalenessPolicy, issuer_key
+from edge_core.revocation import RevocationIndex
 
 __all__ = [
     "ALGORITHM",

@@ -1,6 +1,6 @@
 """The agent's CRL sync: fetch, verify, install, remember.
 
-``CrlSyncer.sync_once`` fetches every configured source, runs ``edge_core.revocation.accept_crl``
+``CrlSyncer.sync_once`` fetches every configured source, checks each CRL with ``edge_core.crl_trust.TrustedCrls``
 and, on acceptance, installs the CRLs to every install target (one agent can feed several
 brokers). It is blocking: the daemon calls it through ``asyncio.to_thread``.
 
@@ -12,7 +12,7 @@ Files:
 
 - each install target holds the current CRL of every issuer as concatenated PEM blocks
   (one issuer: a plain PEM CRL file; OpenSSL, Python's ``ssl`` and Mosquitto read it,
-  and ``edge_core.revocation.split_crl_bundle`` splits it);
+  and ``edge_core.crl.split_crl_bundle`` splits it);
 - the state file (JSON) records what is installed, so anti-rollback survives restarts::
 
       {"version": 1, "installed": {"CN=Edge Dev Issuing CA,O=...": {"issuer": ..., "crl_number": 4,
@@ -62,17 +62,12 @@ from typing import IO, Literal, Protocol
 from cryptography import x509
 
 from edge_core.clock import Clock
+from edge_core.crl import DEFAULT_MAX_SKEW, InstalledCrl, crl_pem
+from edge_core.crl_freshness import StalenessPolicy, parse_staleness
+from edge_core.crl_trust import TrustedCrls
 from edge_core.errors import ConfigError, CredentialError, FetchError
 from edge_core.events import SecurityEvents
 from edge_core.files import atomic_write_bytes, atomic_write_text
-from edge_core.revocation import (
-    DEFAULT_MAX_SKEW,
-    InstalledCrl,
-    StalenessPolicy,
-    accept_crl,
-    crl_pem,
-    parse_staleness,
-)
 from edge_core.yamlsrc import Section
 from edge_runtime.pemfiles import load_ca_certificates
 
@@ -384,11 +379,12 @@ class CrlSyncer:
         self.staleness = staleness or StalenessPolicy()
         self.interval = interval
         self.jitter = jitter
-        self._installed: dict[str, InstalledCrl] = self._load_state()
+        #: the CRLs this agent trusts; it alone decides "newer" (the state file persists it)
+        self._trusted = TrustedCrls(self._load_state())
 
     @property
     def installed(self) -> Mapping[str, InstalledCrl]:
-        return dict(self._installed)
+        return dict(self._trusted.installed)
 
     # state ------------------------------------------------------------------
     def _load_state(self) -> dict[str, InstalledCrl]:
@@ -412,7 +408,7 @@ class CrlSyncer:
 
     def _save_state(self) -> None:
         doc = {"version": _STATE_VERSION,
-               "installed": {k: v.to_json() for k, v in sorted(self._installed.items())}}
+               "installed": {k: v.to_json() for k, v in sorted(self._trusted.installed.items())}}
         atomic_write_text(self.state_path, json.dumps(doc, indent=2) + "\n", mode=0o600)
 
     def _cache_file(self, issuer: str) -> Path:
@@ -421,7 +417,7 @@ class CrlSyncer:
     def _bundle(self, fresh: Mapping[str, bytes]) -> bytes:
         """PEM of the current CRL of every issuer: ``fresh`` ones and verified cached ones."""
         parts: list[bytes] = []
-        for issuer, record in sorted(self._installed.items()):
+        for issuer, record in sorted(self._trusted.installed.items()):
             der = fresh.get(issuer)
             if der is None:
                 try:
@@ -434,9 +430,8 @@ class CrlSyncer:
             parts.append(crl_pem(der))
         return b"".join(parts)
 
-    def _install(self, fresh: Mapping[str, bytes], records: Mapping[str, InstalledCrl]) -> None:
-        previous = dict(self._installed)
-        self._installed.update(records)
+    def _install(self, fresh: Mapping[str, bytes], staged: TrustedCrls) -> None:
+        previous, self._trusted = self._trusted, staged
         try:
             for issuer, der in fresh.items():
                 atomic_write_bytes(self._cache_file(issuer), der, mode=0o600)
@@ -445,7 +440,7 @@ class CrlSyncer:
                 atomic_write_bytes(target, bundle)
             self._save_state()
         except BaseException:
-            self._installed = previous
+            self._trusted = previous
             raise
 
     # the sync ----------------------------------------------------------------
@@ -456,6 +451,7 @@ class CrlSyncer:
         results: list[SourceResult] = []
         fresh: dict[str, bytes] = {}
         records: dict[str, InstalledCrl] = {}
+        staged = self._trusted.copy()  # kept only once targets and state are written
         for source in self.sources:
             try:
                 data = source.fetch()
@@ -464,10 +460,8 @@ class CrlSyncer:
                                  detail=str(exc))
                 results.append(SourceResult(source.name, "fetch_failed", exc.reason, str(exc)))
                 continue
-            known = {**self._installed, **records}
             try:
-                update = accept_crl(data, issuers=self.issuers, installed=known, now=self.clock.now(),
-                                    max_skew=self.max_skew)
+                update = staged.update(data, issuers=self.issuers, now=self.clock.now(), max_skew=self.max_skew)
             except CredentialError as exc:
                 self.events.emit("crl.rejected", exc.reason, level="warning", source=source.name,
                                  detail=str(exc))
@@ -485,15 +479,15 @@ class CrlSyncer:
             results.append(SourceResult(source.name, "installed", issuer=record.issuer,
                                         crl_number=record.crl_number))
         if records:
-            self._install(fresh, records)
+            self._install(fresh, staged)
             for record in records.values():
                 self.events.emit("crl.installed", issuer=record.issuer, crl_number=record.crl_number,
                                  count=record.count, next_update=record.next_update.isoformat(),
                                  sha256=record.sha256[:16])
-        elif self._installed and not all(t.exists() for t in self.install_targets):
-            self._install({}, {})  # a target was deleted or added: restore it from the cache
+        elif self._trusted.installed and not all(t.exists() for t in self.install_targets):
+            self._install({}, self._trusted.copy())  # a target was deleted or added: restore it from the cache
         now = self.clock.now()
-        for record in self._installed.values():
+        for record in self._trusted.installed.values():
             fresh_state = self.staleness.evaluate(record, now)
             if fresh_state.alarm:
                 self.events.emit("crl.stale", fresh_state.state, level="warning", issuer=record.issuer,

@@ -23,8 +23,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from edge_core.clock import Clock, SystemClock
+from edge_core.crl import split_crl_bundle
+from edge_core.crl_trust import accept_crl
 from edge_core.events import SecurityEvents
-from edge_core.revocation import RevocationIndex, accept_crl, split_crl_bundle
+from edge_core.revocation import RevocationIndex
 from edge_runtime.status_http import StatusServer, prometheus_text
 from gateway_agent.crl_sync import CrlSyncer, SyncReport
 from gateway_agent.settings import AgentSettings
@@ -56,10 +58,20 @@ class CrlService:
     last_sync_at: str | None = None
     #: the revoked serials now in force (the validation service answers from it)
     index: RevocationIndex = field(default_factory=RevocationIndex)
+    #: completed syncs: each has installed its CRLs, its report and the index
+    syncs: int = 0
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _synced: asyncio.Condition = field(default_factory=asyncio.Condition)
 
     def sync_soon(self) -> None:
         self._wake.set()
+
+    async def wait_synced(self, count: int) -> SyncReport:
+        """Return once ``count`` syncs have completed (for callers that must see a sync's result)."""
+        async with self._synced:
+            await self._synced.wait_for(lambda: self.syncs >= count)
+        assert self.last_report is not None
+        return self.last_report
 
     async def _refresh_index(self) -> None:
         target = self.syncer.install_targets[0]
@@ -77,6 +89,9 @@ class CrlService:
             self.last_sync_at = self.clock.now().isoformat()
             if self.last_report.changed or not self.index.installed:
                 await self._refresh_index()
+            async with self._synced:
+                self.syncs += 1
+                self._synced.notify_all()
             delay = self.syncer.next_delay(random.random())  # noqa: S311 - jitter, not a secret
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=delay)

@@ -36,11 +36,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from edge_core.clock import Clock, SystemClock
+from edge_core.crl_freshness import StalenessPolicy
 from edge_core.errors import ConfigError, CredentialError, FetchError
 from edge_core.events import SecurityEvents
 from edge_core.files import atomic_write_bytes
 from edge_core.identity import check_identity
-from edge_core.revocation import RevocationIndex, StalenessPolicy
+from edge_core.revocation import RevocationIndex
 from edge_core.validation import (
     REQUEST_FILTER,
     IssuerSet,

@@ -11,8 +11,8 @@ import pytest
 from cryptography import x509
 
 from edge_core.clock import ManualClock
+from edge_core.crl_trust import accept_crl
 from edge_core.errors import ConfigError, CredentialError
-from edge_core.revocation import accept_crl
 from gateway_agent import cli_pki
 from gateway_agent.crl_issue import RevocationStore, crl_path, issue_crl, revoke, revoke_device
 from gateway_agent.pki import FileCA, init_dev, load_cert

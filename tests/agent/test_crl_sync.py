@@ -18,9 +18,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from edge_core import yamlsrc
 from edge_core.clock import ManualClock
+from edge_core.crl import issuer_key, split_crl_bundle
+from edge_core.crl_trust import accept_crl
 from edge_core.errors import ConfigError, FetchError
 from edge_core.events import SecurityEvents
-from edge_core.revocation import accept_crl, issuer_key, split_crl_bundle
 from gateway_agent import cli_crl
 from gateway_agent.crl_sync import (
     CrlSyncer,

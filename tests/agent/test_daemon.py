@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_core.revocation import split_crl_bundle
+from edge_core.crl import split_crl_bundle
 from gateway_agent.crl_issue import crl_path, issue_crl, revoke
 from gateway_agent.daemon import Agent
 from gateway_agent.pki import FileCA, init_dev
@@ -61,10 +61,8 @@ async def test_agent_syncs_at_start_and_again_on_sighup(tmp_path: Path, ca: File
     settings = load_agent_settings(write_config(tmp_path, ca, port))
     target = tmp_path / "broker-a" / "crl.pem"
     async with Agent(settings) as agent:
-        for _ in range(200):
-            if target.exists():
-                break
-            await asyncio.sleep(0.02)
+        assert agent.crl is not None
+        await asyncio.wait_for(agent.crl.wait_synced(1), timeout=60)  # the sync at start has finished
         assert len(split_crl_bundle(target.read_bytes())) == 1
         status = await asyncio.to_thread(get_status, port)
         crl = status["services"]["crl"]  # type: ignore[index]
@@ -74,12 +72,8 @@ async def test_agent_syncs_at_start_and_again_on_sighup(tmp_path: Path, ca: File
         revoke(ca, "pump-1")
         issue_crl(ca)
         agent._sighup()  # what `systemctl reload gateway-agent` sends
-        for _ in range(200):
-            installed = agent.crl.syncer.installed if agent.crl else {}
-            if any(i.crl_number == 2 for i in installed.values()) and agent.events.count("crl.installed") == 2:
-                break  # the event follows the install (sync runs in a thread)
-            await asyncio.sleep(0.02)
-        assert any(i.crl_number == 2 and i.count == 1 for i in agent.crl.syncer.installed.values())  # type: ignore[union-attr]
+        await asyncio.wait_for(agent.crl.wait_synced(2), timeout=60)  # the sync SIGHUP asked for
+        assert any(i.crl_number == 2 and i.count == 1 for i in agent.crl.syncer.installed.values())
         assert (tmp_path / "broker-b" / "crl.pem").read_bytes() == target.read_bytes()
         assert agent.events.count("crl.installed") == 2
 

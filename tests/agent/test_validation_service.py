@@ -25,9 +25,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from device_client.client import DeviceClient, DeviceConfig
 from device_client.validation import ValidationTimeout, check_certificate
 from edge_core.clock import ManualClock
+from edge_core.crl_freshness import StalenessPolicy
+from edge_core.crl_trust import accept_crl
 from edge_core.errors import ConfigError
 from edge_core.events import SecurityEvents
-from edge_core.revocation import RevocationIndex, StalenessPolicy, accept_crl
+from edge_core.revocation import RevocationIndex
 from edge_core.validation import (
     REQUEST_FILTER,
     TYP,

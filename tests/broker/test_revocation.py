@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from edge_core.clock import ManualClock
+from edge_core.crl import crl_pem
 from edge_core.events import SecurityEvents
 from edge_core.registry import DeviceEntry, Registry, dump_registry, parse_registry
-from edge_core.revocation import crl_pem
 from gateway_agent.crl_issue import issue_crl, revoke
 from gateway_agent.crl_sync import CrlSyncer, HttpCrlSource
 from gateway_agent.pki import FileCA

@@ -13,7 +13,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from edge_core.revocation import crl_pem
+from edge_core.crl import crl_pem
 from gateway_agent.pki import load_cert, load_key
 from tests.broker.acl_fixture import write_acl
 from tests.broker.test_revocation import NOT_AUTHORIZED, connect, publish_crl, replace_file_bytes

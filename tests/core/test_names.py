@@ -7,9 +7,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
+from edge_core.crl import InstalledCrl, issuer_key
+from edge_core.crl_trust import accept_crl
 from edge_core.identity import IdentityPolicy, describe_certificate
 from edge_core.names import name_key, name_key_of_text, names_match
-from edge_core.revocation import InstalledCrl, RevocationIndex, accept_crl, issuer_key
+from edge_core.revocation import RevocationIndex
 from gateway_agent.pki import IssuingCA, issue_leaf, new_intermediate, new_root
 from tests.core.test_revocation import NOW, build_crl
 

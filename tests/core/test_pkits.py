@@ -34,9 +34,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from edge_core.chain import PathRefused, TrustStore, validate_path
+from edge_core.crl_freshness import StalenessPolicy
+from edge_core.crl_trust import accept_crl
 from edge_core.errors import CredentialError
 from edge_core.names import names_match
-from edge_core.revocation import RevocationIndex, StalenessPolicy, accept_crl
+from edge_core.revocation import RevocationIndex
 from edge_core.validation import IssuerSet, RequestRefused, decide, encode_request, parse_request
 
 vectors = pytest.importorskip("cryptography_vectors")

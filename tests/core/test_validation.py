@@ -22,7 +22,9 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge_core.revocation import RevocationIndex, StalenessPolicy, accept_crl
+from edge_core.crl_freshness import StalenessPolicy
+from edge_core.crl_trust import accept_crl
+from edge_core.revocation import RevocationIndex
 from edge_core.validation import (
     MAX_REQUEST_BYTES,
     MAX_RESPONSE_BYTES,

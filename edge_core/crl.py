@@ -1,0 +1,548 @@
+"""Certificate revocation lists: parsing and the pure verification of one CRL.
+
+``verify_crl`` applies every rule that depends on the CRL alone, the configured issuer CAs
+and the time. It does no I/O (no files, no network, no event loop) and keeps no state:
+bytes, CAs and the time go in, a ``VerifiedCrl`` or a ``CredentialError`` comes out.
+Whether a verified CRL may replace the one in force (rollback, equivocation) is decided by
+``edge_core.crl_trust.TrustedCrls``, the one owner of "newer than what I trust".
+
+Refusals, each with a stable reason code:
+
+==================================  ====================================================
+``crl_unparseable``                 not DER/PEM, not a CRL, or malformed inside
+``crl_unknown_issuer``              issuer name matches no configured CA with cRLSign
+``crl_bad_signature``               signature does not verify under the matching CA key
+``crl_unknown_critical_extension``  a critical extension (CRL or entry) we do not know
+``crl_unsupported_scope``           delta CRL, indirect CRL, partitioned or partial CRL
+``crl_no_number``                   no CRL Number extension
+``crl_no_next_update``              no nextUpdate
+``crl_bad_validity``                nextUpdate not after thisUpdate
+``crl_from_future``                 thisUpdate later than now + allowed clock skew
+``crl_rollback``                    CRL Number lower than the installed one (``crl_trust``)
+``crl_equivocation``                CRL Number equal to the installed one, other content (``crl_trust``)
+``crl_unsupported_algorithm``       signed with DSA (TLS 1.3 has none; we verify none)
+==================================  ====================================================
+
+An expired CRL (nextUpdate in the past) still verifies: it carries strictly more
+information than an older one; whether devices may connect under a stale CRL is decided
+separately by ``edge_core.crl_freshness.StalenessPolicy``.
+
+Large CRLs. cryptography's CRL object holds the GIL while it parses, re-encodes or
+verifies (about 0.8 s for one million entries), which would freeze an event loop even
+from a worker thread. ``verify_crl`` therefore splits the DER itself: a small skeleton
+without the revoked list goes to cryptography for the header and extensions, the
+signature is checked over the original tbsCertList bytes with ``hashlib`` (which
+releases the GIL) and a prehashed verify, and the revoked entries are walked in plain
+Python (``VerifiedCrl.entries``, only when the CRL is installed), which yields the GIL
+every switch interval. An adapter runs the check via ``asyncio.to_thread`` and swaps the
+resulting ``RevocationIndex`` in with one assignment.
+"""
+
+from __future__ import annotations
+
+import binascii
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import dsa
+from cryptography.x509.oid import ExtensionOID
+
+from edge_core.clock import as_utc
+from edge_core.der import DerError, encode_length, tlv
+from edge_core.errors import CredentialError
+from edge_core.names import name_key, name_key_of_text, names_match
+from edge_core.revocation import SHARDS, RevokedSerials
+from edge_core.signatures import verify_signature
+
+__all__ = [
+    "DEFAULT_MAX_SKEW",
+    "REASONS",
+    "CrlUpdate",
+    "InstalledCrl",
+    "VerifiedCrl",
+    "crl_pem",
+    "issuer_key",
+    "load_crl",
+    "refuse",
+    "split_crl_bundle",
+    "verify_crl",
+]
+
+#: Stable reason codes of ``crl.rejected`` events. Never renamed, only added to.
+REASONS = (
+    "crl_unparseable",
+    "crl_unknown_issuer",
+    "crl_bad_signature",
+    "crl_unknown_critical_extension",
+    "crl_unsupported_scope",
+    "crl_no_number",
+    "crl_no_next_update",
+    "crl_bad_validity",
+    "crl_from_future",
+    "crl_rollback",
+    "crl_equivocation",
+    "crl_unsupported_algorithm",
+)
+
+DEFAULT_MAX_SKEW = timedelta(minutes=5)
+
+_PEM_BEGIN = b"-----BEGIN X509 CRL-----"
+_PEM_END = b"-----END X509 CRL-----"
+_PEM_CHUNK = 1 << 20  # decode PEM in 1 MiB steps so no single call holds the GIL for long
+
+# CRL extensions whose meaning we implement; any other critical one refuses the CRL.
+_KNOWN_CRL_EXTENSIONS = frozenset({
+    ExtensionOID.CRL_NUMBER,
+    ExtensionOID.AUTHORITY_KEY_IDENTIFIER,
+    ExtensionOID.ISSUER_ALTERNATIVE_NAME,
+    ExtensionOID.ISSUING_DISTRIBUTION_POINT,
+})
+# Entry extensions (DER of the OID value): reasonCode 2.5.29.21, invalidityDate 2.5.29.24.
+_KNOWN_ENTRY_EXTENSIONS = frozenset({b"\x55\x1d\x15", b"\x55\x1d\x18"})
+# certificateIssuer 2.5.29.29 makes a CRL indirect: later entries belong to another CA.
+_CERTIFICATE_ISSUER = b"\x55\x1d\x1d"
+
+
+def refuse(reason: str, message: str) -> CredentialError:
+    hints = {
+        "crl_unknown_issuer": "add the CA that signs this CRL to the configured issuers, or fix the source",
+        "crl_bad_signature": "the CRL was altered or signed by another key; check the CRL source",
+        "crl_rollback": "the source serves an older CRL than the one installed; the installed CRL stays",
+        "crl_equivocation": "two different CRLs carry one CRL Number; investigate the CA, the installed CRL stays",
+        "crl_from_future": "check the clocks of the CA and this gateway (NTP)",
+    }
+    return CredentialError(reason, message, hint=hints.get(reason, "the last good CRL stays in force"))
+
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def _pem_block(data: bytes, begin: int, end: int) -> bytes:
+    """Decode the base64 between a BEGIN line at ``begin`` and an END line at ``end``."""
+    body = memoryview(data)[begin + len(_PEM_BEGIN) : end]
+    out: list[bytes] = []
+    carry = b""
+    try:
+        for start in range(0, len(body), _PEM_CHUNK):
+            piece = carry + bytes(body[start : start + _PEM_CHUNK]).translate(None, b" \t\r\n")
+            usable = len(piece) - len(piece) % 4
+            out.append(binascii.a2b_base64(piece[:usable], strict_mode=True))
+            carry = piece[usable:]
+    except binascii.Error as exc:
+        raise refuse("crl_unparseable", f"PEM CRL has invalid base64: {exc}") from exc
+    if carry:
+        raise refuse("crl_unparseable", "PEM CRL has invalid base64: length is not a multiple of 4")
+    return b"".join(out)
+
+
+def _find(data: bytes, needle: bytes, start: int) -> int:
+    """``data.find(needle, start)`` in 1 MiB windows: one find over 48 MB holds the GIL for 30 ms."""
+    for window in range(start, len(data), _PEM_CHUNK):
+        found = data.find(needle, window, window + _PEM_CHUNK + len(needle) - 1)
+        if found >= 0:
+            return found
+    return -1
+
+
+def split_crl_bundle(data: bytes) -> tuple[bytes, ...]:
+    """The DER CRLs in ``data``: one DER CRL, or one or more concatenated PEM CRL blocks."""
+    if data[:1] == b"\x30":
+        return (data,)
+    blocks: list[bytes] = []
+    pos = 0
+    while (begin := _find(data, _PEM_BEGIN, pos)) >= 0:
+        end = _find(data, _PEM_END, begin)
+        if end < 0:
+            raise refuse("crl_unparseable", "PEM CRL block has no END line")
+        blocks.append(_pem_block(data, begin, end))
+        pos = end + len(_PEM_END)
+    if not blocks:
+        raise refuse("crl_unparseable", "CRL is neither DER nor PEM (no BEGIN X509 CRL block)")
+    return tuple(blocks)
+
+
+def crl_pem(der: bytes) -> bytes:
+    """PEM text of one DER CRL (64-column base64)."""
+    b64 = binascii.b2a_base64(der, newline=False)
+    lines = [b64[i : i + 64] for i in range(0, len(b64), 64)]
+    return _PEM_BEGIN + b"\n" + b"\n".join(lines) + b"\n" + _PEM_END + b"\n"
+
+
+def _to_der(data: bytes) -> bytes:
+    blocks = split_crl_bundle(data)
+    if len(blocks) != 1:
+        raise refuse("crl_unparseable", f"expected one CRL, found {len(blocks)} PEM blocks")
+    return blocks[0]
+
+
+def load_crl(data: bytes) -> x509.CertificateRevocationList:
+    """Parse one CRL, DER or PEM, with cryptography. Raises ``CredentialError(crl_unparseable)``.
+
+    Convenient for tools and small CRLs. For large CRLs on a server use ``accept_crl``,
+    which does not hold the GIL for long.
+    """
+    try:
+        return x509.load_der_x509_crl(_to_der(data))
+    except ValueError as exc:
+        raise refuse("crl_unparseable", f"not a valid X.509 CRL: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class _Split:
+    skeleton: bytes  # the CRL without its revoked list: small, for cryptography
+    tbs: tuple[int, int]  # the signed tbsCertList, as (start, end) in the original DER
+    revoked: tuple[int, int]  # content range of revokedCertificates (empty if absent)
+
+
+def _split(der: bytes) -> _Split:
+    """Find tbsCertList and revokedCertificates without parsing the entries (RFC 5280 5.1)."""
+    end = len(der)
+    tag, cs, ce = tlv(der, 0, end)
+    if tag != 0x30 or ce != end:
+        raise DerError("CertificateList is not one SEQUENCE")
+    tag, ts, te = tlv(der, cs, ce)  # tbsCertList
+    if tag != 0x30:
+        raise DerError("tbsCertList is not a SEQUENCE")
+    tbs_start = cs
+    rest = der[te:ce]  # signatureAlgorithm + signatureValue
+    tag, _, outer_alg_end = tlv(der, te, ce)
+    if tag != 0x30:
+        raise DerError("signatureAlgorithm is not a SEQUENCE")
+    # Walk the tbsCertList fields up to the optional revokedCertificates.
+    pos = ts
+    tag, _, fe = tlv(der, pos, te)
+    if tag == 0x02:  # version
+        pos = fe
+        tag, _, fe = tlv(der, pos, te)
+    if tag != 0x30 or der[pos:fe] != der[te:outer_alg_end]:
+        # RFC 5280 5.1.1.2: the signed algorithm must equal the outer one, or the outer is unsigned.
+        raise DerError("tbsCertList signature algorithm differs from signatureAlgorithm")
+    pos = fe
+    tag, _, fe = tlv(der, pos, te)
+    if tag != 0x30:
+        raise DerError("tbsCertList: issuer missing")
+    pos = fe
+    tag, _, fe = tlv(der, pos, te)
+    if tag not in (0x17, 0x18):  # thisUpdate
+        raise DerError("tbsCertList: thisUpdate missing")
+    pos = fe
+    rev_lo = rev_hi = rev_tlv_lo = rev_tlv_hi = 0
+    if pos < te:
+        tag, vs, fe = tlv(der, pos, te)
+        if tag in (0x17, 0x18):  # nextUpdate
+            pos = fe
+            if pos < te:
+                tag, vs, fe = tlv(der, pos, te)
+        if pos < te and tag == 0x30:  # revokedCertificates
+            rev_tlv_lo, rev_lo, rev_hi, rev_tlv_hi = pos, vs, fe, fe
+    header = der[ts:rev_tlv_lo] + der[rev_tlv_hi:te] if rev_tlv_hi else der[ts:te]
+    tbs = b"\x30" + encode_length(len(header)) + header
+    body = tbs + rest
+    return _Split(b"\x30" + encode_length(len(body)) + body, (tbs_start, te), (rev_lo, rev_hi))
+
+
+
+def _walk_entries(der: bytes, lo: int, hi: int) -> tuple[RevokedSerials, int]:
+    """Serials of the revoked entries and the entry count; refuses unknown critical entry extensions.
+
+    Plain Python on purpose: the interpreter hands the GIL to other threads every
+    switch interval, so an event loop keeps running while a million entries are walked.
+    """
+    shards: tuple[dict[int, None], ...] = tuple({} for _ in range(SHARDS))
+    mask = SHARDS - 1
+    count = 0
+    serial = 0
+    from_bytes = int.from_bytes
+    known = _KNOWN_ENTRY_EXTENSIONS
+    pos = lo
+    while pos < hi:
+        tag, es, ee = tlv(der, pos, hi)
+        if tag != 0x30:
+            raise DerError(f"revoked entry at offset {pos} is not a SEQUENCE")
+        tag, vs, ve = tlv(der, es, ee)
+        if tag != 0x02 or vs == ve:
+            raise DerError(f"revoked entry at offset {pos} has no serial")
+        serial = from_bytes(der[vs:ve], "big", signed=True)
+        shards[serial & mask][serial] = None
+        count += 1
+        tag, _, te = tlv(der, ve, ee)
+        if tag not in (0x17, 0x18):
+            raise DerError(f"revoked entry at offset {pos} has no revocationDate")
+        if te < ee:
+            tag, xs, xe = tlv(der, te, ee)
+            if tag != 0x30 or xe != ee:
+                raise DerError(f"revoked entry at offset {pos} has trailing data")
+            while xs < xe:
+                tag, ys, ye = tlv(der, xs, xe)
+                tag, os_, oe = tlv(der, ys, ye)
+                if tag != 0x06:
+                    raise DerError(f"entry extension at offset {xs} has no OID")
+                oid = der[os_:oe]
+                tag, bs, be = tlv(der, oe, ye)
+                critical = tag == 0x01 and be - bs == 1 and der[bs] != 0
+                if oid == _CERTIFICATE_ISSUER:
+                    raise refuse(
+                        "crl_unsupported_scope",
+                        f"entry for serial {serial:#x} names another issuer (indirect CRL); not supported",
+                    )
+                if critical and oid not in known:
+                    raise refuse(
+                        "crl_unknown_critical_extension",
+                        f"entry for serial {serial:#x} has unknown critical extension "
+                        f"{_oid_text(oid)}",
+                    )
+                xs = ye
+        pos = ee
+    return RevokedSerials.from_shards(shards), count
+
+
+def _oid_text(raw: bytes) -> str:
+    """Dotted form of an OID's DER content, for messages."""
+    arcs: list[int] = []
+    value = 0
+    for byte in raw:
+        value = (value << 7) | (byte & 0x7F)
+        if not byte & 0x80:
+            arcs.append(value)
+            value = 0
+    if not arcs:
+        return raw.hex()
+    top = min(arcs[0] // 40, 2)
+    return ".".join(str(a) for a in [top, arcs[0] - 40 * top, *arcs[1:]])
+
+
+# --------------------------------------------------------------------------- state records
+
+
+def issuer_key(name: x509.Name) -> str:
+    """How the index names an issuer: the RFC 5280 comparison key (``edge_core.names.name_key``).
+
+    A certificate whose issuer field differs from its CA's subject only in letter case,
+    white space or string type finds that CA's CRL; ``CertInfo.issuer`` is the same key,
+    so the broker looks a presented certificate up without parsing it again. The
+    signature check against the configured CA is what binds the CRL to the CA.
+    """
+    return name_key(name)
+
+
+def _iso(value: datetime) -> str:
+    return as_utc(value).isoformat()
+
+
+@dataclass(frozen=True)
+class InstalledCrl:
+    """What we know about the CRL in force for one issuer. Serialisable to JSON."""
+
+    issuer: str
+    crl_number: int
+    this_update: datetime
+    next_update: datetime
+    sha256: str
+    count: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "this_update", as_utc(self.this_update))
+        object.__setattr__(self, "next_update", as_utc(self.next_update))
+        if self.crl_number < 0 or self.count < 0:
+            raise ValueError("crl_number and count must not be negative")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "issuer": self.issuer,
+            "crl_number": self.crl_number,
+            "this_update": _iso(self.this_update),
+            "next_update": _iso(self.next_update),
+            "sha256": self.sha256,
+            "count": self.count,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> InstalledCrl:
+        """Inverse of ``to_json``; raises ``ValueError`` on a malformed record."""
+        number, count = data.get("crl_number"), data.get("count")
+        if not isinstance(number, int) or not isinstance(count, int) or isinstance(number, bool):
+            raise ValueError("installed CRL record: crl_number and count must be integers")  # noqa: TRY004
+        try:
+            return cls(
+                issuer=name_key_of_text(str(data["issuer"])),
+                crl_number=number,
+                this_update=datetime.fromisoformat(str(data["this_update"])),
+                next_update=datetime.fromisoformat(str(data["next_update"])),
+                sha256=str(data["sha256"]),
+                count=count,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"installed CRL record is malformed: {exc!r}") from exc
+
+
+@dataclass(frozen=True)
+class CrlUpdate:
+    """The verdict of ``accept_crl`` for an acceptable CRL.
+
+    ``changed`` is False when the CRL has the installed CRL Number: nothing to install,
+    and ``revoked`` is None because the entries were not walked.
+    """
+
+    changed: bool
+    installed: InstalledCrl
+    der: bytes = field(repr=False)
+    revoked: RevokedSerials | None = field(default=None, repr=False)
+    previous_number: int | None = None
+    #: the certificate whose key verified the CRL (a separate CRL key, or the CA itself)
+    signer: x509.Certificate | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def issuer(self) -> str:
+        return self.installed.issuer
+
+
+
+# --------------------------------------------------------------------------- verification
+
+
+def _verify_signature(der: bytes, split: _Split, crl: x509.CertificateRevocationList,
+                      ca: x509.Certificate) -> bool:
+    start, end = split.tbs
+    try:
+        hash_alg = crl.signature_hash_algorithm
+    except UnsupportedAlgorithm:
+        return False
+    # Over the original tbsCertList bytes (the skeleton was re-encoded without the entries).
+    return verify_signature(ca.public_key(), crl.signature, memoryview(der)[start:end], hash_alg,
+                            crl.signature_algorithm_parameters)
+
+
+def _may_sign_crls(ca: x509.Certificate) -> bool:
+    try:
+        usage = ca.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return True
+    return bool(usage.crl_sign)
+
+
+def _check_extensions(crl: x509.CertificateRevocationList) -> int:
+    """Refuse unknown critical and unsupported-scope extensions; return the CRL Number."""
+    number: int | None = None
+    for ext in crl.extensions:
+        value = ext.value
+        if isinstance(value, x509.DeltaCRLIndicator):
+            raise refuse("crl_unsupported_scope",
+                          f"delta CRL (base CRL number {value.crl_number}); only complete CRLs are supported")
+        if isinstance(value, x509.IssuingDistributionPoint):
+            unsupported = [name for name, flag in (
+                ("indirect CRL", value.indirect_crl),
+                ("only CA certificates", value.only_contains_ca_certs),
+                ("only attribute certificates", value.only_contains_attribute_certs),
+                ("only some reasons", value.only_some_reasons is not None),
+                ("partitioned (distribution point name)",
+                 value.full_name is not None or value.relative_name is not None),
+            ) if flag]
+            if unsupported:
+                raise refuse("crl_unsupported_scope",
+                              f"issuing distribution point limits the CRL to: {', '.join(unsupported)}; "
+                              "only complete CRLs are supported")
+            continue
+        if isinstance(value, x509.CRLNumber):
+            number = value.crl_number
+        if ext.critical and ext.oid not in _KNOWN_CRL_EXTENSIONS:
+            raise refuse("crl_unknown_critical_extension",
+                          f"CRL has unknown critical extension {ext.oid.dotted_string}")
+    if number is None:
+        raise refuse("crl_no_number", "CRL has no CRL Number extension; rollback could not be detected")
+    return number
+
+
+
+
+@dataclass(frozen=True)
+class VerifiedCrl:
+    """A CRL whose signature, issuer, scope and dates passed ``verify_crl``.
+
+    The revoked entries are not walked yet: ``entries`` does that (a million entries take
+    about a second), so a CRL that turns out to be the one already in force costs no walk.
+    """
+
+    issuer: str  # ``issuer_key`` of the CRL's issuer
+    crl_number: int
+    this_update: datetime
+    next_update: datetime
+    sha256: str  # of the DER
+    der: bytes = field(repr=False)
+    signer: x509.Certificate = field(repr=False, compare=False)
+    _revoked: tuple[int, int] = field(repr=False, compare=False)
+
+    def entries(self) -> tuple[RevokedSerials, int]:
+        """The revoked serials and the entry count; refuses malformed or unknown critical entries."""
+        try:
+            return _walk_entries(self.der, *self._revoked)
+        except DerError as exc:
+            raise refuse("crl_unparseable", f"CRL revoked list is malformed: {exc}") from exc
+
+    def record(self, count: int) -> InstalledCrl:
+        return InstalledCrl(issuer=self.issuer, crl_number=self.crl_number, this_update=self.this_update,
+                            next_update=self.next_update, sha256=self.sha256, count=count)
+
+
+def verify_crl(
+    crl_bytes: bytes,
+    *,
+    issuers: Sequence[x509.Certificate],
+    now: datetime,
+    max_skew: timedelta = DEFAULT_MAX_SKEW,
+) -> VerifiedCrl:
+    """Every rule that needs only this CRL (DER or PEM), the CAs and the time; raise or return.
+
+    Pure: no I/O, no state. The rollback rule is ``edge_core.crl_trust.TrustedCrls``'s.
+    """
+    now = as_utc(now)
+    der = _to_der(crl_bytes)
+    try:
+        split = _split(der)
+        crl = x509.load_der_x509_crl(split.skeleton)
+        crl_issuer = crl.issuer
+        this_update = crl.last_update_utc
+        next_update = crl.next_update_utc
+        _ = crl.extensions  # parsed now so a malformed one is "unparseable"
+    except DerError as exc:
+        raise refuse("crl_unparseable", f"CRL DER is malformed: {exc}") from exc
+    except ValueError as exc:
+        raise refuse("crl_unparseable", f"not a valid X.509 CRL: {exc}") from exc
+    issuer = issuer_key(crl_issuer)
+    shown = crl_issuer.rfc4514_string()
+
+    candidates = [ca for ca in issuers if names_match(ca.subject, crl_issuer)]
+    if not candidates:
+        raise refuse("crl_unknown_issuer", f"CRL issuer {shown!r} is not a configured CA")
+    signers = [ca for ca in candidates if _may_sign_crls(ca)]
+    if not signers:
+        raise refuse("crl_unknown_issuer", f"configured CA {shown!r} has no cRLSign key usage")
+    signer = next((ca for ca in signers if _verify_signature(der, split, crl, ca)), None)
+    if signer is None:
+        if all(isinstance(ca.public_key(), dsa.DSAPublicKey) for ca in signers):
+            raise refuse("crl_unsupported_algorithm",
+                          f"CRL of {shown!r} is signed with DSA, which this gateway does not support")
+        raise refuse("crl_bad_signature", f"CRL signature does not verify under the key of CA {shown!r}")
+
+    try:
+        number = _check_extensions(crl)
+    except ValueError as exc:
+        raise refuse("crl_unparseable", f"CRL extension is malformed: {exc}") from exc
+    if next_update is None:
+        raise refuse("crl_no_next_update", "CRL has no nextUpdate; its freshness could not be judged")
+    if next_update <= this_update:
+        raise refuse("crl_bad_validity",
+                      f"CRL nextUpdate {next_update.isoformat()} is not after "
+                      f"thisUpdate {this_update.isoformat()}")
+    if this_update > now + max_skew:
+        raise refuse("crl_from_future",
+                      f"CRL thisUpdate {this_update.isoformat()} is later than now {now.isoformat()} "
+                      f"+ skew {max_skew}")
+
+    return VerifiedCrl(issuer=issuer, crl_number=number, this_update=this_update, next_update=next_update,
+                       sha256=hashlib.sha256(der).hexdigest(), der=der, signer=signer, _revoked=split.revoked)
