@@ -16,7 +16,7 @@ in a fixed order, which the published test vectors pin:
    ``typ`` (= policy typ) and ``kid`` are present. Embedded keys (``jwk``, ``jku``,
    ``x5c``...), ``crit`` and ``b64`` are refused here;
 3. ``unknown_issuer``: the ``kid`` names a configured operator key;
-4. ``bad_signature``: PyJWT verifies the signature with that key, ES256 only;
+4. ``bad_signature``: the signature verifies with that key, ES256 only;
 5. ``missing_claim``, ``bad_claim``: the six claims, their types, nothing else;
    ``iss`` must be the operator who owns the key;
 6. ``audience_mismatch``, ``issuer_not_authorized``: who may command whom;
@@ -31,6 +31,7 @@ Time rules, with ``skew = policy.max_skew``: accepted iff
 The replay key is the issuer and ``jti``, never the token bytes: ECDSA signatures are
 malleable, so a replay with a re-encoded signature is still caught.
 
+Steps 1, 2 and 4 are ``edge_core.jws``'s, shared with the validation service's answers.
 No I/O: the token, the time, the keys and the replay store are handed in.
 """
 
@@ -45,11 +46,9 @@ from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import Any, NoReturn
 
-import jwt
 from cryptography.hazmat.primitives.asymmetric import ec
-from jwt.api_jws import PyJWS
 
-from edge_core import strictjson
+from edge_core import jws
 from edge_core.clock import as_utc
 from edge_core.errors import EnvelopeError
 from edge_core.identity import check_identity
@@ -70,7 +69,7 @@ __all__ = [
     "verify_envelope",
 ]
 
-ALGORITHM = "ES256"
+ALGORITHM = jws.ALGORITHM
 DEFAULT_TYP = EnvelopePolicy().typ
 CLAIMS = ("iss", "aud", "iat", "exp", "jti", "cmd")
 REJECTION_TOPIC = "operators/{operator}/cmd-rejected"
@@ -95,13 +94,10 @@ REASONS = (
     "replay_cache_full",
 )
 
-_HEADER_PARAMS = frozenset({"alg", "typ", "kid"})
-_B64URL = re.compile(rb"[A-Za-z0-9_-]*")
 #: 22 base64url characters carry 132 bits, enough for a 128-bit random nonce.
 _JTI_RE = re.compile(r"[A-Za-z0-9_-]{22,128}")
 #: NumericDate bounds: after 1970, before year 10000 (datetime can represent it).
 _MAX_NUMERIC_DATE = 253402300799
-_JWS = PyJWS(algorithms=[ALGORITHM])
 
 
 class CommandRefused(EnvelopeError):
@@ -170,8 +166,7 @@ def sign_command(
     iat = int(as_utc(now).timestamp())
     claims = {"iss": issuer, "aud": device, "iat": iat, "exp": iat + int(ttl_seconds), "jti": jti,
               "cmd": dict(body)}
-    token = jwt.encode(claims, private_key, algorithm=ALGORITHM, headers={"typ": typ, "kid": kid or issuer})
-    return token.encode("ascii")
+    return jws.sign_compact({"typ": typ, "kid": kid or issuer}, claims, private_key)
 
 
 def verify_envelope(
@@ -185,15 +180,19 @@ def verify_envelope(
 ) -> VerifiedCommand:
     """Verify a command published for ``topic_device``; see the module docstring for the order."""
     now = as_utc(now)
-    header, claims = _parse(token, policy, topic_device)
-    kid = _check_header(header, policy, topic_device)
+    try:
+        parsed = jws.parse_compact(token, max_size=policy.max_size, typ=policy.typ, what="envelope")
+    except jws.JwsError as exc:
+        reason = "not_envelope" if exc.kind == "malformed" else exc.kind
+        raise CommandRefused(reason, str(exc), device=topic_device) from exc
+    kid, claims = parsed.kid, parsed.payload
     operator_key = keys.key(kid)
     if operator_key is None:
         raise CommandRefused("unknown_issuer", f"no operator key with kid {kid[:64]!r} is configured",
                              device=topic_device)
     try:
-        _JWS.decode_complete(bytes(token), key=operator_key.public_key, algorithms=[ALGORITHM])
-    except jwt.PyJWTError as exc:
+        parsed.verify(operator_key.public_key)
+    except jws.JwsError as exc:
         raise CommandRefused("bad_signature", f"signature does not verify with key {kid!r}: {exc}",
                              device=topic_device) from exc
     # From here on the claims are the operator's own words.
@@ -225,41 +224,6 @@ def verify_envelope(
         issued_at=datetime.fromtimestamp(iat, UTC), expires_at=datetime.fromtimestamp(exp, UTC),
         body=MappingProxyType(body),
     )
-
-
-def _parse(token: bytes, policy: EnvelopePolicy, device: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    def refuse(reason: str, message: str) -> NoReturn:
-        raise CommandRefused(reason, message, device=device)
-
-    if not isinstance(token, bytes | bytearray | memoryview):
-        refuse("not_envelope", f"an envelope is bytes, not {type(token).__name__}")
-    if len(token) > policy.max_size:
-        refuse("oversized", f"envelope is {len(token)} bytes; at most {policy.max_size} allowed")
-    parts = bytes(token).split(b".")
-    if len(parts) != 3:
-        refuse("not_envelope", f"a JWS compact envelope has 3 dot-separated parts, not {len(parts)}")
-    header_raw = _b64url_decode(parts[0], "header", refuse)
-    payload_raw = _b64url_decode(parts[1], "payload", refuse)
-    _b64url_decode(parts[2], "signature", refuse)  # its length is the signature check's business
-    return _json_object(header_raw, "header", refuse), _json_object(payload_raw, "payload", refuse)
-
-
-def _check_header(header: dict[str, Any], policy: EnvelopePolicy, device: str) -> str:
-    def refuse(reason: str, message: str) -> NoReturn:
-        raise CommandRefused(reason, message, device=device)
-
-    alg = header.get("alg")
-    if not (isinstance(alg, str) and alg == ALGORITHM):
-        refuse("bad_algorithm", f"algorithm {alg!r:.40} is refused; only {ALGORITHM} is accepted")
-    extra = sorted(set(header) - _HEADER_PARAMS)
-    if extra:
-        refuse("bad_header", f"header parameter {extra[0]!r:.40} is not allowed; only alg, typ, kid")
-    if header.get("typ") != policy.typ:
-        refuse("bad_header", f"header typ {header.get('typ')!r:.40} must be {policy.typ!r}")
-    kid = header.get("kid")
-    if not isinstance(kid, str) or not kid:
-        refuse("bad_header", "header kid (the operator key id) is missing or not a string")
-    return kid
 
 
 def _check_claims(
@@ -322,20 +286,6 @@ def rejection_notice(error: CommandRefused, *, at: datetime) -> tuple[str, bytes
 
 
 _Refuser = Callable[[str, str], NoReturn]
-
-
-def _b64url_decode(part: bytes, name: str, refuse: _Refuser) -> bytes:
-    try:
-        return strictjson.b64url_canonical(part, name)
-    except ValueError as exc:
-        refuse("not_envelope", str(exc))
-
-
-def _json_object(raw: bytes, name: str, refuse: _Refuser) -> dict[str, Any]:
-    try:
-        return strictjson.json_object(raw, name)
-    except ValueError as exc:
-        refuse("not_envelope", str(exc))
 
 
 def _iso(timestamp: int) -> str:

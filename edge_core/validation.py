@@ -47,12 +47,11 @@ from types import MappingProxyType
 from typing import Any, Literal, NoReturn
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 
-from edge_core import strictjson
+from edge_core import jws, strictjson
 from edge_core.chain import PathRefused, TrustStore, validate_path
 from edge_core.clock import as_utc
 from edge_core.crl import InstalledCrl, issuer_key
@@ -99,7 +98,7 @@ __all__ = [
     "verify_response",
 ]
 
-ALGORITHM = "ES256"
+ALGORITHM = jws.ALGORITHM
 TYP = "edge-validation+jwt"
 VERSION = 1
 REQUEST_TOPIC = "gateway/validation/{device}/request"
@@ -158,7 +157,6 @@ RESPONSE_REASONS = (
 
 CLAIMS = ("v", "gw", "aud", "iat", "nonce", "status", "reason", "issuer_hash", "serial",
           "this_update", "next_update", "crl_number")
-_HEADER_PARAMS = frozenset({"alg", "typ", "kid"})
 _REQUEST_KEYS = frozenset({"v", "nonce", "cert", "issuer_hash", "serial"})
 _NONCE_RE = re.compile(r"[A-Za-z0-9_-]{16,64}")
 _HASH_RE = re.compile(r"[0-9a-f]{64}")
@@ -169,7 +167,6 @@ _REASON_RE = re.compile(r"[a-z][a-z0-9_]{0,39}")
 _B64URL_RE = re.compile(rb"[A-Za-z0-9_-]*")
 _B64_RE = re.compile(r"[A-Za-z0-9+/]*={0,2}")
 _MAX_NUMERIC_DATE = 253402300799  # 9999-12-31T23:59:59Z
-_P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 
 
 # --------------------------------------------------------------------------- errors
@@ -546,20 +543,11 @@ def refusal_answer(error: RequestRefused, *, device: str, gateway: str, now: dat
 # --------------------------------------------------------------------------- signing
 
 
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
 def sign_answer(answer: Answer, key: ec.EllipticCurvePrivateKey) -> bytes:
     """The answer as a JWS compact token (ASCII), ES256 with deterministic ECDSA (RFC 6979)."""
     if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
         raise TypeError("the gateway validation key must be an EC P-256 private key")
-    header = {"alg": ALGORITHM, "kid": gateway_key_id(key.public_key()), "typ": TYP}
-    signing_input = (_b64url(json.dumps(header, separators=(",", ":"), sort_keys=True).encode())
-                     + "." + _b64url(json.dumps(answer.claims(), separators=(",", ":")).encode()))
-    der = key.sign(signing_input.encode("ascii"), ec.ECDSA(hashes.SHA256(), deterministic_signing=True))
-    r, s = decode_dss_signature(der)
-    return f"{signing_input}.{_b64url(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}".encode("ascii")
+    return jws.sign_compact({"kid": gateway_key_id(key.public_key()), "typ": TYP}, answer.claims(), key)
 
 
 # --------------------------------------------------------------------------- verifying
@@ -586,31 +574,21 @@ def verify_response(
     """
     now = as_utc(now)
     keys = [gateway_key] if isinstance(gateway_key, ec.EllipticCurvePublicKey) else list(gateway_key)
-    header, claims, signing_input, signature = _split_token(token)
-    alg = header.get("alg")
-    if not (isinstance(alg, str) and alg == ALGORITHM):
-        _refuse("bad_algorithm", f"algorithm {alg!r:.40} is refused; only {ALGORITHM}")
-    extra = sorted(set(header) - _HEADER_PARAMS)
-    if extra:
-        _refuse("bad_header", f"header parameter {extra[0]!r:.40} is not allowed; only alg, typ, kid")
-    if header.get("typ") != TYP:
-        _refuse("bad_header", f"header typ {header.get('typ')!r:.40} must be {TYP!r}")
-    kid = header.get("kid")
-    if not isinstance(kid, str) or not _KID_RE.fullmatch(kid):
+    try:
+        parsed = jws.parse_compact(token, max_size=MAX_RESPONSE_BYTES, typ=TYP, what="answer")
+    except jws.JwsError as exc:
+        _refuse(exc.kind, str(exc))
+    kid = parsed.kid
+    if not _KID_RE.fullmatch(kid):
         _refuse("bad_header", "header kid must be the 16 hex digit gateway key id")
     key = next((k for k in keys if gateway_key_id(k) == kid), None)
     if key is None:
         _refuse("unknown_key", f"no configured gateway key has kid {kid}")
-    if len(signature) != 64:
-        _refuse("bad_signature", f"signature must be 64 bytes r||s, not {len(signature)}")
-    r, s = int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
-    if not (0 < r < _P256_ORDER and 0 < s < _P256_ORDER):
-        _refuse("bad_signature", "signature r or s is out of range")
     try:
-        key.verify(encode_dss_signature(r, s), signing_input, ec.ECDSA(hashes.SHA256()))
-    except InvalidSignature:
-        _refuse("bad_signature", f"signature does not verify with gateway key {kid}")
-    answer = _answer_from_claims(claims)
+        parsed.verify(key)
+    except jws.JwsError as exc:
+        _refuse("bad_signature", f"{exc} (gateway key {kid})")
+    answer = _answer_from_claims(parsed.payload)
     if answer.nonce != expected_nonce:
         _refuse("nonce_mismatch", "the answer is for another request (nonce differs)")
     if answer.device != expected_device:
@@ -629,35 +607,6 @@ def verify_response(
 
 def _refuse(reason: str, message: str) -> NoReturn:
     raise ResponseRefused(reason, message)
-
-
-def _split_token(token: bytes) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes]:
-    if not isinstance(token, bytes | bytearray | memoryview):
-        _refuse("malformed", f"an answer is bytes, not {type(token).__name__}")
-    raw = bytes(token)
-    if len(raw) > MAX_RESPONSE_BYTES:
-        _refuse("oversized", f"answer is {len(raw)} bytes; at most {MAX_RESPONSE_BYTES}")
-    parts = raw.split(b".")
-    if len(parts) != 3:
-        _refuse("malformed", f"a JWS compact answer has 3 dot-separated parts, not {len(parts)}")
-    header = _json_object(_b64url_decode(parts[0], "header"), "header")
-    claims = _json_object(_b64url_decode(parts[1], "payload"), "payload")
-    signature = _b64url_decode(parts[2], "signature")
-    return header, claims, parts[0] + b"." + parts[1], signature
-
-
-def _b64url_decode(part: bytes, name: str) -> bytes:
-    try:
-        return strictjson.b64url_canonical(part, name)
-    except ValueError as exc:
-        _refuse("malformed", str(exc))
-
-
-def _json_object(raw: bytes, name: str) -> dict[str, Any]:
-    try:
-        return strictjson.json_object(raw, name)
-    except ValueError as exc:
-        _refuse("malformed", str(exc))
 
 
 def _answer_from_claims(claims: dict[str, Any]) -> Answer:
