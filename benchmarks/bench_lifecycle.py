@@ -35,15 +35,8 @@ import structlog  # noqa: E402
 
 from edge_core.clock import ManualClock  # noqa: E402
 from edge_core.events import SecurityEvents  # noqa: E402
-from edge_core.lifecycle import (  # noqa: E402
-    CertRef,
-    CertState,
-    RenewalPolicy,
-    Step,
-    check_alarms,
-    enroll,
-    plan_renewals,
-)
+from edge_core.expiry_scan import check_alarms, plan_renewals  # noqa: E402
+from edge_core.lifecycle import CertRef, CertState, RenewalPolicy, Step, enroll  # noqa: E402
 from gateway_agent.inventory import SqliteInventory, iter_chunks  # noqa: E402
 from gateway_agent.pki import init_dev, issue_leaf, new_key  # noqa: E402
 from gateway_agent.renewal import FileCABackend, RenewalOrchestrator  # noqa: E402

@@ -1,8 +1,10 @@
-"""Certificate lifecycle decisions: states, transitions, expiry scans, renewal plans, CSR checks.
+"""Certificate lifecycle: the state model of a device's certificates and every legal transition.
 
 This module holds no I/O: no database, no network, no event loop. It decides; the inventory
 (``gateway_agent.inventory``) stores what it decides and the renewal orchestrator
-(``gateway_agent.renewal``) talks to devices and the CA.
+(``gateway_agent.renewal``) talks to devices and the CA. Which devices the daily scan finds
+expiring, due or alarming is ``edge_core.expiry_scan``'s; a device's CSR is checked by
+``edge_core.csr``. ``RenewalPolicy`` holds the timings both use.
 
 Two small state machines describe a device (design notes 13.3):
 
@@ -46,57 +48,42 @@ At most two pins are ever exported, matching ``edge_core.registry.MAX_ACTIVE_PIN
 from __future__ import annotations
 
 import enum
-import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import AttributeOID
 
 from edge_core.clock import as_utc
-from edge_core.errors import ConfigError, CredentialError, StateError
-from edge_core.identity import IdentityPolicy, check_identity, spki_pin, spki_pin_of_key
+from edge_core.errors import ConfigError, StateError
+from edge_core.identity import check_identity, spki_pin
 
 __all__ = [
     "CERT_TRANSITIONS",
     "IN_PROGRESS",
-    "MAX_CSR_BYTES",
+    "RENEWABLE_CERT",
     "RENEWAL_TRANSITIONS",
-    "Alarm",
+    "RETRYABLE",
     "CertRef",
     "CertState",
-    "CheckedCsr",
     "DeviceLifecycle",
-    "ExpiryRow",
-    "RenewalPlan",
     "RenewalPolicy",
     "RenewalState",
     "Step",
     "Transition",
-    "alarm_lead",
     "backoff_delay",
     "begin_renewal",
     "begin_switch",
     "begin_test",
     "candidate_issued",
-    "check_alarms",
-    "check_csr",
     "end_overlap",
     "enroll",
     "expiring_lead",
     "fail_renewal",
-    "overlaps_ended",
-    "plan_renewals",
     "refresh",
-    "renewal_due",
     "renewal_lead",
     "revoke_certificate",
     "revoke_device",
-    "scan_expiring",
     "switch_unconfirmed",
     "switched",
 ]
@@ -144,10 +131,10 @@ RENEWAL_TRANSITIONS: Mapping[RenewalState, frozenset[RenewalState]] = {
 }
 
 IN_PROGRESS = frozenset({_R.REQUESTED, _R.ISSUED, _R.TESTING, _R.SWITCHING})
-_RETRYABLE = frozenset({_R.FAILED, _R.ROLLED_BACK})
-_RENEWABLE_CERT = frozenset({CertState.ISSUED, CertState.ACTIVE, CertState.EXPIRING})
-MAX_CSR_BYTES = 8 * 1024
-_DAY = timedelta(days=1)
+#: renewal states after which a new attempt may start (after backoff)
+RETRYABLE = frozenset({_R.FAILED, _R.ROLLED_BACK})
+#: certificate states that can still be renewed (not expired, not revoked)
+RENEWABLE_CERT = frozenset({CertState.ISSUED, CertState.ACTIVE, CertState.EXPIRING})
 
 
 # --------------------------------------------------------------------------- data
@@ -302,46 +289,6 @@ class RenewalPolicy:
             raise ConfigError("renewal policy: alarm_after_failures must be at least 1")
 
 
-@dataclass(frozen=True)
-class ExpiryRow:
-    """One row of the daily expiry query."""
-
-    device_id: str
-    serial: int
-    not_after: datetime
-    days_left: int  # whole days, rounded down; negative once expired
-    cert_state: CertState
-    renewal: RenewalState
-
-    def as_dict(self) -> dict[str, object]:
-        return {
-            "device_id": self.device_id,
-            "serial": f"{self.serial:x}",
-            "not_after": self.not_after.isoformat(),
-            "days_left": self.days_left,
-            "cert_state": self.cert_state.value,
-            "renewal": self.renewal.value,
-        }
-
-
-@dataclass(frozen=True)
-class RenewalPlan:
-    device_id: str
-    reason: str  # "due" (first attempt), "retry" or "resume" (switch report missing)
-    not_after: datetime
-    days_left: int
-    attempt: int
-
-
-@dataclass(frozen=True)
-class Alarm:
-    device_id: str
-    reason: str  # "cert_expired", "renewal_overdue", "renewal_failing"
-    days_left: int
-    attempts: int
-    last_error: str | None
-
-
 # --------------------------------------------------------------------------- transitions
 
 
@@ -432,7 +379,7 @@ def refresh(device: DeviceLifecycle, *, now: datetime, policy: RenewalPolicy,
 def begin_renewal(device: DeviceLifecycle, *, now: datetime, cause: str) -> Step:
     """IDLE / FAILED / ROLLED_BACK -> RENEWAL_REQUESTED: the CSR is about to be asked for."""
     b = _Builder(device, as_utc(now), cause)
-    if device.current.state not in _RENEWABLE_CERT or b.now >= device.current.not_after:
+    if device.current.state not in RENEWABLE_CERT or b.now >= device.current.not_after:
         raise StateError(
             "not_renewable",
             f"device {device.device_id}: certificate {device.current.serial:x} is {device.current.state}; "
@@ -601,11 +548,7 @@ def revoke_certificate(device: DeviceLifecycle, serial: int, *, now: datetime, c
     return Step(device, device, ())
 
 
-# --------------------------------------------------------------------------- decisions
-
-
-def _days_left(not_after: datetime, now: datetime) -> int:
-    return math.floor((not_after - now) / _DAY)
+# --------------------------------------------------------------------------- timing
 
 
 def renewal_lead(cert: CertRef, policy: RenewalPolicy) -> timedelta:
@@ -622,11 +565,6 @@ def expiring_lead(cert: CertRef, policy: RenewalPolicy) -> timedelta:
     return min(policy.expiring_within, renewal_lead(cert, policy))
 
 
-def alarm_lead(cert: CertRef, policy: RenewalPolicy) -> timedelta:
-    """How long before expiry an unrenewed device raises an alarm."""
-    return min(policy.alarm_before, cert.lifetime * policy.alarm_fraction)
-
-
 def backoff_delay(attempts: int, policy: RenewalPolicy, rand: float) -> timedelta:
     """Exponential backoff with jitter: base * 2**(attempts-1), capped, then +/- ``jitter``."""
     if not 0 <= rand < 1:
@@ -634,172 +572,3 @@ def backoff_delay(attempts: int, policy: RenewalPolicy, rand: float) -> timedelt
     exponent = min(max(attempts - 1, 0), 32)  # 2**32 * base is far past any cap
     capped = min(policy.backoff_base * (1 << exponent), policy.backoff_max)
     return capped * (1 - policy.jitter + 2 * policy.jitter * rand)
-
-
-def scan_expiring(devices: Iterable[DeviceLifecycle], now: datetime,
-                  within: timedelta = timedelta(days=90)) -> list[ExpiryRow]:
-    """The design's daily query, soonest first: certificates expiring before ``now + within``.
-
-    Already expired certificates are included (negative ``days_left``); revoked ones are not.
-    """
-    now = as_utc(now)
-    horizon = now + within
-    rows = [
-        ExpiryRow(d.device_id, d.current.serial, d.current.not_after, _days_left(d.current.not_after, now),
-                  d.current.state, d.renewal)
-        for d in devices
-        if d.current.state is not CertState.REVOKED and d.current.not_after < horizon
-    ]
-    rows.sort(key=lambda r: (r.not_after, r.device_id))
-    return rows
-
-
-def renewal_due(device: DeviceLifecycle, now: datetime, policy: RenewalPolicy, *,
-                ignore_backoff: bool = False) -> str | None:
-    """``"due"``, ``"retry"`` or ``"resume"`` (a switch report is missing) if renewal should run now.
-
-    ``ignore_backoff`` is for a device that just came back online: no point waiting out a backoff
-    that only existed because it was away.
-    """
-    now = as_utc(now)
-    waited = ignore_backoff or device.next_attempt_at is None or device.next_attempt_at <= now
-    if device.renewal is _R.SWITCHING:
-        # A lost switch report: ask again which certificate the device uses, even if the old one
-        # has expired meanwhile (the device may well be on the new one).
-        return "resume" if waited else None
-    cert = device.current
-    if cert.state not in _RENEWABLE_CERT or now >= cert.not_after:
-        return None  # expired or revoked: needs re-enrolment, see check_alarms
-    if device.forced and device.renewal in _RETRYABLE:
-        return "retry" if waited else None  # an operator's renewal is retried until it switches
-    if cert.not_after - now > renewal_lead(cert, policy):
-        return None
-    if device.renewal is _R.IDLE:
-        return "due"
-    if device.renewal in _RETRYABLE and waited:
-        return "retry"
-    return None
-
-
-def plan_renewals(devices: Iterable[DeviceLifecycle], now: datetime,
-                  policy: RenewalPolicy) -> list[RenewalPlan]:
-    """Which devices to start renewing now, most urgent first."""
-    now = as_utc(now)
-    plans = []
-    for device in devices:
-        reason = renewal_due(device, now, policy)
-        if reason is not None:
-            plans.append(RenewalPlan(device.device_id, reason, device.current.not_after,
-                                     _days_left(device.current.not_after, now), device.attempts + 1))
-    plans.sort(key=lambda p: (p.not_after, p.device_id))
-    return plans
-
-
-def check_alarms(devices: Iterable[DeviceLifecycle], now: datetime, policy: RenewalPolicy) -> list[Alarm]:
-    """Devices a human must look at, long before they drop off the network.
-
-    - ``cert_expired``: the current certificate has expired (the device is offline for good);
-    - ``renewal_overdue``: less than ``alarm_lead`` left and still not renewed;
-    - ``renewal_failing``: ``alarm_after_failures`` consecutive failed attempts, whatever time is left.
-    """
-    now = as_utc(now)
-    alarms = []
-    for d in devices:
-        cert = d.current
-        if cert.state is CertState.REVOKED:
-            continue
-        days = _days_left(cert.not_after, now)
-        if now >= cert.not_after:
-            reason = "cert_expired"
-        elif cert.not_after - now <= alarm_lead(cert, policy):
-            reason = "renewal_overdue"
-        elif d.attempts >= policy.alarm_after_failures:
-            reason = "renewal_failing"
-        else:
-            continue
-        alarms.append(Alarm(d.device_id, reason, days, d.attempts, d.last_error))
-    alarms.sort(key=lambda a: (a.days_left, a.device_id))
-    return alarms
-
-
-def overlaps_ended(devices: Iterable[DeviceLifecycle], now: datetime) -> list[str]:
-    """Devices whose overlap is over: their retiring certificate is to be revoked now."""
-    now = as_utc(now)
-    return sorted(d.device_id for d in devices
-                  if d.renewal is _R.OVERLAP and d.overlap_until is not None and d.overlap_until <= now)
-
-
-# --------------------------------------------------------------------------- CSR
-
-
-@dataclass(frozen=True)
-class CheckedCsr:
-    """A CSR that passed ``check_csr``: the identity it names and the key to certify."""
-
-    identity: str
-    public_key: ec.EllipticCurvePublicKey
-    pin: str
-
-
-_CSR_HASHES = (hashes.SHA256, hashes.SHA384, hashes.SHA512)
-
-
-def check_csr(
-    csr_pem: bytes,
-    expected_identity: str,
-    policy: IdentityPolicy,
-    *,
-    nonce: str | None = None,
-    forbidden_pins: Sequence[str] = (),
-) -> CheckedCsr:
-    """Check a device's CSR before the CA sees it; raises ``CredentialError`` with a reason code.
-
-    - ``csr_too_large`` / ``csr_unparseable``: not a PEM CSR of sane size;
-    - ``csr_signature_invalid``: no proof of possession of the private key;
-    - ``csr_key_type``: not an EC P-256 key; ``csr_hash``: signed with a weak hash;
-    - ``identity_missing`` / ``identity_ambiguous`` / ``identity_invalid`` / ``csr_identity_mismatch``:
-      the CSR does not name exactly ``expected_identity`` under ``policy``;
-    - ``csr_nonce_mismatch``: the challengePassword attribute is not the nonce we asked with (replay);
-    - ``csr_key_reused``: the key is one the device already has (renewal requires a fresh key).
-    """
-    if len(csr_pem) > MAX_CSR_BYTES:
-        raise CredentialError("csr_too_large", f"CSR from {expected_identity} is {len(csr_pem)} bytes; "
-                              f"at most {MAX_CSR_BYTES} allowed")
-    try:
-        csr = x509.load_pem_x509_csr(csr_pem)
-    except ValueError as exc:
-        raise CredentialError("csr_unparseable",
-                              f"CSR from {expected_identity} is not a PEM CSR: {exc}") from exc
-    key = csr.public_key()
-    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
-        raise CredentialError("csr_key_type", f"CSR from {expected_identity} must carry an EC P-256 key",
-                              hint="generate the key with SECP256R1 (prime256v1)")
-    algorithm = csr.signature_hash_algorithm
-    if not isinstance(algorithm, _CSR_HASHES):
-        raise CredentialError("csr_hash",
-                              f"CSR from {expected_identity} is not signed with SHA-256 or stronger")
-    try:
-        valid = csr.is_signature_valid
-    except (InvalidSignature, ValueError) as exc:  # defensive: some backends raise
-        raise CredentialError("csr_signature_invalid", f"CSR from {expected_identity}: {exc}") from exc
-    if not valid:
-        raise CredentialError("csr_signature_invalid",
-                              f"CSR from {expected_identity} is not signed by its own key "
-                              "(no proof of possession)")
-    identity = policy.extract(csr)
-    if identity != expected_identity:
-        raise CredentialError("csr_identity_mismatch",
-                              f"CSR names {identity!r} but was requested from {expected_identity!r}")
-    if nonce is not None:
-        try:
-            raw = csr.attributes.get_attribute_for_oid(AttributeOID.CHALLENGE_PASSWORD).value
-        except x509.AttributeNotFound:
-            raw = b""
-        if raw != nonce.encode("utf-8"):
-            raise CredentialError("csr_nonce_mismatch",
-                                  f"CSR from {expected_identity} does not carry the nonce it was asked with")
-    pin = spki_pin_of_key(key)
-    if pin in forbidden_pins:
-        raise CredentialError("csr_key_reused", f"CSR from {expected_identity} reuses a key it already holds",
-                              hint="the device must generate a fresh key for every renewal")
-    return CheckedCsr(identity=identity, public_key=key, pin=pin)

@@ -29,10 +29,11 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from edge_core.csr import check_csr
 from edge_core.errors import ConfigError, CredentialError
 from edge_core.files import atomic_write_bytes, atomic_write_text
 from edge_core.identity import IdentityPolicy, spki_pin
-from edge_core.lifecycle import CertRef, CertState, check_csr, enroll
+from edge_core.lifecycle import CertRef, CertState, enroll
 from edge_core.registry import MAX_ACTIVE_PINS, DeviceEntry, Registry, parse_registry
 from edge_core.registry_edit import apply_entries
 from gateway_agent.cli_lifecycle_config import add_config_arguments, lifecycle_paths

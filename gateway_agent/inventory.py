@@ -40,6 +40,7 @@ from typing import Any, Protocol
 
 from edge_core.clock import as_utc
 from edge_core.errors import ConfigError, CredentialError, StateError
+from edge_core.expiry_scan import ExpiryRow
 from edge_core.files import atomic_write_text
 from edge_core.identity import IdentityPolicy
 from edge_core.lifecycle import (
@@ -47,7 +48,6 @@ from edge_core.lifecycle import (
     CertRef,
     CertState,
     DeviceLifecycle,
-    ExpiryRow,
     RenewalState,
     Step,
     Transition,

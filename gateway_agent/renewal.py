@@ -38,14 +38,14 @@ from typing import Protocol, TypeVar
 from cryptography.hazmat.primitives import serialization
 
 from edge_core.clock import Clock, as_utc
+from edge_core.csr import CheckedCsr, check_csr
 from edge_core.errors import CredentialError, EdgeSecurityError, FetchError, StateError
 from edge_core.events import SecurityEvents
+from edge_core.expiry_scan import Alarm, check_alarms, plan_renewals, renewal_due, scan_expiring
 from edge_core.identity import IdentityPolicy, check_identity
 from edge_core.lifecycle import (
-    Alarm,
     CertRef,
     CertState,
-    CheckedCsr,
     DeviceLifecycle,
     RenewalPolicy,
     RenewalState,
@@ -54,14 +54,9 @@ from edge_core.lifecycle import (
     begin_switch,
     begin_test,
     candidate_issued,
-    check_alarms,
-    check_csr,
     end_overlap,
     fail_renewal,
-    plan_renewals,
     refresh,
-    renewal_due,
-    scan_expiring,
     switch_unconfirmed,
     switched,
 )

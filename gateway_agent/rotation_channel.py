@@ -34,10 +34,10 @@ from typing import Any, Self
 import aiomqtt
 from cryptography import x509
 
+from edge_core.csr import MAX_CSR_BYTES
 from edge_core.errors import ConfigError, CredentialError, FetchError
 from edge_core.events import SecurityEvents
 from edge_core.identity import check_identity
-from edge_core.lifecycle import MAX_CSR_BYTES
 from edge_core.rotation_wire import (
     MAX_MESSAGE_BYTES,
     PROTOCOL_VERSION,

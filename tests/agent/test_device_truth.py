@@ -18,9 +18,10 @@ from cryptography import x509
 from structlog.testing import capture_logs
 
 from edge_core.clock import ManualClock
+from edge_core.csr import CheckedCsr
 from edge_core.errors import CredentialError
 from edge_core.identity import spki_pin, spki_pin_of_key
-from edge_core.lifecycle import CertRef, CertState, CheckedCsr, RenewalPolicy, RenewalState, enroll, refresh
+from edge_core.lifecycle import CertRef, CertState, RenewalPolicy, RenewalState, enroll, refresh
 from edge_core.registry import DeviceEntry, Registry, dump_registry, parse_registry
 from gateway_agent.crl_issue import revoke
 from gateway_agent.inventory import SqliteInventory, apply_revocations, export_registry, import_from_registry

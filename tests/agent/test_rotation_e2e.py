@@ -32,10 +32,11 @@ from structlog.testing import capture_logs
 from device_client.client import DeviceConfig
 from device_client.rotation import CredentialStore, DeviceRotation, RotationHandler
 from edge_core.clock import ManualClock, SystemClock
+from edge_core.csr import check_csr
 from edge_core.errors import ConfigError, CredentialError
 from edge_core.events import SecurityEvents
 from edge_core.identity import IdentityPolicy, spki_pin
-from edge_core.lifecycle import RenewalState, check_csr
+from edge_core.lifecycle import RenewalState
 from edge_core.registry import DeviceEntry, Registry, dump_registry, parse_registry
 from gateway_agent.crl_issue import RevocationStore, issue_crl
 from gateway_agent.inventory import SqliteInventory, import_from_registry, write_registry

@@ -14,7 +14,16 @@ from cryptography.x509.oid import AttributeOID, NameOID
 from hypothesis import given
 from hypothesis import strategies as st
 
+from edge_core.csr import check_csr
 from edge_core.errors import ConfigError, CredentialError, StateError
+from edge_core.expiry_scan import (
+    alarm_lead,
+    check_alarms,
+    overlaps_ended,
+    plan_renewals,
+    renewal_due,
+    scan_expiring,
+)
 from edge_core.identity import IdentityPolicy
 from edge_core.lifecycle import (
     CERT_TRANSITIONS,
@@ -24,24 +33,17 @@ from edge_core.lifecycle import (
     DeviceLifecycle,
     RenewalPolicy,
     RenewalState,
-    alarm_lead,
     backoff_delay,
     begin_renewal,
     begin_switch,
     begin_test,
     candidate_issued,
-    check_alarms,
-    check_csr,
     end_overlap,
     enroll,
     fail_renewal,
-    overlaps_ended,
-    plan_renewals,
     refresh,
-    renewal_due,
     renewal_lead,
     revoke_device,
-    scan_expiring,
     switch_unconfirmed,
     switched,
 )
