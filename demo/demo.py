@@ -37,7 +37,8 @@ from uplink_steps import uplink_section  # noqa: E402
 
 from device_client.client import DeviceClient, DeviceConfig  # noqa: E402
 from device_client.commands import DeviceCommandVerifier  # noqa: E402
-from device_client.rotation import CredentialStore, DeviceRotation  # noqa: E402
+from device_client.credential_store import CredentialStore  # noqa: E402
+from device_client.rotation import DeviceRotation  # noqa: E402
 from device_client.validation import check_certificate  # noqa: E402
 from edge_core.clock import SystemClock  # noqa: E402
 from edge_core.operators import OperatorKeys, parse_operators  # noqa: E402

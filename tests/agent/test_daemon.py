@@ -213,7 +213,8 @@ async def test_daemon_renews_a_device_when_asked(tmp_path: Path, pki: object, re
     from cryptography import x509
 
     from device_client.client import DeviceConfig
-    from device_client.rotation import CredentialStore, DeviceRotation
+    from device_client.credential_store import CredentialStore
+    from device_client.rotation import DeviceRotation
     from edge_core.registry import parse_registry
     from gateway_agent.agent_session import request_renewal
     from gateway_agent.services import service_factories

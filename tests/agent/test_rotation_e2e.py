@@ -30,7 +30,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from structlog.testing import capture_logs
 
 from device_client.client import DeviceConfig
-from device_client.rotation import CredentialStore, DeviceRotation, RotationHandler
+from device_client.credential_store import CredentialStore
+from device_client.rotation import DeviceRotation, RotationHandler
 from edge_core.clock import ManualClock, SystemClock
 from edge_core.csr import check_csr
 from edge_core.errors import ConfigError, CredentialError
