@@ -6,63 +6,15 @@ one dict and one set lookup, cheap enough for every CONNECT and every live-sessi
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
-from collections.abc import Set as AbstractSet
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING
 
 from cryptography import x509
 
-if TYPE_CHECKING:
-    from edge_core.crl import CrlUpdate, InstalledCrl
+from edge_core.crl import CrlUpdate, InstalledCrl, RevokedSerials
 
-__all__ = ["SHARDS", "RevocationIndex", "RevokedSerials"]
-
-#: serials are spread over this many dicts by their low bits (see ``RevokedSerials``)
-SHARDS = 64
-
-
-class RevokedSerials(AbstractSet[int]):
-    """An immutable set of serial numbers, built so that building and holding it never stalls.
-
-    Serials live in 64 dicts (``serial -> None``) chosen by the low bits. Why not one
-    frozenset: a million-entry set resizes in one C call (~40-90 ms with the GIL held),
-    and sets are tracked by the garbage collector, so every full collection walks all
-    entries (100+ ms) - in whatever thread it happens. Dicts holding only ints are
-    untracked by the collector, and 64 shards keep each resize small. Lookup is one
-    tuple index and one dict lookup.
-    """
-
-    __slots__ = ("_count", "_shards")
-
-    def __init__(self, serials: Iterable[int] = ()) -> None:
-        shards: tuple[dict[int, None], ...] = tuple({} for _ in range(SHARDS))
-        for serial in serials:
-            shards[serial & (SHARDS - 1)][serial] = None
-        self._shards = shards
-        self._count = sum(len(shard) for shard in shards)
-
-    @classmethod
-    def from_shards(cls, shards: tuple[dict[int, None], ...]) -> RevokedSerials:
-        self = cls.__new__(cls)
-        self._shards = shards
-        self._count = sum(len(shard) for shard in shards)
-        return self
-
-    def __contains__(self, serial: object) -> bool:
-        return isinstance(serial, int) and serial in self._shards[serial & (SHARDS - 1)]
-
-    def __len__(self) -> int:
-        return self._count
-
-    def __iter__(self) -> Iterator[int]:
-        for shard in self._shards:
-            yield from shard
-
-    def __repr__(self) -> str:
-        return f"<RevokedSerials {self._count} serials>"
-
+__all__ = ["RevocationIndex"]
 
 @dataclass(frozen=True)
 class RevocationIndex:

@@ -185,7 +185,7 @@ def test_revocation_of_a_retiring_certificate_ends_the_overlap(tmp_path: Path) -
 
 async def test_an_accepted_crl_feeds_the_inventory(world: World) -> None:
     """The inventory learns revocations from every accepted CRL too (a CA it does not run itself)."""
-    from edge_core.revocation import RevokedSerials
+    from edge_core.crl import RevokedSerials
 
     serial = world.channel.devices["pump-2"].cert.serial_number
     changed = await world.orchestrator.sync_revocations(world.clock.now(), RevokedSerials([serial, 12345]))

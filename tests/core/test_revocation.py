@@ -18,12 +18,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edge_core.clock import ManualClock
-from edge_core.crl import REASONS, InstalledCrl, crl_pem, issuer_key, load_crl, split_crl_bundle
+from edge_core.crl import REASONS, InstalledCrl, RevokedSerials, crl_pem, issuer_key, load_crl, split_crl_bundle
 from edge_core.crl_freshness import StalenessPolicy, evaluate_freshness
 from edge_core.crl_trust import accept_crl
 from edge_core.errors import ConfigError, CredentialError
 from edge_core.identity import IdentityPolicy, describe_certificate
-from edge_core.revocation import RevocationIndex, RevokedSerials
+from edge_core.revocation import RevocationIndex
 from gateway_agent.pki import IssuingCA, issue_leaf, new_intermediate, new_root
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
