@@ -96,8 +96,6 @@ REASONS = (
 
 #: 22 base64url characters carry 132 bits, enough for a 128-bit random nonce.
 _JTI_RE = re.compile(r"[A-Za-z0-9_-]{22,128}")
-#: NumericDate bounds: after 1970, before year 10000 (datetime can represent it).
-_MAX_NUMERIC_DATE = 253402300799
 
 
 class CommandRefused(EnvelopeError):
@@ -237,7 +235,7 @@ def _check_claims(
         refuse("bad_claim", f"claim {extra[0]!r:.40} is not allowed; only {', '.join(CLAIMS)}")
     iat, exp = claims["iat"], claims["exp"]
     for name, value in (("iat", iat), ("exp", exp)):
-        if type(value) is not int or not 0 < value <= _MAX_NUMERIC_DATE:
+        if type(value) is not int or not 0 < value <= jws.MAX_NUMERIC_DATE:
             refuse("bad_claim", f"claim '{name}' must be an integer NumericDate, not {value!r:.40}")
     if not isinstance(claims["aud"], str):
         refuse("bad_claim", "claim 'aud' must be one device id (a string)")

@@ -35,10 +35,12 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from edge_core import strictjson
 
-__all__ = ["ALGORITHM", "HEADER_PARAMS", "CompactJws", "JwsError", "parse_compact", "sign_compact"]
+__all__ = ["ALGORITHM", "HEADER_PARAMS", "MAX_NUMERIC_DATE", "CompactJws", "JwsError", "parse_compact", "sign_compact"]
 
 ALGORITHM = "ES256"
 HEADER_PARAMS = frozenset({"alg", "typ", "kid"})
+#: NumericDate claims (RFC 7519 2) we accept: after 1970, before year 10000 (datetime can represent it)
+MAX_NUMERIC_DATE = 253402300799  # 9999-12-31T23:59:59Z
 _P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 
 JwsFault = Literal["malformed", "oversized", "bad_algorithm", "bad_header", "bad_signature"]

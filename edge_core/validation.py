@@ -164,9 +164,7 @@ _HASH_RE = re.compile(r"[0-9a-f]{64}")
 _SERIAL_RE = re.compile(r"[1-9a-f][0-9a-f]{0,39}")
 _KID_RE = re.compile(r"[0-9a-f]{16}")
 _REASON_RE = re.compile(r"[a-z][a-z0-9_]{0,39}")
-_B64URL_RE = re.compile(rb"[A-Za-z0-9_-]*")
 _B64_RE = re.compile(r"[A-Za-z0-9+/]*={0,2}")
-_MAX_NUMERIC_DATE = 253402300799  # 9999-12-31T23:59:59Z
 
 
 # --------------------------------------------------------------------------- errors
@@ -638,7 +636,7 @@ def _answer_from_claims(claims: dict[str, Any]) -> Answer:
         if value is None and name != "iat":
             times[name] = None
             continue
-        if type(value) is not int or not 0 < value <= _MAX_NUMERIC_DATE:
+        if type(value) is not int or not 0 < value <= jws.MAX_NUMERIC_DATE:
             bad(f"claim {name!r} must be an integer NumericDate")
         times[name] = datetime.fromtimestamp(value, UTC)
     number = claims["crl_number"]
