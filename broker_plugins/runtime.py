@@ -2,7 +2,7 @@
 
 One ``BrokerRuntime`` per broker. Reloads replace whole frozen objects (registry,
 ACL policy, ...) with one assignment, so a decision sees either the old or the new
-state, never a mix. Plugins get the runtime through their amqtt ``Config``.
+state, never a mix. Plugins get the runtime through their ``Config`` dataclass.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from edge_core.events import SecurityEvents
 from edge_core.registry import Registry
 
 if TYPE_CHECKING:
-    from amqtt.session import Session
+    from broker_plugins.engine.session import Session
 
 __all__ = ["ADMITTED", "REFUSAL", "BrokerRuntime", "admitted_of"]
 

@@ -17,8 +17,8 @@ from types import TracebackType
 from typing import Any
 
 from broker_plugins.broker import HardenedBroker
-from broker_plugins.cert_test_endpoint import CertificateTestEndpoint
 from broker_plugins.commands import CommandState
+from broker_plugins.engine.store import MemoryStore, SessionStore, SqliteStore
 from broker_plugins.listener import DeviceListener
 from broker_plugins.plugins import enabled_plugins
 from broker_plugins.revocation import RevocationState, load_issuer_certs
@@ -120,11 +120,12 @@ class EdgeBroker:
             await self._reload_crl(b"")
         plugins: dict[str, dict[str, Any]] = {AUTH_PLUGIN: {}}
         plugins.update(enabled_plugins(s))
-        self.broker = HardenedBroker(self.runtime, plugins)
         ssl_context = server_context(s.listener)  # fails early on bad TLS material
-        await self.broker.start()
+        self.broker = HardenedBroker(self.runtime, plugins, self._open_store())
+        self.broker.engine.restore()
+        engine = self.broker.engine
         self.listener = DeviceListener(
-            self.broker, host=s.listener.host, port=s.listener.port, ssl_context=ssl_context,
+            engine.protocol_factory(), host=s.listener.host, port=s.listener.port, ssl_context=ssl_context,
             limits=s.limits, events=self.events,
         )
         await self.listener.start()
@@ -134,13 +135,13 @@ class EdgeBroker:
                              detail="plaintext MQTT on loopback: no client certificates, so every CONNECT "
                                     "there is refused; use only for protocol diagnostics")
             self.plaintext_listener = DeviceListener(
-                self.broker, host=s.plaintext_bind[0], port=s.plaintext_bind[1], ssl_context=None,
+                engine.protocol_factory(listener="plaintext"), host=s.plaintext_bind[0], port=s.plaintext_bind[1], ssl_context=None,
                 limits=s.limits, events=self.events,
             )
             await self.plaintext_listener.start()
         if s.cert_test_bind is not None:
             self.cert_test_listener = DeviceListener(
-                CertificateTestEndpoint(self.broker), host=s.cert_test_bind[0], port=s.cert_test_bind[1],
+                engine.protocol_factory(listener="cert-test", test_only=True), host=s.cert_test_bind[0], port=s.cert_test_bind[1],
                 ssl_context=ssl_context, limits=s.limits, events=self.events, listener_name="cert-test",
             )
             await self.cert_test_listener.start()
@@ -163,6 +164,20 @@ class EdgeBroker:
         settle_heap()
         self.started_at = time.time()
         self.events.emit("broker.started", host=s.listener.host, port=self.port, devices=len(registry))
+
+    def _open_store(self) -> SessionStore:
+        persistence = self.settings.persistence
+        if persistence is None:
+            self.events.emit("broker.no_persistence", "not_configured", level="warning",
+                             detail="no 'persistence:' section: persistent sessions, queued QoS 1/2 messages "
+                                    "and retained messages are kept in memory only and lost on restart")
+            return MemoryStore()
+
+        def failed(exc: BaseException) -> None:
+            self.events.emit("store.write_failed", type(exc).__name__, level="error", file=str(persistence.path),
+                             detail=str(exc)[:200])
+
+        return SqliteStore(persistence.path, synchronous=persistence.synchronous, on_error=failed)
 
     def _watch(self, path: Path, loader: Any, digest: str) -> None:
         def unreadable(exc: OSError) -> None:
@@ -187,8 +202,8 @@ class EdgeBroker:
                 await listener.close()
         if self.status_server is not None:
             await self.status_server.close()
-        if self.broker is not None and self.broker.transitions.state == "started":
-            await self.broker.shutdown()
+        if self.broker is not None:
+            await self.broker.close()
         self._closed.set()
 
     async def wait_closed(self) -> None:
@@ -286,16 +301,16 @@ class EdgeBroker:
             return 0  # at start-up there are no sessions yet
         now = self.clock.now()
         cut = 0
-        for session in self.broker.connected_sessions():
+        for session in self.broker.engine.connected_sessions():
             admitted = admitted_of(session)
             if admitted is None or session.client_id is None:
                 continue
             cert = admitted.cert
             if state.index.is_revoked(cert.issuer, cert.serial):
-                await self.broker.cut_session(session.client_id, "revoked", serial=f"{cert.serial:x}")
+                self.broker.engine.cut_session(session.client_id, "revoked", serial=f"{cert.serial:x}")
                 cut += 1
             elif not state.freshness(cert.issuer, now).admit:
-                await self.broker.cut_session(session.client_id, "crl_stale", drop_state=False)
+                self.broker.engine.cut_session(session.client_id, "crl_stale", drop_state=False)
                 cut += 1
         return cut
 
@@ -336,31 +351,31 @@ class EdgeBroker:
             subject = runtime.subject_of(admitted.identity)
             return subject is None or not policy.check_subscribe(subject, topic_filter).allowed
 
-        return await self.broker.remove_subscriptions(revoked, reason)
+        return self.broker.engine.remove_subscriptions(revoked, reason)
 
     async def enforce_registry(self, registry: Registry) -> None:
         """Cut live sessions that the registry no longer admits (device removed, disabled, pin gone)."""
         assert self.broker is not None
         now = self.clock.now()
-        for session in self.broker.connected_sessions():
+        for session in self.broker.engine.connected_sessions():
             admitted = admitted_of(session)
             if admitted is None or session.client_id is None:
                 continue
             reason = still_admitted(admitted, registry, now)
             if reason is not None:
-                await self.broker.cut_session(session.client_id, reason, source="registry")
+                self.broker.engine.cut_session(session.client_id, reason, source="registry")
 
     # -- status ------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
         assert self.runtime is not None and self.broker is not None
-        sessions = self.broker.connected_sessions()
+        sessions = self.broker.engine.connected_sessions()
         return {
             "component": "edge-broker",
             "uptime_s": round(time.time() - self.started_at, 1),
             "listener": {"host": self.settings.listener.host, "port": self.port,
                          "active_connections": self.listener.active if self.listener else 0},
-            "sessions": {"connected": len(sessions), "known": len(self.broker.sessions)},
+            "sessions": {"connected": len(sessions), "known": len(self.broker.engine.sessions)},
             "registry": {"file": str(self.settings.registry_path), "devices": len(self.runtime.registry),
                          "digest": self.runtime.registry.digest[:12]},
             "revocation": self._revocation_status(),
@@ -392,6 +407,6 @@ class EdgeBroker:
     def metrics(self) -> str:
         assert self.broker is not None
         return prometheus_text("edge_broker", self.events.snapshot(), {
-            "connected_sessions": float(len(self.broker.connected_sessions())),
+            "connected_sessions": float(len(self.broker.engine.connected_sessions())),
             "active_connections": float(self.listener.active if self.listener else 0),
         })

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from amqtt.plugins.base import BaseAuthPlugin
-from amqtt.session import Session
 
+from broker_plugins.engine.session import Session
 from broker_plugins.runtime import ADMITTED, REFUSAL, BrokerRuntime
 from edge_core.admission import AdmissionRefused, admit
 
