@@ -232,8 +232,11 @@ class HardenedBroker:
                     return False
                 continue
             outcome: list[bool] = []
-            finished = run_eagerly(self._topic_filtering_one(plugin, session, topic),
-                                   lambda ok, err, out=outcome: out.append(ok is True and err is None))
+
+            def record(ok: bool | None, err: BaseException | None, out: list[bool] = outcome) -> None:
+                out.append(ok is True and err is None)
+
+            finished = run_eagerly(self._topic_filtering_one(plugin, session, topic), record)
             if not finished or not outcome or not outcome[0]:
                 if not finished:
                     self.runtime.events.emit("acl.denied", "plugin_suspended", level="error",

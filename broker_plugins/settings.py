@@ -18,7 +18,8 @@ from edge_core.identity import IdentityPolicy
 from edge_core.revocation import StalenessPolicy, parse_staleness
 
 __all__ = [
-    "BrokerSettings", "CommandSettings", "Limits", "ListenerSettings", "PersistenceSettings", "load_settings", "parse_settings", "split_bind",
+    "BrokerSettings", "CommandSettings", "Limits", "ListenerSettings", "PersistenceSettings", "load_settings",
+    "parse_settings", "split_bind",
 ]
 
 

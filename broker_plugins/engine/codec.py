@@ -212,7 +212,7 @@ def decode(first: int, body: bytes) -> Packet:
     flags = first & 0x0F
     if kind == PUBLISH:
         return _publish(flags, body)
-    if kind == 0 or kind == 15:
+    if kind in (0, 15):
         raise ProtocolError("reserved_type", f"packet type {kind} is reserved")
     if flags != _REQUIRED_FLAGS[kind]:
         raise ProtocolError("reserved_flags", f"packet type {kind} with flags {flags:#x}")
@@ -220,7 +220,7 @@ def decode(first: int, body: bytes) -> Packet:
         if len(body) != 2:
             raise ProtocolError("malformed_packet", f"packet type {kind} must be 2 bytes, not {len(body)}")
         return PacketId(kind, (body[0] << 8) | body[1])
-    if kind == PINGREQ or kind == DISCONNECT:
+    if kind in (PINGREQ, DISCONNECT):
         if body:
             raise ProtocolError("malformed_packet", f"packet type {kind} must be empty")
         return kind

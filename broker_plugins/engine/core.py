@@ -122,6 +122,13 @@ class Engine:
         for connection in list(self._connections):
             connection.abort()
 
+    def status(self) -> dict[str, object]:
+        return {"subscriptions": len(self.subscriptions), "retained": len(self.retained),
+                "persistent": sum(1 for s in self.sessions.values() if not s.clean),
+                "queued": sum(len(s.queue) for s in self.sessions.values()),
+                "messages_in": self.messages_in, "messages_out": self.messages_out,
+                "store": "sqlite" if self.store.durable else "memory"}
+
     def connected_sessions(self) -> list[Session]:
         return [s for s in self.sessions.values() if s.connection is not None]
 
@@ -156,10 +163,10 @@ class Engine:
     async def _admit(self, conn: MqttConnection, candidate: Session) -> tuple[Session, bool]:
         if not await self.hooks.authenticate(candidate):
             return candidate, False
-        if candidate.will is not None and not conn.test_only:
-            if not await self.hooks.check_will(candidate, candidate.will, firing=False):
-                candidate.attributes.setdefault("edge.refusal", "will_denied")
-                return candidate, False
+        will = candidate.will
+        if will is not None and not conn.test_only and not await self.hooks.check_will(candidate, will, firing=False):
+            candidate.attributes.setdefault("edge.refusal", "will_denied")
+            return candidate, False
         return candidate, True
 
     def _admitted(self, conn: MqttConnection, outcome: tuple[Session, bool]) -> None:

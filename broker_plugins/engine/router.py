@@ -136,13 +136,13 @@ class RetainedTrie(Generic[V]):
         return self._count
 
     def get(self, topic: str) -> V | None:
-        node: _RetNode[V] | None = self._root
+        node = self._root
         for level in topic.split("/"):
-            assert node is not None
-            node = node.children.get(level)
-            if node is None:
+            child = node.children.get(level)
+            if child is None:
                 return None
-        return node.value if node is not None else None
+            node = child
+        return node.value
 
     def set(self, topic: str, value: V) -> V | None:
         """Store ``value`` at ``topic``; returns the value it replaced."""
@@ -203,12 +203,12 @@ class RetainedTrie(Generic[V]):
                     continue
                 yield from self._walk(child, levels, index + 1, [*path, name])
             return
-        child = node.children.get(level)
-        if child is not None:
-            yield from self._walk(child, levels, index + 1, [*path, level])
+        literal = node.children.get(level)
+        if literal is not None:
+            yield from self._walk(literal, levels, index + 1, [*path, level])
 
     def _all(self, node: _RetNode[V], path: list[str]) -> Iterator[tuple[str, V]]:
-        stack = [(node, path)]
+        stack: list[tuple[_RetNode[V], list[str]]] = [(node, path)]
         while stack:
             current, current_path = stack.pop()
             if current.value is not None:

@@ -72,6 +72,7 @@ class Outgoing:
 
 class Session:
     __slots__ = (
+        "_next_id",
         "admitted",
         "attributes",
         "clean",
@@ -92,7 +93,6 @@ class Session:
         "subscriptions",
         "username",
         "will",
-        "_next_id",
     )
 
     def __init__(self, client_id: str, *, clean: bool) -> None:

@@ -13,8 +13,8 @@ from typing import Any
 
 from amqtt.plugins.base import BaseAuthPlugin
 
-from broker_plugins.revocation import RevocationState
 from broker_plugins.engine.session import Session
+from broker_plugins.revocation import RevocationState
 from broker_plugins.runtime import REFUSAL, BrokerRuntime, admitted_of
 
 __all__ = ["RevocationCheckPlugin"]

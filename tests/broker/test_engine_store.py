@@ -113,7 +113,9 @@ async def test_sqlite_commit_is_durable_before_the_callback(tmp_path: Path) -> N
         store.add_message("pump-17", StoredMessage(seq, "t", b"p", 1, False))
     store.after_commit(committed)
     assert store.pending()
-    while not seen:
+    for _ in range(500):
+        if seen:
+            break
         await asyncio.sleep(0.01)
     assert seen == [200]
     await store.close()

@@ -94,19 +94,18 @@ def test_acknowledged_messages_survive_sigkill(tmp_path: Path, pki: DevPki, regi
 
 def test_inflight_qos2_resumes_with_pubrel_after_a_restart(tmp_path: Path, pki: DevPki, registry_file: Path) -> None:
     path = settings(tmp_path, pki, registry_file)
-    with BrokerThread(path) as broker:
-        with client(broker.port, pki, "pump-17") as owner:
-            owner.connect("pump-17", clean=False)
-            assert owner.subscribe([("devices/pump-17/cmd/#", 2)]) == [2]
-            with client(broker.port, pki, "sensor-02") as commander:
-                commander.connect("sensor-02")
-                commander.publish(CMD, b"exactly once", qos=2, packet_id=5)
-                commander.close()
-            first = owner.read_until(PUBLISH)
-            assert first.qos == 2 and first.payload == b"exactly once"
-            owner.send(ack_packet(PUBREC, first.packet_id))
-            assert owner.read_until(PUBREL).packet_id == first.packet_id
-            owner.drop()  # gone before PUBCOMP
+    with BrokerThread(path) as broker, client(broker.port, pki, "pump-17") as owner:
+        owner.connect("pump-17", clean=False)
+        assert owner.subscribe([("devices/pump-17/cmd/#", 2)]) == [2]
+        with client(broker.port, pki, "sensor-02") as commander:
+            commander.connect("sensor-02")
+            commander.publish(CMD, b"exactly once", qos=2, packet_id=5)
+            commander.close()
+        first = owner.read_until(PUBLISH)
+        assert first.qos == 2 and first.payload == b"exactly once"
+        owner.send(ack_packet(PUBREC, first.packet_id))
+        assert owner.read_until(PUBREL).packet_id == first.packet_id
+        owner.drop()  # gone before PUBCOMP
     with BrokerThread(path) as broker, client(broker.port, pki, "pump-17") as back:
         assert back.connect("pump-17", clean=False).body == b"\x01\x00"
         # past PUBREC the message is not sent again: only its PUBREL is
