@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import uvloop
 
+from broker_plugins.settings import load_settings
 from tests.support.broker import BrokerProcess, BrokerThread, free_port, write_settings
 from tests.support.mqtt import Device
 from tests.support.pki import DevPki
@@ -62,7 +64,10 @@ class Engine:
                               acl=self.acl, limits=limits, extra=extra, bind=f"127.0.0.1:{port}")
 
     def start(self, settings: Path | None = None, **kwargs: Any) -> BrokerThread:
-        broker = BrokerThread(settings or self.settings(**kwargs)).start()
+        """A broker in a thread, on the event loop its settings name (uvloop by default, as in production)."""
+        loaded = load_settings(settings or self.settings(**kwargs))
+        factory = uvloop.new_event_loop if loaded.event_loop == "uvloop" else None
+        broker = BrokerThread(loaded, loop_factory=factory).start()
         self.started.append(broker)
         return broker
 

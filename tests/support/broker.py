@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -213,6 +214,33 @@ class BrokerProcess:
                 self.kill()
                 raise TimeoutError(f"edge-broker did not listen on {self.port}: {self.log.read_text()[-2000:]}")
             time.sleep(0.05)
+
+    def events(self, event: str, reason: str | None = None) -> list[dict[str, Any]]:
+        """Security events from the broker's JSON log lines (the CLI logs one JSON object a line)."""
+        found = []
+        for line in self.log.read_text(errors="replace").splitlines():
+            if not line.startswith("{"):
+                continue
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if record.get("event") == event and (reason is None or record.get("reason") == reason):
+                    found.append(record)
+        return found
+
+    def wait_event(self, event: str, reason: str | None = None, *, timeout: float = 5.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while not (found := self.events(event, reason)):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {event} reason={reason} in {self.log} within {timeout}s")
+            time.sleep(0.05)
+        return found[0]
+
+    def rss_bytes(self) -> int:
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS for the broker process")
 
     def kill(self) -> None:
         """SIGKILL: no shutdown code runs, as in a crash or power cut of the process."""
