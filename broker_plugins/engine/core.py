@@ -46,6 +46,8 @@ CONNACK_IDENTIFIER_REJECTED = 2
 CONNACK_NOT_AUTHORIZED = 5
 SUBACK_FAILURE = 0x80
 _RETAINED_BATCH = 256
+#: Seconds a live receiver that takes nothing may hold back its publishers (at most write_timeout / 2).
+STALL_GRACE = 5.0
 
 
 class Hooks(Protocol):
@@ -219,6 +221,8 @@ class Engine:
         old.taken_over = True
         existing.connection = None
         old.session = None
+        if existing.waiters:
+            self._release(existing)
         if existing.will is not None:
             self.events.emit("will.suppressed", "takeover", device=existing.client_id, topic=existing.will.topic)
             existing.will = None
@@ -252,6 +256,8 @@ class Engine:
             return
         session.connection = None
         conn.session = None
+        if session.waiters:
+            self._release(session)
         will = session.will
         session.will = None
         if will is not None and not conn.graceful:
@@ -319,7 +325,7 @@ class Engine:
                 self.events.emit("publish.rejected", "plugin_error", level="error", device=session.client_id,
                                  topic=packet.topic[:200], error=repr(error)[:200])
             elif ok is True:
-                self.route(session, Message(packet.topic, packet.payload, packet.qos, packet.retain))
+                self.route(session, Message(packet.topic, packet.payload, packet.qos, packet.retain), source=conn)
             if not conn.closing:
                 self._acknowledge(conn, session, packet)
             if finished:  # it had suspended: let the connection read on
@@ -352,8 +358,13 @@ class Engine:
 
     # -- routing ----------------------------------------------------------------------
 
-    def route(self, publisher: Session | None, message: Message) -> None:
-        """Deliver ``message`` to every matching subscription (and keep it if retained)."""
+    def route(self, publisher: Session | None, message: Message, *, source: MqttConnection | None = None) -> None:
+        """Deliver ``message`` to every matching subscription (and keep it if retained).
+
+        ``source`` is the publisher's connection: while a live receiver's queue is above
+        half its bound, the publisher stops being read (TCP pushes back) instead of the
+        queue overflowing; a receiver that makes no progress for ``write_timeout`` is cut.
+        """
         if message.retain:
             owner = publisher.client_id if publisher is not None else "$broker"
             if not self._retain(owner, message):
@@ -363,7 +374,7 @@ class Engine:
             return
         qos = message.qos
         for session, granted in targets.items():
-            self.deliver(session, message, granted if granted < qos else qos, retain=False)
+            self.deliver(session, message, granted if granted < qos else qos, retain=False, source=source)
 
     def _retain(self, owner: str, message: Message) -> bool:
         topic = message.topic
@@ -391,7 +402,8 @@ class Engine:
         self.store.set_retained(topic, message.payload, message.qos, owner)
         return True
 
-    def deliver(self, session: Session, message: Message, qos: int, *, retain: bool) -> None:
+    def deliver(self, session: Session, message: Message, qos: int, *, retain: bool,
+                source: MqttConnection | None = None) -> None:
         conn = session.connection
         if conn is None:
             if qos == 0 or session.clean:
@@ -410,7 +422,7 @@ class Engine:
                 else:
                     conn.write(message.qos0_packet())
                 return
-            self._enqueue(session, Outgoing(message, 0, retain=retain))
+            self._enqueue(session, Outgoing(message, 0, retain=retain), source)
             return
         item = Outgoing(message, qos, retain=retain)
         if not session.clean:
@@ -418,7 +430,7 @@ class Engine:
         if conn.writable and not session.queue and len(session.inflight) < self.limits.max_inflight:
             self._send(session, conn, item)
         else:
-            self._enqueue(session, item)
+            self._enqueue(session, item, source)
 
     def _store_item(self, session: Session, item: Outgoing) -> None:
         self._seq += 1
@@ -427,9 +439,14 @@ class Engine:
         self.store.add_message(session.client_id, StoredMessage(item.seq, message.topic, message.payload, item.qos,
                                                                 item.retain))
 
-    def _enqueue(self, session: Session, item: Outgoing) -> None:
+    def _enqueue(self, session: Session, item: Outgoing, source: MqttConnection | None = None) -> None:
         limits = self.limits
         dropped = session.enqueue(item, limits.outbound_queue_messages, limits.outbound_queue_bytes)
+        if source is not None and session.connection is not None and (
+            len(session.queue) * 2 >= limits.outbound_queue_messages
+            or session.queue_bytes * 2 >= limits.outbound_queue_bytes
+        ):
+            self._throttle(source, session)
         if dropped is None:
             session.drop_streak = 0
             return
@@ -460,11 +477,13 @@ class Engine:
         if conn is None:
             return
         max_inflight = self.limits.max_inflight
+        taken = False
         while session.queue and conn.writable:
             item = session.queue[0]
             if item.qos and len(session.inflight) >= max_inflight:
-                return
+                break
             session.pop()
+            taken = True
             if not self.hooks.may_receive(session, item.message.topic):
                 if item.seq:
                     self.store.remove_message(session.client_id, item.seq)
@@ -478,6 +497,61 @@ class Engine:
                            if item.retain else message.qos0_packet())
         if not session.queue:
             session.drop_streak = 0
+        if taken:
+            self._progressed(session)
+        self._release_if_drained(session)
+
+    # -- flow control -----------------------------------------------------------------
+
+    def _throttle(self, source: MqttConnection, session: Session) -> None:
+        if source.throttled_by is not None or source.closing or source.session is session or session.stalled:
+            return
+        source.throttled_by = session
+        session.waiters.append(source)
+        source.block()
+        if session.stall_timer is None:
+            loop = asyncio.get_running_loop()
+            session.progress = loop.time()
+            session.stall_timer = loop.call_later(self._stall_grace, self._check_stall, session)
+
+    @property
+    def _stall_grace(self) -> float:
+        """How long a receiver that takes nothing may hold its publishers back."""
+        return min(STALL_GRACE, self.limits.write_timeout / 2)
+
+    def _progressed(self, session: Session) -> None:
+        session.stalled = False
+        if session.waiters:
+            session.progress = asyncio.get_running_loop().time()
+
+    def _release_if_drained(self, session: Session) -> None:
+        if session.waiters and len(session.queue) * 4 <= self.limits.outbound_queue_messages \
+                and session.queue_bytes * 4 <= self.limits.outbound_queue_bytes:
+            self._release(session)
+
+    def _release(self, session: Session) -> None:
+        waiters, session.waiters = session.waiters, []
+        if session.stall_timer is not None:
+            session.stall_timer.cancel()
+            session.stall_timer = None
+        for conn in waiters:
+            conn.throttled_by = None
+            conn.unblock()
+
+    def _check_stall(self, session: Session) -> None:
+        session.stall_timer = None
+        if not session.waiters:
+            return
+        loop = asyncio.get_running_loop()
+        idle = loop.time() - session.progress
+        grace = self._stall_grace
+        if idle < grace:
+            session.stall_timer = loop.call_later(grace - idle, self._check_stall, session)
+            return
+        # it takes nothing: its publishers go on and its bounded queue overflows (queue_full);
+        # a transport that stays full past write_timeout is cut by the connection
+        session.stalled = True
+        self._release(session)
 
     def _resend_inflight(self, session: Session) -> None:
         conn = session.connection
@@ -515,9 +589,10 @@ class Engine:
             return
         if (kind == codec.PUBACK and item.qos == 1) or (kind == codec.PUBCOMP and item.qos == 2):
             del session.inflight[packet_id]
+            self._progressed(session)
             if item.seq:
                 self.store.remove_message(session.client_id, item.seq)
-            if session.queue:
+            if session.queue or session.waiters:
                 self.drain(session)
 
     # -- SUBSCRIBE / UNSUBSCRIBE ------------------------------------------------------

@@ -37,13 +37,15 @@ WRITE_HIGH_WATER = 512 * 1024
 
 class MqttConnection(asyncio.Protocol):
     __slots__ = (
-        "_blocked",
         "_buf",
         "_flush_handle",
         "_held_acks",
+        "_holds",
         "_keepalive_handle",
         "_loop",
         "_out",
+        "_out_bytes",
+        "_paused",
         "_timer",
         "_write_paused_at",
         "closing",
@@ -58,8 +60,8 @@ class MqttConnection(asyncio.Protocol):
         "ssl_object",
         "taken_over",
         "test_only",
+        "throttled_by",
         "transport",
-        "writable",
     )
 
     def __init__(self, engine: Engine, *, listener: str = "default", test_only: bool = False) -> None:
@@ -74,13 +76,15 @@ class MqttConnection(asyncio.Protocol):
         self.closing = False
         self.graceful = False  # DISCONNECT received: no will
         self.taken_over = False
-        self.writable = True
+        self._paused = False  # the transport is above its high-water mark
         self.last_rx = 0.0
         self.on_lost: Any = None
         self._buf = bytearray()
         self._out: list[bytes] = []
+        self._out_bytes = 0
         self._flush_handle: asyncio.Handle | None = None
-        self._blocked = False
+        self._holds = 0  # reasons to stop reading: a suspended hook, a full queue downstream
+        self.throttled_by: Session | None = None
         self._held_acks: list[bytes] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._keepalive_handle: asyncio.TimerHandle | None = None
@@ -105,26 +109,30 @@ class MqttConnection(asyncio.Protocol):
             return
         self.last_rx = self._loop.time()
         self._buf += data
-        if not self._blocked:
+        if not self._holds:
             self._process()
 
     def eof_received(self) -> bool:
         return False  # close our side too
 
+    @property
+    def writable(self) -> bool:
+        """Whether more may be written now: the transport drains and this turn's batch is not full."""
+        return not self._paused and not self.closing and self._out_bytes < WRITE_HIGH_WATER
+
     def pause_writing(self) -> None:
-        self.writable = False
+        self._paused = True
         self._write_paused_at = self._loop.time()
         self._loop.call_later(self.engine.limits.write_timeout, self._check_write_timeout, self._write_paused_at)
 
     def resume_writing(self) -> None:
-        self.writable = True
+        self._paused = False  # the transport is above its high-water mark
         self._write_paused_at = 0.0
         if self.session is not None and self.session.connection is self:
             self.engine.drain(self.session)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
-        self.writable = False
         for handle in (self._timer, self._keepalive_handle, self._flush_handle):
             if handle is not None:
                 handle.cancel()
@@ -140,7 +148,7 @@ class MqttConnection(asyncio.Protocol):
         pos = 0
         max_size = self.engine.limits.max_packet_size
         try:
-            while not self._blocked and not self.closing:
+            while not self._holds and not self.closing:
                 frame = codec.next_frame(buf, pos, max_size)
                 if frame is None:
                     break
@@ -155,21 +163,21 @@ class MqttConnection(asyncio.Protocol):
                 del buf[:pos]
 
     def block(self) -> None:
-        """A hook suspended: stop handling packets (and reading) until ``unblock``."""
-        self._blocked = True
-        if self.transport is not None and not self.closing:
+        """Stop handling packets (and reading) until a matching ``unblock``."""
+        self._holds += 1
+        if self._holds == 1 and self.transport is not None and not self.closing:
             self.transport.pause_reading()
 
     def unblock(self) -> None:
-        self._blocked = False
-        if self.closing:
+        self._holds -= 1
+        if self._holds or self.closing:
             return
         if self.transport is not None:
             self.transport.resume_reading()
         self._loop.call_soon(self._process_if_idle)
 
     def _process_if_idle(self) -> None:
-        if not self._blocked and not self.closing:
+        if not self._holds and not self.closing:
             self._process()
 
     def _handle(self, packet: codec.Packet) -> None:
@@ -209,6 +217,7 @@ class MqttConnection(asyncio.Protocol):
         if self.closing:
             return
         self._out.append(data)
+        self._out_bytes += len(data)
         if self._flush_handle is None:
             self._flush_handle = self._loop.call_soon(self._flush)
 
@@ -217,10 +226,15 @@ class MqttConnection(asyncio.Protocol):
         out = self._out
         if not out or self.closing or self.transport is None:
             out.clear()
+            self._out_bytes = 0
             return
         data = out[0] if len(out) == 1 else b"".join(out)
         out.clear()
+        self._out_bytes = 0
         self.transport.write(data)
+        session = self.session
+        if session is not None and session.queue and self.writable:
+            self.engine.drain(session)  # the batch was full: go on with what waited
 
     def ack(self, data: bytes, *, wait_for_store: bool) -> None:
         """Send a PUBACK/PUBREC in order; after the store's commit when the PUBLISH was written to it."""
@@ -278,6 +292,8 @@ class MqttConnection(asyncio.Protocol):
     def _check_keepalive(self, grace: float) -> None:
         if self.closing:
             return
+        if self._holds:
+            self.last_rx = self._loop.time()  # we stopped reading, not the client: not silence
         if self._loop.time() - self.last_rx >= grace:
             session = self.session
             self.engine.events.emit("session.keepalive_timeout", "keepalive_timeout", level="warning",
@@ -294,7 +310,7 @@ class MqttConnection(asyncio.Protocol):
             self.abort()
 
     def _check_write_timeout(self, paused_at: float) -> None:
-        if self.closing or self.writable or self._write_paused_at != paused_at:
+        if self.closing or not self._paused or self._write_paused_at != paused_at:
             return
         session = self.session
         assert self.transport is not None

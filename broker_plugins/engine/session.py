@@ -84,14 +84,18 @@ class Session:
         "inflight",
         "keep_alive",
         "password",
+        "progress",
         "queue",
         "queue_bytes",
         "queued_qos0",
         "remote_address",
         "remote_port",
         "ssl_object",
+        "stall_timer",
+        "stalled",
         "subscriptions",
         "username",
+        "waiters",
         "will",
     )
 
@@ -112,6 +116,11 @@ class Session:
         self.keep_alive = 0
         self.will: Will | None = None
         self._next_id = 0
+        # flow control: publishers paused while this session's queue is above half its bound
+        self.waiters: list[MqttConnection] = []
+        self.progress = 0.0  # loop time the client last took a message or acknowledged one
+        self.stall_timer: Any = None
+        self.stalled = False  # took nothing for the stall grace: no longer holds publishers back
         # what authentication plugins read at CONNECT (amqtt's session attribute names)
         self.ssl_object: Any = None
         self.remote_address = ""
