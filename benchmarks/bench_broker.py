@@ -415,9 +415,9 @@ def main() -> None:
     args.fleet = min(args.fleet, FLEET)
     if shutil.which("mosquitto_pub") is None or shutil.which("mosquitto_sub") is None:
         raise SystemExit("mosquitto_pub/mosquitto_sub not installed (scripts/system-packages.sh): they are the clients")
-    nofile = raise_fd_limit()
-    if nofile < 2 * args.fleet + 200:
-        args.fleet = max(0, (nofile - 200) // 2)
+    nofile = raise_fd_limit()  # this process holds the client ends, the broker (a child) the server ends
+    if nofile < args.fleet + 200:
+        args.fleet = max(0, nofile - 200)
         print(f"RLIMIT_NOFILE is {nofile}: holding {args.fleet} devices", file=sys.stderr)
     variants = ["ours", "ours-acl10k", "ours-noacl", "amqtt"]
     if shutil.which("mosquitto"):
