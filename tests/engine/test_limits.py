@@ -9,7 +9,7 @@ import time
 import pytest
 
 from tests.engine.conftest import Engine
-from tests.support.raw import PUBLISH, RawClient, publish_packet
+from tests.support.raw import PUBACK, PUBLISH, RawClient, ack_packet, publish_packet
 
 pytestmark = pytest.mark.integration
 
@@ -227,3 +227,52 @@ def test_wildcard_subscribe_over_100k_retained_does_not_stall_the_loop(engine: E
     assert probe.samples > 10
     assert received > 0
     assert probe.max_stall < 0.2, f"event loop stalled for {probe.max_stall * 1000:.0f} ms"
+
+
+def test_qos0_is_dropped_before_qos1_when_the_outbound_queue_is_full(engine: Engine) -> None:
+    """A full outbound queue sheds QoS 0 first: QoS 1 published behind 3,000 QoS 0 all arrive once the
+    reader reads again."""
+    broker = engine.start(limits={"outbound_queue_messages": 100, "write_timeout": 60})
+    reader = engine.raw(broker.port, "sensor-02", rcvbuf=4096, timeout=10)
+    assert reader.connect("sensor-02").body[1] == 0
+    assert reader.subscribe([("lab/mixed/#", 1)]) == [1]
+    pub = engine.raw(broker.port, "sensor-01", timeout=30)
+    assert pub.connect("sensor-01").body[1] == 0
+    pub.send(b"".join(publish_packet("lab/mixed/q0", b"z" * 1024) for _ in range(3000)))
+    for n in range(20):
+        pub.publish("lab/mixed/q1", f"important {n}".encode(), qos=1, packet_id=n + 1)
+    broker.wait_event("delivery.dropped", "queue_full")
+    important: list[bytes] = []
+    while True:
+        try:
+            got = reader.read(timeout=2.0)
+        except TimeoutError:
+            break
+        if got.kind == PUBLISH and got.qos == 1:
+            important.append(got.payload)
+            reader.send(ack_packet(PUBACK, got.packet_id))
+    assert important == [f"important {n}".encode() for n in range(20)]
+
+
+def test_unacknowledged_deliveries_never_exceed_max_inflight(engine: Engine) -> None:
+    """``max_inflight`` (here 10): a subscriber that does not PUBACK gets 10 QoS 1 messages, then the
+    rest one for each acknowledgement, in order."""
+    broker = engine.start(limits={"max_inflight": 10})
+    sub = engine.raw(broker.port, "sensor-02")
+    assert sub.connect("sensor-02").body[1] == 0
+    assert sub.subscribe([("lab/window", 1)]) == [1]
+    pub = engine.raw(broker.port, "sensor-01")
+    assert pub.connect("sensor-01").body[1] == 0
+    for n in range(30):
+        pub.publish("lab/window", f"{n:02d}".encode(), qos=1, packet_id=n + 1)
+    first = [sub.read_until(PUBLISH, timeout=2) for _ in range(10)]
+    with pytest.raises(TimeoutError):
+        sub.read(timeout=0.7)  # the window is full
+    got = [p.payload for p in first]
+    for packet in first:
+        sub.send(ack_packet(PUBACK, packet.packet_id))
+    while len(got) < 30:
+        packet = sub.read_until(PUBLISH, timeout=2)
+        got.append(packet.payload)
+        sub.send(ack_packet(PUBACK, packet.packet_id))
+    assert got == [f"{n:02d}".encode() for n in range(30)]
