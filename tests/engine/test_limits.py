@@ -3,24 +3,24 @@ bounded decision caches, and a loop that keeps turning while 100,000 retained me
 
 from __future__ import annotations
 
-import threading
 import time
+from collections.abc import Iterable
 
 import pytest
 
 from tests.engine.conftest import Engine
-from tests.support.raw import PUBACK, PUBLISH, RawClient, ack_packet, publish_packet
+from tests.support.raw import PUBACK, PUBLISH, RawClient, ack_packet, publish_packet, subscribe_packet
 
 pytestmark = pytest.mark.integration
 
 MIB = 1024 * 1024
 
 
-def flood(client: RawClient, topics: object, payload: bytes, *, batch: int = 500) -> None:
+def flood(client: RawClient, topics: Iterable[str], payload: bytes, *, batch: int = 500) -> None:
     """QoS 0 PUBLISHes written in batches, then one QoS 1 round trip: the broker has handled them all
     (packets of one connection are processed in order)."""
     chunk: list[bytes] = []
-    for topic in topics:  # type: ignore[attr-defined]
+    for topic in topics:
         chunk.append(publish_packet(topic, payload))
         if len(chunk) == batch:
             client.send(b"".join(chunk))
@@ -154,19 +154,7 @@ def test_decision_cache_is_bounded_by_bytes(engine: Engine) -> None:
     sub = engine.raw(broker.port, "sensor-02", timeout=30)
     assert sub.connect("sensor-02").body[1] == 0
     assert sub.subscribe([("lab/#", 0)]) == [0]
-    received = 0
-
-    def reader() -> None:
-        nonlocal received
-        while True:
-            try:
-                if sub.read(timeout=3).kind == PUBLISH:
-                    received += 1
-            except (TimeoutError, OSError, EOFError):
-                return
-
-    thread = threading.Thread(target=reader, daemon=True)
-    thread.start()
+    counted = sub.count_publishes_in_background()
     pub = engine.raw(broker.port, "sensor-01", timeout=30)
     assert pub.connect("sensor-01").body[1] == 0
     flood(pub, (f"lab/w/{n}/" + "t" * 980 for n in range(1000)), b"x", batch=100)
@@ -174,8 +162,7 @@ def test_decision_cache_is_bounded_by_bytes(engine: Engine) -> None:
     flood(pub, (f"lab/c/{n:05d}/" + "t" * 980 for n in range(20_000)), b"x", batch=100)
     grown = broker.rss_bytes() - before
     assert grown < 12 * MIB, f"broker grew by {grown / MIB:.1f} MiB for 20 MB of distinct topics"
-    thread.join(10)
-    assert received > 0
+    assert counted.join(10) > 0
 
 
 def test_wildcard_subscribe_over_100k_retained_does_not_stall_the_loop(engine: Engine) -> None:
@@ -195,34 +182,19 @@ def test_wildcard_subscribe_over_100k_retained_does_not_stall_the_loop(engine: E
     probe = broker.lag_probe()
     bystander = engine.raw(broker.port, "pump-18")
     assert bystander.connect("pump-18").body[1] == 0
-    received = 0
-
-    def drain(client: RawClient) -> None:
-        nonlocal received
-        while True:
-            try:
-                if client.read(timeout=2).kind == PUBLISH:
-                    received += 1
-            except (TimeoutError, OSError, EOFError):
-                return
-
     subscribers = []
     for name, topic_filter in (("sensor-02", "lab/#"), ("pump-17", "lab/ret/+/#")):
         sub = engine.raw(broker.port, name, timeout=10)
         assert sub.connect(name).body[1] == 0
         started = time.monotonic()
-        sub.send(b"\x82" + bytes([5 + len(topic_filter)]) + b"\x00\x01"
-                 + len(topic_filter).to_bytes(2, "big") + topic_filter.encode() + b"\x00")
-        thread = threading.Thread(target=drain, args=(sub,), daemon=True)
-        thread.start()
-        subscribers.append(thread)
+        sub.send(subscribe_packet(1, topic_filter, 0))  # no wait for the SUBACK: retained follow it
+        subscribers.append(sub.count_publishes_in_background(idle=2.0))
         # meanwhile, another device is served at once
         ping_started = time.monotonic()
         assert bystander.ping(timeout=1.0)
         assert time.monotonic() - ping_started < 0.5
         assert time.monotonic() - started < 5
-    for thread in subscribers:
-        thread.join(30)
+    received = sum(counted.join(30) for counted in subscribers)
     broker.stop_probe(probe)
     assert probe.samples > 10
     assert received > 0
