@@ -202,15 +202,15 @@ def test_wildcard_subscribe_over_100k_retained_does_not_stall_the_loop(engine: E
 
 
 def test_qos0_is_dropped_before_qos1_when_the_outbound_queue_is_full(engine: Engine) -> None:
-    """A full outbound queue sheds QoS 0 first: QoS 1 published behind 3,000 QoS 0 all arrive once the
-    reader reads again."""
+    """A full outbound queue sheds QoS 0 first: QoS 1 published behind 10,000 QoS 0 (10 MiB, more than
+    the socket buffers hold) all arrive once the reader reads again."""
     broker = engine.start(limits={"outbound_queue_messages": 100, "write_timeout": 60})
     reader = engine.raw(broker.port, "sensor-02", rcvbuf=4096, timeout=10)
     assert reader.connect("sensor-02").body[1] == 0
     assert reader.subscribe([("lab/mixed/#", 1)]) == [1]
     pub = engine.raw(broker.port, "sensor-01", timeout=30)
     assert pub.connect("sensor-01").body[1] == 0
-    pub.send(b"".join(publish_packet("lab/mixed/q0", b"z" * 1024) for _ in range(3000)))
+    pub.send(b"".join(publish_packet("lab/mixed/q0", b"z" * 1024) for _ in range(10_000)))
     for n in range(20):
         pub.publish("lab/mixed/q1", f"important {n}".encode(), qos=1, packet_id=n + 1)
     broker.wait_event("delivery.dropped", "queue_full")
