@@ -3,24 +3,24 @@ bounded decision caches, and a loop that keeps turning while 100,000 retained me
 
 from __future__ import annotations
 
-import threading
 import time
+from collections.abc import Iterable
 
 import pytest
 
 from tests.engine.conftest import Engine
-from tests.support.raw import PUBLISH, RawClient, publish_packet
+from tests.support.raw import PUBACK, PUBLISH, RawClient, ack_packet, publish_packet, subscribe_packet
 
 pytestmark = pytest.mark.integration
 
 MIB = 1024 * 1024
 
 
-def flood(client: RawClient, topics: object, payload: bytes, *, batch: int = 500) -> None:
+def flood(client: RawClient, topics: Iterable[str], payload: bytes, *, batch: int = 500) -> None:
     """QoS 0 PUBLISHes written in batches, then one QoS 1 round trip: the broker has handled them all
     (packets of one connection are processed in order)."""
     chunk: list[bytes] = []
-    for topic in topics:  # type: ignore[attr-defined]
+    for topic in topics:
         chunk.append(publish_packet(topic, payload))
         if len(chunk) == batch:
             client.send(b"".join(chunk))
@@ -154,19 +154,7 @@ def test_decision_cache_is_bounded_by_bytes(engine: Engine) -> None:
     sub = engine.raw(broker.port, "sensor-02", timeout=30)
     assert sub.connect("sensor-02").body[1] == 0
     assert sub.subscribe([("lab/#", 0)]) == [0]
-    received = 0
-
-    def reader() -> None:
-        nonlocal received
-        while True:
-            try:
-                if sub.read(timeout=3).kind == PUBLISH:
-                    received += 1
-            except (TimeoutError, OSError, EOFError):
-                return
-
-    thread = threading.Thread(target=reader, daemon=True)
-    thread.start()
+    counted = sub.count_publishes_in_background()
     pub = engine.raw(broker.port, "sensor-01", timeout=30)
     assert pub.connect("sensor-01").body[1] == 0
     flood(pub, (f"lab/w/{n}/" + "t" * 980 for n in range(1000)), b"x", batch=100)
@@ -174,8 +162,7 @@ def test_decision_cache_is_bounded_by_bytes(engine: Engine) -> None:
     flood(pub, (f"lab/c/{n:05d}/" + "t" * 980 for n in range(20_000)), b"x", batch=100)
     grown = broker.rss_bytes() - before
     assert grown < 12 * MIB, f"broker grew by {grown / MIB:.1f} MiB for 20 MB of distinct topics"
-    thread.join(10)
-    assert received > 0
+    assert counted.join(10) > 0
 
 
 def test_wildcard_subscribe_over_100k_retained_does_not_stall_the_loop(engine: Engine) -> None:
@@ -195,35 +182,69 @@ def test_wildcard_subscribe_over_100k_retained_does_not_stall_the_loop(engine: E
     probe = broker.lag_probe()
     bystander = engine.raw(broker.port, "pump-18")
     assert bystander.connect("pump-18").body[1] == 0
-    received = 0
-
-    def drain(client: RawClient) -> None:
-        nonlocal received
-        while True:
-            try:
-                if client.read(timeout=2).kind == PUBLISH:
-                    received += 1
-            except (TimeoutError, OSError, EOFError):
-                return
-
     subscribers = []
     for name, topic_filter in (("sensor-02", "lab/#"), ("pump-17", "lab/ret/+/#")):
         sub = engine.raw(broker.port, name, timeout=10)
         assert sub.connect(name).body[1] == 0
         started = time.monotonic()
-        sub.send(b"\x82" + bytes([5 + len(topic_filter)]) + b"\x00\x01"
-                 + len(topic_filter).to_bytes(2, "big") + topic_filter.encode() + b"\x00")
-        thread = threading.Thread(target=drain, args=(sub,), daemon=True)
-        thread.start()
-        subscribers.append(thread)
+        sub.send(subscribe_packet(1, topic_filter, 0))  # no wait for the SUBACK: retained follow it
+        subscribers.append(sub.count_publishes_in_background(idle=2.0))
         # meanwhile, another device is served at once
         ping_started = time.monotonic()
         assert bystander.ping(timeout=1.0)
         assert time.monotonic() - ping_started < 0.5
         assert time.monotonic() - started < 5
-    for thread in subscribers:
-        thread.join(30)
+    received = sum(counted.join(30) for counted in subscribers)
     broker.stop_probe(probe)
     assert probe.samples > 10
     assert received > 0
     assert probe.max_stall < 0.2, f"event loop stalled for {probe.max_stall * 1000:.0f} ms"
+
+
+def test_qos0_is_dropped_before_qos1_when_the_outbound_queue_is_full(engine: Engine) -> None:
+    """A full outbound queue sheds QoS 0 first: QoS 1 published behind 10,000 QoS 0 (10 MiB, more than
+    the socket buffers hold) all arrive once the reader reads again."""
+    broker = engine.start(limits={"outbound_queue_messages": 100, "write_timeout": 60})
+    reader = engine.raw(broker.port, "sensor-02", rcvbuf=4096, timeout=10)
+    assert reader.connect("sensor-02").body[1] == 0
+    assert reader.subscribe([("lab/mixed/#", 1)]) == [1]
+    pub = engine.raw(broker.port, "sensor-01", timeout=30)
+    assert pub.connect("sensor-01").body[1] == 0
+    pub.send(b"".join(publish_packet("lab/mixed/q0", b"z" * 1024) for _ in range(10_000)))
+    for n in range(20):
+        pub.publish("lab/mixed/q1", f"important {n}".encode(), qos=1, packet_id=n + 1)
+    broker.wait_event("delivery.dropped", "queue_full")
+    important: list[bytes] = []
+    while True:
+        try:
+            got = reader.read(timeout=2.0)
+        except TimeoutError:
+            break
+        if got.kind == PUBLISH and got.qos == 1:
+            important.append(got.payload)
+            reader.send(ack_packet(PUBACK, got.packet_id))
+    assert important == [f"important {n}".encode() for n in range(20)]
+
+
+def test_unacknowledged_deliveries_never_exceed_max_inflight(engine: Engine) -> None:
+    """``max_inflight`` (here 10): a subscriber that does not PUBACK gets 10 QoS 1 messages, then the
+    rest one for each acknowledgement, in order."""
+    broker = engine.start(limits={"max_inflight": 10})
+    sub = engine.raw(broker.port, "sensor-02")
+    assert sub.connect("sensor-02").body[1] == 0
+    assert sub.subscribe([("lab/window", 1)]) == [1]
+    pub = engine.raw(broker.port, "sensor-01")
+    assert pub.connect("sensor-01").body[1] == 0
+    for n in range(30):
+        pub.publish("lab/window", f"{n:02d}".encode(), qos=1, packet_id=n + 1)
+    first = [sub.read_until(PUBLISH, timeout=2) for _ in range(10)]
+    with pytest.raises(TimeoutError):
+        sub.read(timeout=0.7)  # the window is full
+    got = [p.payload for p in first]
+    for packet in first:
+        sub.send(ack_packet(PUBACK, packet.packet_id))
+    while len(got) < 30:
+        packet = sub.read_until(PUBLISH, timeout=2)
+        got.append(packet.payload)
+        sub.send(ack_packet(PUBACK, packet.packet_id))
+    assert got == [f"{n:02d}".encode() for n in range(30)]

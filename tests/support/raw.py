@@ -12,6 +12,7 @@ import contextlib
 import socket
 import ssl
 import struct
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -207,6 +208,16 @@ def closed_by_peer(sock: socket.socket, timeout: float) -> bool:
             return True
 
 
+@dataclass
+class PublishCount:
+    thread: threading.Thread
+    received: int = 0
+
+    def join(self, timeout: float) -> int:
+        self.thread.join(timeout)
+        return self.received
+
+
 class RawClient:
     """One MQTT connection over TLS 1.3 with a client certificate, driven packet by packet."""
 
@@ -254,6 +265,25 @@ class RawClient:
             assert self.read_until(PUBREC).packet_id == packet_id
             self.send(ack_packet(PUBREL, packet_id))
             assert self.read_until(PUBCOMP).packet_id == packet_id
+
+    def count_publishes_in_background(self, *, idle: float = 3.0) -> PublishCount:
+        """Read and count PUBLISHes on a thread (acking QoS 1) until none came for ``idle`` seconds."""
+        counter = PublishCount(threading.Thread(target=lambda: None))
+
+        def run() -> None:
+            while True:
+                try:
+                    got = self.read(timeout=idle)
+                except (TimeoutError, OSError, EOFError):
+                    return
+                if got.kind == PUBLISH:
+                    counter.received += 1
+                    if got.qos == 1:
+                        self.send(ack_packet(PUBACK, got.packet_id))
+
+        counter.thread = threading.Thread(target=run, daemon=True)
+        counter.thread.start()
+        return counter
 
     def ping(self, timeout: float | None = None) -> bool:
         """PINGREQ answered by PINGRESP (other packets in between are skipped); False if the link died."""
