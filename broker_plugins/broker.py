@@ -22,6 +22,7 @@ import hashlib
 import importlib
 import logging
 from collections import OrderedDict
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 from amqtt.contexts import Action
@@ -109,6 +110,11 @@ class HardenedBroker:
         self._topic = [p for p in loaded if isinstance(p, BaseTopicPlugin)]
         self._guards: list[MessageGuard] = [p for p in loaded if callable(getattr(p, "guard_publish", None))]
         self._certs = _CertCache()
+        # topic plugins with a synchronous ``decide(session, topic, kind)``: the hot path skips coroutines
+        self._deciders: list[Callable[[Session, str, str], bool]] = [
+            p.decide for p in self._topic if callable(getattr(p, "decide", None))
+        ]
+        self._all_sync = bool(self._topic) and len(self._deciders) == len(self._topic)
 
     async def close(self) -> None:
         self.engine.abort_all()
@@ -191,12 +197,25 @@ class HardenedBroker:
                 return False
         return True
 
-    async def check_publish(self, session: Session, topic: str, payload: bytes, retain: bool) -> bool:
-        """The full publish check: topic ACL then message guards. Used for PUBLISH and wills."""
+    def check_publish(self, session: Session, topic: str, payload: bytes,
+                      retain: bool) -> bool | Coroutine[Any, Any, bool]:
+        """The full publish check: topic ACL then message guards. Used for PUBLISH and wills.
+
+        Synchronous when every topic plugin decides synchronously and no message guard is
+        loaded (the hot path); otherwise a coroutine, which the engine runs eagerly.
+        """
         if topic.startswith("$"):
             self.runtime.events.emit("publish.rejected", "dollar_topic", level="warning", device=_device(session),
                                      topic=topic[:200])
             return False
+        if self._all_sync:
+            allowed = self._decide_sync(session, topic, "publish")
+            if not allowed or not self._guards:
+                return allowed
+            return self._guard_message(session, topic, payload, retain)
+        return self._check_publish_async(session, topic, payload, retain)
+
+    async def _check_publish_async(self, session: Session, topic: str, payload: bytes, retain: bool) -> bool:
         if not await self._topic_filtering(session, topic, Action.PUBLISH):
             return False
         return await self._guard_message(session, topic, payload, retain)
@@ -207,7 +226,8 @@ class HardenedBroker:
             self.runtime.events.emit("will.rejected", "invalid_topic", level="warning", device=_device(session),
                                      topic=topic)
             return False
-        if not await self.check_publish(session, topic, will.payload, will.retain):
+        decision = self.check_publish(session, topic, will.payload, will.retain)
+        if not (decision if isinstance(decision, bool) else await decision):
             self.runtime.events.emit("will.rejected", "publish_denied", level="warning", device=_device(session),
                                      topic=topic, firing=firing)
             return False
@@ -218,19 +238,11 @@ class HardenedBroker:
 
     def may_receive(self, session: Session, topic: str) -> bool:
         """The receive check of one delivery, synchronously (it is the hot path)."""
+        if not self._topic:
+            return self._no_topic_plugin(session, topic)
+        if self._all_sync:
+            return self._decide_sync(session, topic, "receive")
         for plugin in self._topic:
-            decide = getattr(plugin, "decide", None)
-            if decide is not None:
-                try:
-                    ok = decide(session, topic, "receive")
-                except Exception as exc:  # noqa: BLE001 - fail closed: any plugin error denies
-                    self.runtime.events.emit("acl.denied", "plugin_error", level="error",
-                                             plugin=type(plugin).__name__, device=_device(session), topic=topic,
-                                             action="receive", error=repr(exc))
-                    return False
-                if ok is not True:
-                    return False
-                continue
             outcome: list[bool] = []
 
             def record(ok: bool | None, err: BaseException | None, out: list[bool] = outcome) -> None:
@@ -242,7 +254,20 @@ class HardenedBroker:
                     self.runtime.events.emit("acl.denied", "plugin_suspended", level="error",
                                              plugin=type(plugin).__name__, device=_device(session), topic=topic)
                 return False
-        return bool(self._topic) or self._no_topic_plugin(session, topic)
+        return True
+
+    def _decide_sync(self, session: Session, topic: str, kind: str) -> bool:
+        """Every topic plugin's synchronous ``decide``, in order; the first that does not allow denies."""
+        for decide in self._deciders:
+            try:
+                ok = decide(session, topic, kind)
+            except Exception as exc:  # noqa: BLE001 - fail closed: any plugin error denies
+                self.runtime.events.emit("acl.denied", "plugin_error", level="error", device=_device(session),
+                                         topic=topic, action=kind, error=repr(exc))
+                return False
+            if ok is not True:
+                return False
+        return True
 
     async def _topic_filtering_one(self, plugin: BaseTopicPlugin, session: Session, topic: str) -> bool:
         result = await plugin.topic_filtering(session=session, topic=topic, action=Action.RECEIVE)

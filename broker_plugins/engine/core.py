@@ -56,7 +56,9 @@ class Hooks(Protocol):
     async def authenticate(self, session: Session) -> bool: ...
     def refusal_code(self, session: Session) -> int: ...
     def identity_for_empty_client_id(self, session: Session) -> str | None: ...
-    async def check_publish(self, session: Session, topic: str, payload: bytes, retain: bool) -> bool: ...
+    def check_publish(self, session: Session, topic: str, payload: bytes,
+                      retain: bool) -> bool | Coroutine[Any, Any, bool]:
+        """The decision, or a coroutine when a hook must await (message guards)."""
     async def check_will(self, session: Session, will: Will, *, firing: bool) -> bool: ...
     async def check_subscribe(self, session: Session, topic_filter: str) -> bool: ...
     def may_receive(self, session: Session, topic: str) -> bool: ...
@@ -317,7 +319,13 @@ class Engine:
                              topic=packet.topic[:200], topic_bytes=len(packet.topic))
             self._acknowledge(conn, session, packet)
             return
-        coro = self.hooks.check_publish(session, packet.topic, packet.payload, packet.retain)
+        decision = self.hooks.check_publish(session, packet.topic, packet.payload, packet.retain)
+        if decision is True or decision is False:
+            if decision:
+                self.route(session, Message(packet.topic, packet.payload, packet.qos, packet.retain), source=conn)
+            if packet.qos:
+                self._acknowledge(conn, session, packet)
+            return
         finished: list[bool] = []
 
         def done(ok: bool | None, error: BaseException | None) -> None:
@@ -332,7 +340,7 @@ class Engine:
                 conn.unblock()
             finished.append(True)
 
-        if not run_eagerly(coro, done):
+        if not run_eagerly(decision, done):
             finished.append(False)
             conn.block()
 

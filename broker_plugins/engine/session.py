@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from broker_plugins.engine.codec import Will
+from broker_plugins.engine.codec import Will, publish_prefix
 
 if TYPE_CHECKING:
     from broker_plugins.engine.protocol import MqttConnection
@@ -50,8 +50,6 @@ class Message:
         """The QoS 0 PUBLISH without retain, encoded once and shared by every QoS 0 receiver."""
         packet = self._qos0
         if packet is None:
-            from broker_plugins.engine.codec import publish_prefix
-
             packet = self._qos0 = publish_prefix(self.topic_bytes, len(self.payload), 0, False) + self.payload
         return packet
 
