@@ -2,12 +2,11 @@
 
 asyncio's ``start_server(ssl=...)`` handles handshake failures out of our sight and
 cannot refuse over a cap before the handshake. We accept raw sockets ourselves
-(``sock_accept``: nothing is read yet), refuse at once over the cap (RST), then let
-``connect_accepted_socket(ssl=...)`` run the TLS 1.3 handshake under a timeout, which
-raises any handshake failure to us on asyncio and uvloop alike. (Upgrading an already
-reading transport with ``start_tls`` loses the ClientHello on uvloop.) The transport
-then belongs to one ``MqttConnection`` of the engine; the packet size limit is enforced
-by its framing, before a body is buffered. Every refusal is a ``conn.rejected`` or
+(``sock_accept``: nothing is read yet) and refuse at once over the cap (RST). The TCP
+transport then belongs to one ``MqttConnection`` of the engine, which runs the TLS 1.3
+handshake in memory under ``tls_handshake_timeout`` (so that flow control can pause TCP
+itself: an SSL transport drops decrypted but unread bytes when the peer closes) and
+enforces the packet size limit from the header. Every refusal is a ``conn.rejected`` or
 ``tls.rejected`` event with a reason code.
 """
 
@@ -22,7 +21,6 @@ from collections.abc import Callable
 
 from broker_plugins.engine.protocol import MqttConnection
 from broker_plugins.settings import Limits
-from broker_plugins.tls import classify_tls_error
 from edge_core.events import SecurityEvents
 
 __all__ = ["DeviceListener"]
@@ -128,19 +126,8 @@ class DeviceListener:
 
     async def _open(self, loop: asyncio.AbstractEventLoop, conn: socket.socket,
                     protocol: MqttConnection, peer: str) -> asyncio.Transport | None:
-        """Wrap the accepted socket; with TLS, complete the handshake or report why not."""
-        if self._ssl is None:
-            transport, _ = await loop.connect_accepted_socket(lambda: protocol, conn)
-            return transport
-        timeout = self._limits.tls_handshake_timeout
-        try:
-            transport, _ = await asyncio.wait_for(
-                loop.connect_accepted_socket(lambda: protocol, conn, ssl=self._ssl,
-                                             ssl_handshake_timeout=timeout),
-                timeout=timeout + 1.0,
-            )
-        except (ssl.SSLError, TimeoutError, ConnectionError, OSError, EOFError) as exc:
-            reason, detail = classify_tls_error(exc)
-            self._events.emit("tls.rejected", reason, level="warning", peer=peer, detail=detail)
-            return None
+        """Wrap the accepted socket; the connection runs the TLS handshake itself, under its timeout."""
+        if self._ssl is not None:
+            protocol.use_tls(self._ssl, self._limits.tls_handshake_timeout)
+        transport, _ = await loop.connect_accepted_socket(lambda: protocol, conn)
         return transport

@@ -186,6 +186,7 @@ class Engine:
             conn.close()
             return
         if conn.closing:
+            conn.done_reading = True
             return  # the client left while we decided: change nothing
         client_id = candidate.client_id
         existing = self.sessions.get(client_id)
@@ -512,7 +513,7 @@ class Engine:
     # -- flow control -----------------------------------------------------------------
 
     def _throttle(self, source: MqttConnection, session: Session) -> None:
-        if source.throttled_by is not None or source.closing or source.session is session or session.stalled:
+        if source.throttled_by is not None or source.done_reading or source.session is session or session.stalled:
             return
         source.throttled_by = session
         session.waiters.append(source)
