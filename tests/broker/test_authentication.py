@@ -65,6 +65,18 @@ def test_expiry_is_also_checked_by_the_broker_clock(start_broker: StartBroker, p
     broker.wait_event("auth.rejected", "cert_expired")
 
 
+def test_a_remembered_admission_still_expires_with_the_certificate(start_broker: StartBroker, pki: DevPki) -> None:
+    """Admissions are cached by certificate digest for connect rate; the validity is checked on every hit."""
+    clock = ManualClock()
+    broker = start_broker(clock=clock)
+    assert try_connect(broker.port, pki.chain, pki.device("pump-17"), "pump-17") == ACCEPTED
+    assert try_connect(broker.port, pki.chain, pki.device("pump-17"), "pump-17") == ACCEPTED
+    assert try_connect(broker.port, pki.chain, pki.device("pump-17"), "pump-18") == IDENTIFIER_REJECTED
+    clock.advance(timedelta(days=31))
+    assert try_connect(broker.port, pki.chain, pki.device("pump-17"), "pump-17") == NOT_AUTHORIZED
+    broker.wait_event("auth.rejected", "cert_expired")
+
+
 def test_same_device_id_with_new_unpinned_key_is_refused(start_broker: StartBroker, pki: DevPki) -> None:
     broker = start_broker()
     cred = pki.issue("unpinned-pump-17", "pump-17")  # right CA, right identity, a key nobody pinned
