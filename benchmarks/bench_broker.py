@@ -475,7 +475,7 @@ def main() -> None:
     print_table(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {"results": results, "ratios": ratios(results),
-              "targets": [{"target": text, "pass": ok} for text, ok in targets(results)],
+              "checks": [{"check": text, "pass": ok} for text, ok in targets(results)],
               "quick": args.quick, "repeat": args.repeat, "messages": args.messages, "seconds": args.seconds,
               "fleet": args.fleet}
     args.out.write_text(json.dumps(report, indent=2))
