@@ -5,7 +5,6 @@ Relative paths are resolved against the directory of the settings file.
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Literal
 
 from broker_plugins.revocation import RevocationSettings
 from edge_core import yamlsrc
+from edge_core.binds import is_loopback
 from edge_core.errors import ConfigError
 from edge_core.firmware_trust import FirmwareGuardSettings, parse_firmware_guard_settings
 from edge_core.identity import IdentityPolicy
@@ -34,15 +34,6 @@ def split_bind(value: str, *, source: str, line: int | None) -> tuple[str, int]:
     if not 0 <= port <= 65535:
         raise ConfigError(f"bind {value!r}: port out of range", source=source, line=line)
     return host, port
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass(frozen=True)
