@@ -183,8 +183,11 @@ class HardenedBroker:
                 return False
         return True
 
-    async def _guard_message(self, session: Session, topic: str, payload: bytes, retain: bool) -> bool:
+    async def _guard_message(self, session: Session, topic: str, payload: bytes, retain: bool,
+                             *, will_at_connect: bool = False) -> bool:
         for guard in self._guards:
+            if will_at_connect and getattr(guard, "checks_wills_when_fired", False):
+                continue  # checked once, when the will fires: checking now would spend its nonce
             try:
                 ok = await guard.guard_publish(session=session, topic=topic, payload=payload, retain=retain)
             except Exception as exc:  # noqa: BLE001 - fail closed: any plugin error denies
@@ -197,12 +200,13 @@ class HardenedBroker:
                 return False
         return True
 
-    def check_publish(self, session: Session, topic: str, payload: bytes,
-                      retain: bool) -> bool | Coroutine[Any, Any, bool]:
+    def check_publish(self, session: Session, topic: str, payload: bytes, retain: bool,
+                      *, will_at_connect: bool = False) -> bool | Coroutine[Any, Any, bool]:
         """The full publish check: topic ACL then message guards. Used for PUBLISH and wills.
 
         Synchronous when every topic plugin decides synchronously and no message guard is
-        loaded (the hot path); otherwise a coroutine, which the engine runs eagerly.
+        loaded (the hot path); otherwise a coroutine, which the engine runs eagerly. A guard
+        with ``checks_wills_when_fired`` sees a will only when it fires, not at CONNECT.
         """
         if topic.startswith("$"):
             self.runtime.events.emit("publish.rejected", "dollar_topic", level="warning", device=_device(session),
@@ -212,13 +216,14 @@ class HardenedBroker:
             allowed = self._decide_sync(session, topic, "publish")
             if not allowed or not self._guards:
                 return allowed
-            return self._guard_message(session, topic, payload, retain)
-        return self._check_publish_async(session, topic, payload, retain)
+            return self._guard_message(session, topic, payload, retain, will_at_connect=will_at_connect)
+        return self._check_publish_async(session, topic, payload, retain, will_at_connect=will_at_connect)
 
-    async def _check_publish_async(self, session: Session, topic: str, payload: bytes, retain: bool) -> bool:
+    async def _check_publish_async(self, session: Session, topic: str, payload: bytes, retain: bool,
+                                   *, will_at_connect: bool) -> bool:
         if not await self._topic_filtering(session, topic, Action.PUBLISH):
             return False
-        return await self._guard_message(session, topic, payload, retain)
+        return await self._guard_message(session, topic, payload, retain, will_at_connect=will_at_connect)
 
     async def check_will(self, session: Session, will: Will, *, firing: bool) -> bool:
         topic = will.topic
@@ -226,7 +231,7 @@ class HardenedBroker:
             self.runtime.events.emit("will.rejected", "invalid_topic", level="warning", device=_device(session),
                                      topic=topic)
             return False
-        decision = self.check_publish(session, topic, will.payload, will.retain)
+        decision = self.check_publish(session, topic, will.payload, will.retain, will_at_connect=not firing)
         if not (decision if isinstance(decision, bool) else await decision):
             self.runtime.events.emit("will.rejected", "publish_denied", level="warning", device=_device(session),
                                      topic=topic, firing=firing)

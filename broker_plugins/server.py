@@ -35,6 +35,7 @@ from broker_plugins.settings import BrokerSettings
 from broker_plugins.tls import server_context
 from broker_plugins.watched import read_config_file
 from edge_core.clock import Clock, SystemClock
+from edge_core.command_config import check_command_configuration
 from edge_core.events import SecurityEvents
 from edge_runtime.status_http import StatusServer, prometheus_text
 
@@ -145,6 +146,11 @@ class EdgeBroker:
         acl.start()
         self.registry = RegistryConcern(s.registry_path, runtime, on_change=acl.prune_subscriptions,
                                         settle=settle_heap)
+        check_command_configuration(runtime.acl, commands_configured=s.commands is not None,
+                                    disabled=s.commands_disabled, source=s.source)
+        if s.commands_disabled:
+            self.events.emit("broker.commands_disabled", "unverified_commands", level="warning",
+                             detail="'commands: disabled': command topics are forwarded without verification")
         if s.commands is not None:
             self.commands = CommandConcern(s.commands, runtime)
             self.commands.start()

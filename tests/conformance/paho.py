@@ -152,7 +152,9 @@ def running_broker(kind: str, certs: Path) -> Iterator[int]:
         config.write_text(
             f"listener:\n  bind: 127.0.0.1:{port}\n  certfile: {certs / 'broker.crt'}\n"
             f"  keyfile: {certs / 'broker.key'}\n  client_ca: {certs / 'ca-chain.pem'}\n"
-            f"registry: {certs / 'registry.yaml'}\nacl: {certs / 'acl.yaml'}\n")
+            f"registry: {certs / 'registry.yaml'}\nacl: {certs / 'acl.yaml'}\n"
+            # the suite's ACL grants every topic, command topics included; no operators exist here
+            "commands: disabled\n")
         script = Path(sys.executable).with_name("edge-broker")
         cmd = [str(script)] if script.exists() else [sys.executable, "-m", "broker_plugins.cli"]
         cmd += ["run", "-c", str(config)]
