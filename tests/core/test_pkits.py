@@ -6,7 +6,7 @@ CRLs a directory would serve (``pkits.ldif`` says which CA publishes which CRL),
 expected outcome (the test's name starts with ``Valid`` or ``Invalid``). Each runs
 
 - through the broker admission path: every CRL through ``accept_crl`` and the one
-  rollback rule (``is_newer``) into a ``RevocationIndex``, then ``validate_path``;
+  rollback rule (``edge_core.crl_trust.TrustedCrls``) into a ``RevocationIndex``, then ``validate_path``;
 - through the MCU validation path: ``parse_request`` of the presented certificate, then
   ``decide`` (only ``good`` counts as valid);
 
