@@ -27,7 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edge_core.acl import Policy, Subject, parse_policy
+from edge_core.acl import Policy, Subject
+from edge_core.acl_file import parse_policy
 
 TARGET_P99_US = 20.0
 SITES = [f"plant-{n}" for n in range(10)]

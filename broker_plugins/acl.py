@@ -15,7 +15,7 @@ from broker_plugins.engine.core import Engine
 from broker_plugins.engine.session import Session
 from broker_plugins.runtime import BrokerRuntime, admitted_of
 from broker_plugins.watched import FileWatches, read_config_file
-from edge_core.acl import parse_policy
+from edge_core.acl_file import parse_policy
 from edge_core.errors import ConfigError
 
 __all__ = ["AclConcern"]

@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Any, Final
 
 from broker_plugins.settings import load_settings
-from edge_core.acl import Action, Explanation, Finding, Policy, Subject, lint_policy, parse_policy
+from edge_core.acl import Action, Explanation, Policy, Subject
+from edge_core.acl_file import parse_policy
+from edge_core.acl_lint import Finding, lint_policy
 from edge_core.errors import ConfigError
 from edge_core.registry import DeviceEntry, Registry, parse_registry
 

@@ -16,6 +16,10 @@ The admin writes one YAML file (see ``configs/acl.yaml`` and ``docs/acl.md``)::
       pump-17:
         - allow subscribe devices/pump-17/cmd/#
 
+Parsing the admin's file is ``edge_core.acl_file.parse_policy``; ``edge_core.acl_lint`` finds
+what is legal but probably wrong. This module holds the rules, their compiled form and the
+decisions.
+
 Semantics, in order of importance:
 
 1. Default deny: nothing is allowed unless a rule allows it.
@@ -42,33 +46,33 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import hashlib
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final, Literal
 
-from edge_core import topics, yamlsrc
-from edge_core.errors import ConfigError, CredentialError
-from edge_core.identity import check_identity
-from edge_core.registry import DeviceEntry, Registry
+from edge_core import topics
+from edge_core.errors import ConfigError
+from edge_core.registry import DeviceEntry
 
 __all__ = [
+    "ATTRIBUTE_RE",
+    "DEVICE_VARIABLE",
+    "EFFECTS",
     "REASONS",
     "Action",
     "Decision",
     "Effect",
     "Explanation",
-    "Finding",
     "MatchedRule",
     "Permission",
     "Policy",
     "Rule",
     "RuleRef",
     "Subject",
-    "lint_policy",
-    "parse_policy",
+    "gc_paused",
+    "is_bindable",
 ]
 
 Effect = Literal["allow", "deny"]
@@ -81,23 +85,15 @@ Severity = Literal["warning", "info"]
 REASONS: Final = ("allowed", "no_grant", "denied_by_rule", "invalid_topic", "dollar_topic")
 
 DEVICE_VARIABLE: Final = "device"
-# Same shapes as the registry accepts, so every registry role and attribute can be named here.
-_ROLE_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
-_ATTRIBUTE_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+#: Attribute names, the shape the registry accepts, so every registry attribute can be named here.
+ATTRIBUTE_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 _VARIABLE_RE = re.compile(r"^\{([^{}]*)\}$")
-_EFFECTS: Final = ("allow", "deny")
-_PERMISSION_WORDS: Final[Mapping[str, frozenset[Permission]]] = MappingProxyType(
-    {
-        "publish": frozenset({"publish"}),
-        "subscribe": frozenset({"subscribe"}),
-        "both": frozenset({"publish", "subscribe"}),
-    }
-)
+EFFECTS: Final = ("allow", "deny")
 _UNSAFE_VALUE_CHARS: Final = ("/", "+", "#", "\x00")
 _PUBLISH, _SUBSCRIBE = 0, 1
 
 
-def _is_bindable(value: object) -> bool:
+def is_bindable(value: object) -> bool:
     """A value may stand for one literal level: never a wildcard, separator or ``$`` level."""
     return (
         isinstance(value, str)
@@ -126,9 +122,9 @@ class Subject:
         bindings = {
             name: value
             for name, value in attributes.items()
-            if name != DEVICE_VARIABLE and _is_bindable(value)
+            if name != DEVICE_VARIABLE and is_bindable(value)
         }
-        if _is_bindable(self.device):
+        if is_bindable(self.device):
             bindings[DEVICE_VARIABLE] = self.device
         object.__setattr__(self, "bindings", bindings)
 
@@ -180,7 +176,7 @@ def _split_pattern(pattern: str) -> tuple[tuple[str, ...], frozenset[str]]:
         match = _VARIABLE_RE.match(level)
         if match is not None:
             name = match.group(1)
-            if not _ATTRIBUTE_RE.match(name):
+            if not ATTRIBUTE_RE.match(name):
                 raise ValueError(f"variable {level!r} must be a name like {{device}} or {{site}}")
             variables.add(name)
         elif "{" in level or "}" in level:
@@ -208,7 +204,7 @@ class Rule:
     variables: frozenset[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.effect not in _EFFECTS:
+        if self.effect not in EFFECTS:
             raise ValueError(f"effect must be 'allow' or 'deny', not {self.effect!r}")
         if not self.permissions or not self.permissions <= {"publish", "subscribe"}:
             raise ValueError(f"permissions must be publish and/or subscribe, not {set(self.permissions)}")
@@ -345,7 +341,7 @@ class _Index:
 
 
 @contextlib.contextmanager
-def _cyclic_gc_paused() -> Iterator[None]:
+def gc_paused() -> Iterator[None]:
     """Building 100k-rule tries allocates only acyclic objects, yet the cyclic collector
     rescans the growing heap again and again (5x the compile time); pause it meanwhile."""
     was_enabled = gc.isenabled()
@@ -504,7 +500,7 @@ class Policy:
                     source=rule.ref.source,
                     line=rule.ref.line,
                 )
-        with _cyclic_gc_paused():
+        with gc_paused():
             object.__setattr__(self, "_index", _compile(self.rules))
 
     def _roots(self, subject: Subject, slot: int) -> list[_Node]:
@@ -615,325 +611,3 @@ class Policy:
         rank = {"deny": 0, "allow": 1}
         matched.sort(key=lambda m: (rank[m.rule.effect], m.relation == "overlaps", m.rule.order))
         return Explanation(subject, action, topic, decision, tuple(matched))
-
-
-# --- parsing ----------------------------------------------------------------------------
-
-_SECTIONS_HINT = (
-    "add 'everyone:', 'roles:' or 'devices:' with rules like 'allow publish devices/{device}/status'"
-)
-
-
-def parse_policy(text: str | bytes, *, source: str = "<acl>") -> Policy:
-    """Validate an ACL file into a ``Policy``; raise ``ConfigError`` naming file, line and reason."""
-    with _cyclic_gc_paused():
-        return _parse_policy(text.encode("utf-8") if isinstance(text, str) else text, source)
-
-
-def _parse_policy(raw: bytes, source: str) -> Policy:
-    document = yamlsrc.load(raw, source=source)
-    if document is None:
-        raise ConfigError(
-            f"ACL file is empty; it needs 'version: 1'; {_SECTIONS_HINT}", source=source, line=1
-        )
-    top = yamlsrc.Section(document, source=source, what="acl")
-    version = top.take("version", int, required=True)
-    if version != 1:
-        raise top.error("version", f"ACL version {version} is not supported; use 1")
-    attributes = _parse_attributes(top.take("attributes", list, []), top)
-    if not any(key in document for key in ("everyone", "roles", "devices")):
-        raise ConfigError(f"ACL file has no rules; {_SECTIONS_HINT}", source=source, line=top.line)
-    rules: list[Rule] = []
-    everyone = top.take("everyone", object, None)
-    if everyone is not None:
-        if not isinstance(everyone, list):
-            raise top.error("everyone", "'everyone' must be a list of rules")
-        rules.extend(_parse_rules(everyone, "everyone", "", source=source, line=top.line_of("everyone")))
-    for kind in ("roles", "devices"):
-        section = top.sub(kind)
-        if section is None:
-            continue
-        for owner, body, line in section.items():
-            owner_kind: OwnerKind = "role" if kind == "roles" else "device"
-            _check_owner(owner_kind, owner, source=source, line=line)
-            if body is None:
-                continue
-            if not isinstance(body, list):
-                raise ConfigError(
-                    f"{owner_kind} '{owner}': must be a list of rules "
-                    "like '- allow publish devices/{device}/status'",
-                    source=source,
-                    line=line,
-                )
-            rules.extend(_parse_rules(body, owner_kind, owner, source=source, line=line))
-    top.done()
-    return Policy(
-        rules=tuple(rules), attributes=attributes, source=source, digest=hashlib.sha256(raw).hexdigest()
-    )
-
-
-def _parse_attributes(names: list[Any], top: yamlsrc.Section) -> frozenset[str]:
-    declared: set[str] = set()
-    for index, name in enumerate(names):
-        line = _item_line(names, index, top.line_of("attributes"))
-        if not isinstance(name, str) or not _ATTRIBUTE_RE.match(name) or name == DEVICE_VARIABLE:
-            raise ConfigError(
-                f"attribute {name!r} must match {_ATTRIBUTE_RE.pattern} and not be '{DEVICE_VARIABLE}' "
-                "({device} is always defined)",
-                source=top.source,
-                line=line,
-            )
-        if name in declared:
-            raise ConfigError(f"attribute '{name}' declared twice", source=top.source, line=line)
-        declared.add(name)
-    return frozenset(declared)
-
-
-def _check_owner(kind: OwnerKind, owner: str, *, source: str, line: int | None) -> None:
-    if kind == "role" and not _ROLE_RE.match(owner):
-        raise ConfigError(f"role {owner!r} must match {_ROLE_RE.pattern}", source=source, line=line)
-    if kind == "device":
-        try:
-            check_identity(owner)
-        except CredentialError as exc:
-            raise ConfigError(f"device id: {exc}", source=source, line=line) from exc
-
-
-def _parse_rules(
-    items: list[Any], kind: OwnerKind, owner: str, *, source: str, line: int | None
-) -> list[Rule]:
-    label = "everyone" if kind == "everyone" else f"{kind} {owner}"
-    rules = []
-    for index, item in enumerate(items):
-        item_line = _item_line(items, index, line) or 1
-        rules.append(_parse_rule(item, kind, owner, label, source=source, line=item_line, position=index))
-    return rules
-
-
-def _parse_rule(
-    item: Any, kind: OwnerKind, owner: str, label: str, *, source: str, line: int, position: int
-) -> Rule:
-    def refuse(reason: str) -> ConfigError:
-        return ConfigError(f"{label}: {reason}", source=source, line=line)
-
-    if not isinstance(item, str):
-        raise refuse(f"a rule must be a string like 'allow publish devices/{{device}}/status', not {item!r}")
-    words = item.split(None, 2)
-    if not words or words[0] not in _EFFECTS:
-        raise refuse(f"rule {item!r} must start with 'allow' or 'deny'")
-    if len(words) < 2 or words[1] not in _PERMISSION_WORDS:
-        raise refuse(f"rule {item!r}: the second word must be one of {', '.join(_PERMISSION_WORDS)}")
-    if len(words) < 3:
-        raise refuse(
-            f"rule {item!r} has no topic filter (a filter starting with '#' must be quoted, "
-            "because YAML reads ' #' as a comment: - \"allow subscribe #\")"
-        )
-    effect: Effect = "allow" if words[0] == "allow" else "deny"
-    pattern = words[2]
-    try:
-        return Rule(
-            effect=effect,
-            permissions=_PERMISSION_WORDS[words[1]],
-            pattern=pattern,
-            owner_kind=kind,
-            owner=owner,
-            ref=RuleRef(source=source, line=line, text=f"{words[0]} {words[1]} {pattern}", owner=label),
-            order=line * 10_000 + position,  # position in the file, for reporting the first rule
-        )
-    except ValueError as exc:
-        raise refuse(f"rule {item!r}: {exc}") from exc
-
-
-def _item_line(sequence: Any, index: int, fallback: int | None) -> int | None:
-    lines = getattr(sequence, "item_lines", None)
-    return lines[index] if lines and index < len(lines) else fallback
-
-
-# --- lint -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Finding:
-    """Something legal but probably wrong in an ACL file. ``code`` is stable."""
-
-    severity: Severity
-    code: str
-    source: str
-    line: int
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.source}:{self.line}: {self.severity}: {self.message} [{self.code}]"
-
-
-_Reporter = Callable[[Severity, str, int, str], None]
-
-
-def lint_policy(policy: Policy, registry: Registry | None = None) -> list[Finding]:
-    """Findings about ``policy``, with the registry when given, sorted by line."""
-    findings: list[Finding] = []
-
-    def report(severity: Severity, code: str, line: int, message: str) -> None:
-        findings.append(Finding(severity, code, policy.source, line, message))
-
-    if not policy.rules:
-        report("warning", "no_rules", 1, "the ACL has no rules, so every publish and subscribe is denied")
-    _lint_duplicates(policy, report)
-    _lint_dollar_under_wildcard(policy, report)
-    _lint_shadowed(policy, registry, report)
-    _lint_cross_device(policy, report)
-    if registry is not None:
-        _lint_against_registry(policy, registry, report)
-    return sorted(findings, key=lambda finding: (finding.line, finding.code))
-
-
-def _lint_duplicates(policy: Policy, report: _Reporter) -> None:
-    seen: dict[tuple[str, str, str], Rule] = {}
-    for rule in policy.rules:
-        key = (rule.owner_kind, rule.owner, rule.ref.text)
-        first = seen.setdefault(key, rule)
-        if first is not rule:
-            report(
-                "info",
-                "duplicate_rule",
-                rule.ref.line,
-                f"`{rule.ref.text}` repeats line {first.ref.line} for {rule.ref.owner}",
-            )
-
-
-def _lint_dollar_under_wildcard(policy: Policy, report: _Reporter) -> None:
-    for rule in policy.rules:
-        if rule.levels[0] in (topics.SINGLE_LEVEL, topics.MULTI_LEVEL) and any(
-            level.startswith("$") for level in rule.levels[1:]
-        ):
-            report(
-                "warning",
-                "dollar_under_wildcard",
-                rule.ref.line,
-                f"`{rule.ref.text}` never matches a $ topic such as $SYS/...: a leading '+' or '#' "
-                "skips $ topics and '$' is special only at the first level; write the $ level first",
-            )
-
-
-def _deny_applies_wherever(deny: Rule, allow: Rule, registry: Registry | None) -> bool:
-    """Does ``deny`` apply to every subject that ``allow`` applies to?"""
-    if deny.owner_kind == "everyone":
-        return True
-    if (deny.owner_kind, deny.owner) == (allow.owner_kind, allow.owner):
-        return True
-    if deny.owner_kind == "role" and allow.owner_kind == "device" and registry is not None:
-        entry = registry.get(allow.owner)
-        return entry is not None and deny.owner in entry.roles
-    return False
-
-
-def _lint_shadowed(policy: Policy, registry: Registry | None, report: _Reporter) -> None:
-    denies = [rule for rule in policy.rules if rule.effect == "deny"]
-    for allow in policy.rules:
-        if allow.effect != "allow":
-            continue
-        shadow: Rule | None = None
-        for permission in allow.permissions:
-            shadow = next(
-                (
-                    deny
-                    for deny in denies
-                    if permission in deny.permissions
-                    and _deny_applies_wherever(deny, allow, registry)
-                    # variables compare as literal names: {site} is covered by '+' or {site}
-                    and topics.filter_covers(deny.levels, allow.levels)
-                ),
-                None,
-            )
-            if shadow is None:
-                break
-        if shadow is not None:
-            report(
-                "warning",
-                "shadowed_allow",
-                allow.ref.line,
-                f"`{allow.ref.text}` can never allow anything: deny at line {shadow.ref.line} "
-                f"`{shadow.ref.text}` covers it, and any deny wins",
-            )
-
-
-def _lint_cross_device(policy: Policy, report: _Reporter) -> None:
-    device_variable = "{" + DEVICE_VARIABLE + "}"
-    scopes: dict[tuple[str, ...], Rule] = {}
-    for rule in policy.rules:
-        for position, level in enumerate(rule.levels):
-            if level == device_variable:
-                scopes.setdefault(rule.levels[:position], rule)
-    for rule in policy.rules:
-        if rule.effect != "allow" or rule.owner_kind == "device":
-            continue
-        for prefix, scoped in scopes.items():
-            if _reaches_all_devices(rule.levels, prefix):
-                scope = topics.SEPARATOR.join((*prefix, device_variable))
-                report(
-                    "warning",
-                    "cross_device_scope",
-                    rule.ref.line,
-                    f"{rule.ref.owner} `{rule.ref.text}` reaches every device's {scope}/... topics, "
-                    f"which line {scoped.ref.line} scopes per device; use {device_variable} at that "
-                    "level unless this owner must see all devices",
-                )
-                break
-
-
-def _reaches_all_devices(levels: tuple[str, ...], prefix: tuple[str, ...]) -> bool:
-    """Does a filter follow ``prefix`` and then take any value at the {device} level?"""
-    for position, scope_level in enumerate((*prefix, None)):
-        if position >= len(levels):
-            return False
-        level = levels[position]
-        if level == topics.MULTI_LEVEL:
-            return True
-        if scope_level is None:
-            return level == topics.SINGLE_LEVEL
-        if level not in (topics.SINGLE_LEVEL, scope_level) and scope_level != topics.SINGLE_LEVEL:
-            return False
-    return False
-
-
-def _lint_against_registry(policy: Policy, registry: Registry, report: _Reporter) -> None:
-    held_roles = {role for entry in registry.devices.values() for role in entry.roles}
-    reported_owners: set[tuple[str, str]] = set()
-    for rule in policy.rules:
-        owner = (rule.owner_kind, rule.owner)
-        if rule.owner_kind == "role" and rule.owner not in held_roles:
-            if owner not in reported_owners:
-                report(
-                    "warning",
-                    "unknown_role",
-                    rule.ref.line,
-                    f"no device in {registry.source} has role '{rule.owner}', so its rules never apply",
-                )
-            reported_owners.add(owner)
-            continue
-        if rule.owner_kind == "device" and registry.get(rule.owner) is None:
-            if owner not in reported_owners:
-                report(
-                    "warning",
-                    "unknown_device",
-                    rule.ref.line,
-                    f"device '{rule.owner}' is not in {registry.source}, so its rules never apply",
-                )
-            reported_owners.add(owner)
-            continue
-        attributes = rule.variables - {DEVICE_VARIABLE}
-        if not attributes:
-            continue
-        holders = [entry for entry in registry.devices.values() if rule.applies_to(Subject.from_entry(entry))]
-        missing = sorted(
-            name
-            for name in attributes
-            if not any(_is_bindable(entry.attributes.get(name)) for entry in holders)
-        )
-        if missing:
-            report(
-                "warning",
-                "attribute_never_set",
-                rule.ref.line,
-                f"`{rule.ref.text}` never applies: no device it is written for has attribute '{missing[0]}'",
-            )

@@ -10,14 +10,9 @@ from types import MappingProxyType
 
 import pytest
 
-from edge_core.acl import (
-    REASONS,
-    Decision,
-    Policy,
-    Subject,
-    lint_policy,
-    parse_policy,
-)
+from edge_core.acl import REASONS, Decision, Policy, Subject
+from edge_core.acl_file import parse_policy
+from edge_core.acl_lint import lint_policy
 from edge_core.errors import ConfigError
 from edge_core.registry import DeviceEntry, Registry
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edge_core.acl import parse_policy
+from edge_core.acl_file import parse_policy
 from edge_core.command_config import check_command_configuration, command_grants
 from edge_core.errors import ConfigError
 
