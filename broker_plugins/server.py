@@ -113,8 +113,8 @@ class EdgeBroker:
                              detail="no 'acl:' file configured: every publish and subscribe is denied")
         if s.commands is not None:
             operators = self._parse_operators(read_config_file(s.commands.operators_path, "operators file"))
-            self.runtime.commands = CommandState.start(operators, capacity=s.commands.replay_capacity,
-                                                       clock=self.clock)
+            self.runtime.commands = CommandState.start(operators, settings=s.commands, clock=self.clock,
+                                                       events=self.events)
         if s.revocation is not None:
             self.runtime.revocation = RevocationState(s.revocation, load_issuer_certs(s.revocation.issuers))
             await self._reload_crl(b"")
@@ -189,6 +189,8 @@ class EdgeBroker:
             await self.status_server.close()
         if self.broker is not None and self.broker.transitions.state == "started":
             await self.broker.shutdown()
+        if self.runtime is not None and isinstance(self.runtime.commands, CommandState):
+            self.runtime.commands.close()
         self._closed.set()
 
     async def wait_closed(self) -> None:

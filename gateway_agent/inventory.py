@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from edge_core.clock import as_utc
 from edge_core.errors import ConfigError, CredentialError, StateError
@@ -55,6 +55,9 @@ from edge_core.lifecycle import (
 from edge_core.registry import DeviceEntry, Registry, dump_registry, parse_registry
 from gateway_agent.pki import load_cert
 
+if TYPE_CHECKING:
+    from gateway_agent.inventory_pg import PostgresInventory
+
 __all__ = [
     "SCHEMA",
     "CertRecord",
@@ -64,6 +67,7 @@ __all__ = [
     "export_registry",
     "import_from_registry",
     "iter_chunks",
+    "open_inventory",
     "write_registry",
 ]
 
@@ -205,11 +209,14 @@ def _opt_ts(value: datetime | None) -> str | None:
     return None if value is None else _ts(value)
 
 
-def _dt(value: str) -> datetime:
+def _dt(value: str | datetime) -> datetime:
+    # SQLite hands back ISO text; PostgreSQL (timestamptz) a datetime already.
+    if isinstance(value, datetime):
+        return as_utc(value)
     return datetime.fromisoformat(value).astimezone(UTC)
 
 
-def _opt_dt(value: str | None) -> datetime | None:
+def _opt_dt(value: str | datetime | None) -> datetime | None:
     return None if value is None else _dt(value)
 
 
@@ -452,6 +459,30 @@ class SqliteInventory:
               t.from_state, t.to_state, _ts(t.at), t.cause[:512]) for seq, t in enumerate(step.transitions)],
         )
         return replace(after, version=version)
+
+
+# --------------------------------------------------------------------------- backend selection
+
+
+def open_inventory(url: str, *, create: bool = True) -> SqliteInventory | PostgresInventory:
+    """The inventory at ``url``: ``sqlite:///<path>`` (or a plain path) or ``postgresql://...``.
+
+    ``sqlite:///var/inv.db`` is relative, ``sqlite:////var/lib/edge/inv.db`` absolute (three
+    slashes, then the path). PostgreSQL URLs are libpq's plus ``?schema=<name>``
+    (``gateway_agent.inventory_pg``).
+    """
+    if url.startswith(("postgresql://", "postgres://")):
+        from gateway_agent.inventory_pg import PostgresInventory
+
+        return PostgresInventory(url, create=create)
+    if url.startswith("sqlite:"):
+        if not url.startswith("sqlite:///") or url == "sqlite:///":
+            raise ConfigError(f"inventory URL {url!r} must be sqlite:///<path>")
+        return SqliteInventory(url.removeprefix("sqlite:///"), create=create)
+    if "://" in url:
+        raise ConfigError(f"inventory URL {url.split('://', maxsplit=1)[0]}:// is not supported",
+                          hint="use sqlite:///<path> or postgresql://user@host/db")
+    return SqliteInventory(url, create=create)
 
 
 # --------------------------------------------------------------------------- registry export

@@ -1,0 +1,73 @@
+"""The machine's shared PostgreSQL and Redis, one private corner per test.
+
+The URLs come from ``EDGE_TEST_POSTGRES_URL`` and ``EDGE_TEST_REDIS_URL`` (defaults: the
+PostgreSQL and Redis this machine and CI start on loopback). Every test gets its own
+PostgreSQL schema or Redis key prefix, dropped afterwards, so parallel runs never meet.
+An unreachable store fails the test loudly: CI provides both, so a skip would hide a gap.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psycopg
+import pytest
+import redis
+from psycopg import sql
+
+PG_URL = os.environ.get("EDGE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("EDGE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def unique_name(kind: str) -> str:
+    return f"t_{kind}_{os.getpid()}_{secrets.token_hex(4)}"
+
+
+def _pg_admin() -> psycopg.Connection[tuple[object, ...]]:
+    try:
+        return psycopg.connect(PG_URL, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"PostgreSQL at {PG_URL} is unreachable ({exc}); CI provides it: start it or set "
+                    "EDGE_TEST_POSTGRES_URL", pytrace=False)
+
+
+@contextmanager
+def pg_schema() -> Iterator[str]:
+    """An inventory URL (``...?schema=t_...``) for a schema that exists only for this test."""
+    schema = unique_name("inv")
+    admin = _pg_admin()
+    try:
+        yield f"{PG_URL}{'&' if '?' in PG_URL else '?'}schema={schema}&application_name={schema}"
+    finally:
+        # Sessions a test left behind (a killed agent) must not hold locks on the schema.
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
+                      "AND application_name = %s", (schema,))
+        admin.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+        admin.close()
+
+
+def redis_client() -> redis.Redis:
+    client = redis.Redis.from_url(REDIS_URL, socket_timeout=5, socket_connect_timeout=5)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        pytest.fail(f"Redis at {REDIS_URL} is unreachable ({exc}); CI provides it: start it or set "
+                    "EDGE_TEST_REDIS_URL", pytrace=False)
+    return client
+
+
+@contextmanager
+def redis_prefix() -> Iterator[str]:
+    """A replay-store key prefix of this test; its keys are deleted afterwards."""
+    prefix = unique_name("replay")
+    client = redis_client()
+    try:
+        yield prefix
+    finally:
+        keys = list(client.scan_iter(match=f"{{{prefix}}}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+        client.close()
