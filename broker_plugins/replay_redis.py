@@ -31,6 +31,7 @@ and short timeouts; the broker calls it from a worker thread (``CommandState.ver
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
@@ -67,6 +68,10 @@ return {0, epoch}
 """
 
 
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 class RedisReplayStore:
     """A ``ReplayCache`` in Redis, shared by every broker configured with the same URL and prefix."""
 
@@ -94,20 +99,22 @@ class RedisReplayStore:
     # -- lifecycle -----------------------------------------------------------------------
 
     def check_server(self) -> None:
-        """Refuse a Redis that may evict live nonces; tolerate one that hides its config."""
+        """Refuse a Redis that may evict live nonces (tolerate one that hides its config); read the epoch."""
+        policy: str | None = None
         try:
-            found: dict[Any, Any] = dict(self._client.config_get("maxmemory-policy"))
-            policy = found.get(b"maxmemory-policy")
+            found = {_text(k): _text(v) for k, v in dict(self._client.config_get("maxmemory-policy")).items()}
+            policy = found.get("maxmemory-policy")
         except redis.ResponseError:
             self.events.emit("replay_store.unchecked", "config_hidden", level="warning", store=self.url,
                              detail="CONFIG GET is not allowed; make sure maxmemory-policy is noeviction")
-            return
         except redis.RedisError as exc:
             self._failed(exc)
             return  # not reachable yet: commands are refused until it is
-        if policy is not None and policy != b"noeviction":
-            raise ConfigError(f"replay store {self.url} has maxmemory-policy {policy.decode()!r}",
+        if policy is not None and policy != "noeviction":
+            raise ConfigError(f"replay store {self.url} has maxmemory-policy {policy!r}",
                               hint="set maxmemory-policy noeviction: an evicted nonce would let its command replay")
+        with contextlib.suppress(ReplayStoreUnavailable):  # the epoch starts now, not at the first command
+            self._load_epoch()
 
     def close(self) -> None:
         self._client.close()
@@ -164,10 +171,10 @@ class RedisReplayStore:
                                          f"{self.retry_after:g}s)")
         try:
             result = fn()
+        except redis.exceptions.OutOfMemoryError:
+            self._recovered()  # it answered: full of live nonces (noeviction), so refuse, as a full cache does
+            return ReplayVerdict.FULL
         except redis.ResponseError as exc:
-            if str(exc).startswith("OOM"):
-                self._recovered()
-                return ReplayVerdict.FULL
             self._failed(exc)
             raise ReplayStoreUnavailable(f"replay store {self.url} refused: {exc}") from exc
         except redis.RedisError as exc:

@@ -71,3 +71,56 @@ def redis_prefix() -> Iterator[str]:
         if keys:
             client.delete(*keys)
         client.close()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class OwnRedis:
+    """A private ``redis-server`` on a free loopback port, to stop and start at will.
+
+    (The machine's shared Redis is never stopped: outages are staged on this one.)
+    """
+
+    def __init__(self, directory: str, *extra: str) -> None:
+        import subprocess
+
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                      "--appendonly", "no", "--dir", directory, *extra]
+        self._popen: subprocess.Popen[bytes] | None = None
+        self._subprocess = subprocess
+
+    def start(self) -> OwnRedis:
+        import time
+
+        self._popen = self._subprocess.Popen(self._args, stdout=self._subprocess.DEVNULL,
+                                             stderr=self._subprocess.DEVNULL)
+        client = redis.Redis(port=self.port, socket_timeout=1, socket_connect_timeout=1)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.RedisError:
+                if time.monotonic() > deadline or self._popen.poll() is not None:
+                    self.stop()
+                    raise RuntimeError(f"redis-server on port {self.port} did not start") from None
+                time.sleep(0.05)
+        client.close()
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: the store vanishes with everything in memory."""
+        if self._popen is not None and self._popen.poll() is None:
+            self._popen.kill()
+            self._popen.wait(timeout=10)
+        self._popen = None
+
+    stop = kill
