@@ -179,12 +179,15 @@ class PostgresInventory:
                 "SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()[0])  # type: ignore[index]
 
     def _connect(self) -> psycopg.Connection[Any]:
+        params: dict[str, Any] = {
+            "connect_timeout": max(1, round(self._connect_timeout)),
+            "options": f"-c search_path={self.schema} -c statement_timeout={int(self._statement_timeout * 1000)}"
+                       " -c TimeZone=UTC",
+        }
+        if "application_name" not in self._conninfo:
+            params["application_name"] = "gateway-agent"
         try:
-            conn = psycopg.connect(
-                self._conninfo, autocommit=True, connect_timeout=max(1, round(self._connect_timeout)),
-                options=f"-c search_path={self.schema} -c statement_timeout={int(self._statement_timeout * 1000)}"
-                        " -c TimeZone=UTC",
-                **({} if "application_name" in self._conninfo else {"application_name": "gateway-agent"}))
+            conn = psycopg.connect(self._conninfo, autocommit=True, **params)
         except psycopg.OperationalError as exc:
             raise FetchError("inventory_unreachable", f"cannot connect to the inventory {self.url}: {exc}",
                              hint="check lifecycle.inventory and that PostgreSQL is up") from exc
