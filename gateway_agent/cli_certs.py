@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_core.clock import SystemClock
-from gateway_agent.inventory import SqliteInventory
+from gateway_agent.inventory import open_inventory
 
 __all__ = ["DEFAULT_DB", "add_parser", "parse_duration"]
 
@@ -43,14 +43,14 @@ def add_parser(sub: Any) -> None:
     expiring.add_argument("--within", type=parse_duration, default=timedelta(days=90),
                           help="window such as 90d, 12w, 36h (default 90d)")
     expiring.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
-    expiring.add_argument("--db", type=Path, default=DEFAULT_DB,
-                          help=f"inventory file (default {DEFAULT_DB})")
+    expiring.add_argument("--db", default=str(DEFAULT_DB),
+                          help=f"inventory file or URL (sqlite:///..., postgresql://...; default {DEFAULT_DB})")
     expiring.set_defaults(func=_expiring)
     history = verbs.add_parser("history", help="every lifecycle transition of one device, oldest first")
     history.add_argument("device")
     history.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
-    history.add_argument("--db", type=Path, default=DEFAULT_DB,
-                         help=f"inventory file (default {DEFAULT_DB})")
+    history.add_argument("--db", default=str(DEFAULT_DB),
+                         help=f"inventory file or URL (sqlite:///..., postgresql://...; default {DEFAULT_DB})")
     history.set_defaults(func=_history)
     renew = verbs.add_parser("renew", help="ask the running agent to renew a device now (e.g. key exposure)",
                              description="Queues the request for the daemon (gateway-agent run), which runs "
@@ -62,7 +62,7 @@ def add_parser(sub: Any) -> None:
 
 
 def _expiring(args: argparse.Namespace) -> int:
-    with SqliteInventory(args.db, create=False) as inventory:
+    with open_inventory(str(args.db), create=False) as inventory:
         rows = inventory.expiring(SystemClock().now(), args.within)
     if args.json:
         for row in rows:
@@ -79,7 +79,7 @@ def _expiring(args: argparse.Namespace) -> int:
 
 
 def _history(args: argparse.Namespace) -> int:
-    with SqliteInventory(args.db, create=False) as inventory:
+    with open_inventory(str(args.db), create=False) as inventory:
         records = inventory.history(args.device)
     if args.json:
         for t in records:

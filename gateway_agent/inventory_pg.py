@@ -303,6 +303,29 @@ class PostgresInventory:
     def revoked_certificates(self) -> list[CertRecord]:
         return self._cert_records("state", CertState.REVOKED.value)
 
+    # -- renewal claims (gateway_agent.leadership) -------------------------------------------
+
+    def claim_device(self, device_id: str, fence: Fence, ttl: timedelta) -> bool:
+        """Claim ``device_id`` for a renewal under ``fence``: only if unclaimed or its claim expired."""
+        conn = self._conn()
+        try:
+            with conn.transaction():
+                self._check_fence(conn, fence)
+                row = conn.execute(
+                    "INSERT INTO renewal_claims (device_id, holder, token, claimed_at, expires_at) "
+                    "VALUES (%s, %s, %s, clock_timestamp(), clock_timestamp() + %s) "
+                    "ON CONFLICT (device_id) DO UPDATE SET holder = excluded.holder, token = excluded.token, "
+                    "claimed_at = excluded.claimed_at, expires_at = excluded.expires_at "
+                    "WHERE renewal_claims.expires_at <= clock_timestamp() RETURNING device_id",
+                    (device_id, fence.holder, fence.token, ttl)).fetchone()
+        except psycopg.OperationalError as exc:
+            raise FetchError("inventory_unreachable", f"inventory {self.url}: {exc}") from exc
+        return row is not None
+
+    def release_claim(self, device_id: str, holder: str) -> None:
+        self._rows("DELETE FROM renewal_claims WHERE device_id = %s AND holder = %s RETURNING device_id",
+                   (device_id, holder))
+
     # -- writes --------------------------------------------------------------------------
 
     def apply(self, step: Step) -> DeviceLifecycle:

@@ -40,6 +40,7 @@ from edge_core.errors import CredentialError, EdgeSecurityError, FetchError, Sta
 from edge_core.events import SecurityEvents
 from edge_core.identity import IdentityPolicy, check_identity
 from edge_core.lifecycle import (
+    IN_PROGRESS,
     Alarm,
     CertRef,
     CertState,
@@ -72,6 +73,7 @@ __all__ = [
     "DeviceChannel",
     "FileCABackend",
     "IssuedCertificate",
+    "RenewalClaims",
     "RenewalOrchestrator",
     "RenewalOutcome",
     "ScanReport",
@@ -181,6 +183,17 @@ class FileCABackend:
         self.revoked.setdefault(serial, reason)
 
 
+class RenewalClaims(Protocol):
+    """Per-device renewal claims shared by every agent on one inventory (``gateway_agent.leadership``).
+
+    ``claim`` answers False when another agent holds the device; it may raise ``FetchError``.
+    """
+
+    def claim(self, device_id: str) -> bool: ...
+
+    def release(self, device_id: str) -> None: ...
+
+
 @dataclass(frozen=True)
 class RenewalOutcome:
     device_id: str
@@ -219,6 +232,7 @@ class RenewalOrchestrator:
         lifetime: timedelta | None = None,
         rand: Callable[[], float] | None = None,
         on_pins_changed: Callable[[str], None] | None = None,
+        claims: RenewalClaims | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -234,6 +248,7 @@ class RenewalOrchestrator:
         self.lifetime = lifetime  # None: same lifetime as the certificate being replaced
         self._rand = rand or secrets.SystemRandom().random
         self._on_pins_changed = on_pins_changed
+        self.claims = claims  # None: this process is the inventory's only writer (SQLite)
         self._semaphore = asyncio.Semaphore(concurrency)
         self._active: set[str] = set()
         self.in_flight = 0
@@ -252,12 +267,16 @@ class RenewalOrchestrator:
         self._active.add(device_id)
         try:
             async with self._semaphore:
+                busy = self._claim(device_id)
+                if busy is not None:
+                    return busy
                 self.in_flight += 1
                 self.max_in_flight = max(self.max_in_flight, self.in_flight)
                 try:
                     return await self._guarded(device_id, ignore_backoff, force)
                 finally:
                     self.in_flight -= 1
+                    self._release(device_id)
         finally:
             self._active.discard(device_id)
 
@@ -277,8 +296,15 @@ class RenewalOrchestrator:
         for device in self.inventory.in_progress():
             if device.device_id in self._active or device.renewal is RenewalState.SWITCHING:
                 continue
-            await self._fail(device, "interrupted")
-            count += 1
+            if self._claim(device.device_id) is not None:
+                continue  # another agent is renewing it right now
+            try:
+                fresh = self.inventory.get(device.device_id)  # as of the claim, not as of the listing
+                if fresh is not None and fresh.renewal in IN_PROGRESS and fresh.renewal is not RenewalState.SWITCHING:
+                    await self._fail(fresh, "interrupted")
+                    count += 1
+            finally:
+                self._release(device.device_id)
         return count
 
     async def daily_scan(self, now: datetime | None = None) -> ScanReport:
@@ -463,6 +489,27 @@ class RenewalOrchestrator:
             await self.ca.revoke(cert.serial, CRL_REASON_SUPERSEDED)
             self.events.emit("cert.revoked", cause, device=step.after.device_id, serial=f"{cert.serial:x}",
                              crl_reason=CRL_REASON_SUPERSEDED)
+
+    def _claim(self, device_id: str) -> RenewalOutcome | None:
+        """Take the shared per-device claim; an outcome if the device is busy elsewhere (or unknown)."""
+        if self.claims is None:
+            return None
+        try:
+            if self.claims.claim(device_id):
+                return None
+        except (EdgeSecurityError, OSError) as exc:
+            self.events.emit("renewal.error", _reason(exc), level="error", device=device_id, detail=str(exc))
+            return RenewalOutcome(device_id, "error", f"claim: {exc}")
+        return RenewalOutcome(device_id, "busy", "another agent holds the renewal claim")
+
+    def _release(self, device_id: str) -> None:
+        if self.claims is None:
+            return
+        try:
+            self.claims.release(device_id)
+        except (EdgeSecurityError, OSError) as exc:  # the claim expires with the lease anyway
+            self.events.emit("renewal.error", _reason(exc), level="warning", device=device_id,
+                             detail=f"releasing the claim failed: {exc}")
 
     def _store(self, step: Step) -> DeviceLifecycle:
         return self.inventory.apply(step)

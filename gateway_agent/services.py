@@ -49,5 +49,5 @@ async def _session(agent: Agent) -> AgentService | None:
     lifecycle = None
     if s.lifecycle is not None:
         lifecycle = LifecycleRunner(s.lifecycle, clock=agent.clock, events=agent.events,
-                                    broker_status_url=s.lifecycle.broker_status_url)
+                                    broker_status_url=s.lifecycle.broker_status_url, agent_id=s.agent_id)
     return AgentSession(endpoint, s.agent_id, agent.events, validator=validator, lifecycle=lifecycle)
