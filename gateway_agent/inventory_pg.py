@@ -64,6 +64,8 @@ from gateway_agent.inventory import (
 __all__ = ["Fence", "Migration", "PostgresInventory", "apply_migrations", "load_migrations", "split_schema"]
 
 _SELECT_DEVICE = sql.SQL("SELECT {} FROM devices").format(sql.SQL(", ").join(map(sql.Identifier, _DEVICE_COLUMNS)))
+#: Our transactions are a few statements long; a session idle inside one for this long is stuck.
+_IDLE_IN_TX_MS = 2000
 #: The migrations' advisory lock key: agents starting together migrate one at a time.
 _MIGRATION_LOCK = 0x6564_6765_696E_7600  # "edgeinv\0"
 
@@ -181,8 +183,10 @@ class PostgresInventory:
     def _connect(self) -> psycopg.Connection[Any]:
         params: dict[str, Any] = {
             "connect_timeout": max(1, round(self._connect_timeout)),
+            # A frozen agent (SIGSTOP, a stalled VM) must not keep row locks that block the
+            # standby's takeover: the server ends a session left idle inside a transaction.
             "options": f"-c search_path={self.schema} -c statement_timeout={int(self._statement_timeout * 1000)}"
-                       " -c TimeZone=UTC",
+                       f" -c idle_in_transaction_session_timeout={_IDLE_IN_TX_MS} -c TimeZone=UTC",
         }
         if "application_name" not in self._conninfo:
             params["application_name"] = "gateway-agent"

@@ -103,7 +103,8 @@ class LeaderLease:
                     self._conn = await psycopg.AsyncConnection.connect(
                         self._conninfo, autocommit=True, connect_timeout=max(1, round(self.interval)),
                         options=f"-c search_path={self.schema} "
-                                f"-c statement_timeout={max(500, int(self.interval * 1000))}")
+                                f"-c statement_timeout={max(500, int(self.interval * 1000))} "
+                                f"-c idle_in_transaction_session_timeout={max(500, int(self.interval * 1000))}")
                 await self.beat(self._conn)
             except psycopg.Error as exc:
                 self._lose("database_unreachable", str(exc))
@@ -201,6 +202,10 @@ class DatabaseClaims:
         if fence is None or not self.lease.is_leader:
             return False
         return self.inventory.claim_device(device_id, fence, timedelta(seconds=self.lease.ttl))
+
+    def holds(self, device_id: str) -> bool:
+        # The claim lives exactly as long as the lease (the heartbeat extends both together).
+        return self.lease.is_leader
 
     def release(self, device_id: str) -> None:
         self.inventory.release_claim(device_id, self.lease.holder)

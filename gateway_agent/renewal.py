@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Protocol, TypeVar
@@ -187,9 +187,14 @@ class RenewalClaims(Protocol):
     """Per-device renewal claims shared by every agent on one inventory (``gateway_agent.leadership``).
 
     ``claim`` answers False when another agent holds the device; it may raise ``FetchError``.
+    ``holds`` is asked before every device call and CA action, without I/O: an agent whose lease
+    ran out (it was frozen, say) must not touch the device again, even before the database
+    refuses its next write.
     """
 
     def claim(self, device_id: str) -> bool: ...
+
+    def holds(self, device_id: str) -> bool: ...
 
     def release(self, device_id: str) -> None: ...
 
@@ -390,6 +395,7 @@ class RenewalOrchestrator:
         except CredentialError as exc:
             self.events.emit("renewal.csr_rejected", exc.reason, level="warning", device=device_id)
             return await self._fail(device, f"csr_rejected:{exc.reason}", result="csr_rejected")
+        self._ensure_held(device_id)
         try:
             issued = await self.ca.issue(checked, device_id, self.lifetime or device.current.lifetime)
         except (CredentialError, FetchError) as exc:
@@ -484,6 +490,8 @@ class RenewalOrchestrator:
         overlap, an unused candidate), so the CRL reason is ``superseded``; the inventory and
         the event keep the precise cause.
         """
+        if step.revoke:
+            self._ensure_held(step.after.device_id)
         for cert in step.revoke:
             cause = next((t.cause for t in step.transitions if t.serial == cert.serial), "superseded")
             await self.ca.revoke(cert.serial, CRL_REASON_SUPERSEDED)
@@ -501,6 +509,10 @@ class RenewalOrchestrator:
             self.events.emit("renewal.error", _reason(exc), level="error", device=device_id, detail=str(exc))
             return RenewalOutcome(device_id, "error", f"claim: {exc}")
         return RenewalOutcome(device_id, "busy", "another agent holds the renewal claim")
+
+    def _ensure_held(self, device_id: str) -> None:
+        if self.claims is not None and not self.claims.holds(device_id):
+            raise StateError("not_leader", f"device {device_id}: this agent no longer holds its renewal claim")
 
     def _release(self, device_id: str) -> None:
         if self.claims is None:
@@ -520,6 +532,12 @@ class RenewalOrchestrator:
 
     async def _call(self, awaitable: Awaitable[T], device_id: str, what: str) -> T:
         """The one place a device step's timeout becomes an error."""
+        try:
+            self._ensure_held(device_id)
+        except StateError:
+            if isinstance(awaitable, Coroutine):
+                awaitable.close()  # never started: no device is asked anything
+            raise
         try:
             async with asyncio.timeout(self.step_timeout.total_seconds()):
                 return await awaitable
