@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from broker_plugins.commands import open_replay_store
 from broker_plugins.replay_redis import RedisReplayStore
-from broker_plugins.settings import CommandSettings
+from broker_plugins.settings import CommandSettings, parse_settings
 from edge_core.clock import ManualClock
 from edge_core.errors import ConfigError
 from edge_core.events import SecurityEvents
@@ -185,6 +185,23 @@ def test_a_full_redis_answers_full(tmp_path: Path) -> None:
     finally:
         store.close()
         server.kill()
+
+
+def test_broker_yaml_chooses_the_store(tmp_path: Path) -> None:
+    def parse(commands: str) -> CommandSettings | None:
+        text = ("listener:\n  certfile: c\n  keyfile: k\n  client_ca: ca\nregistry: r.yaml\n"
+                f"commands:\n  operators: ops.yaml\n{commands}")
+        return parse_settings(text, source="broker.yaml", base_dir=tmp_path).commands
+
+    assert parse("").replay_store == "memory"  # type: ignore[union-attr]
+    shared = parse("  replay_store: redis://10.0.0.5:6379/2\n  replay_prefix: site-a\n  replay_timeout: 0.1\n")
+    assert shared is not None and shared.replay_store == "redis://10.0.0.5:6379/2"
+    assert shared.replay_prefix == "site-a" and shared.replay_timeout == 0.1
+    for bad, key in (("  replay_store: memcached://x\n", "replay_store"), ("  replay_prefix: '{x}'\n", "replay_prefix"),
+                     ("  replay_timeout: 30\n", "replay_timeout")):
+        with pytest.raises(ConfigError, match=key) as refused:
+            parse(bad)
+        assert refused.value.line == 8  # the offending key's own line
 
 
 def test_memory_is_the_default(tmp_path: Path) -> None:
