@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -124,3 +125,30 @@ class OwnRedis:
         self._popen = None
 
     stop = kill
+
+
+def check_reachable() -> int:
+    """``python -m tests.support.stores``: say which stores the suite will use; 1 if one is missing."""
+    missing = 0
+    try:
+        with psycopg.connect(PG_URL, connect_timeout=5) as conn:
+            version = conn.execute("SHOW server_version").fetchone()
+            print(f"PostgreSQL {version[0] if version else '?'} at {PG_URL}")
+    except psycopg.Error as exc:
+        print(f"PostgreSQL at {PG_URL} is unreachable: {exc}".strip(), file=sys.stderr)
+        missing = 1
+    try:
+        client = redis.Redis.from_url(REDIS_URL, socket_timeout=5, socket_connect_timeout=5)
+        print(f"Redis {client.info('server')['redis_version']} at {REDIS_URL}")
+        client.close()
+    except redis.RedisError as exc:
+        print(f"Redis at {REDIS_URL} is unreachable: {exc}", file=sys.stderr)
+        missing = 1
+    if missing:
+        print("the PostgreSQL and Redis tests need both (CI provides them); set EDGE_TEST_POSTGRES_URL / "
+              "EDGE_TEST_REDIS_URL to point elsewhere", file=sys.stderr)
+    return missing
+
+
+if __name__ == "__main__":
+    sys.exit(check_reachable())
