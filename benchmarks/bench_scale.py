@@ -181,7 +181,7 @@ async def _hold(url: str, name: str, lease: float) -> None:
     holder = LeaderLease(url, holder=name, ttl=timedelta(seconds=lease), events=SecurityEvents("bench"))
     task = asyncio.create_task(holder.run())
     while not holder.is_leader:
-        await asyncio.sleep(0.005)
+        await holder.wait_changed(1.0)  # set the moment the lease is taken
     print(f"LEADER {time.time():.6f}", flush=True)
     await task
 

@@ -250,3 +250,18 @@ def test_two_brokers_share_one_store_and_fail_closed_without_it(
     assert dead.events.count("command.accepted") == 0
     device.close()
     operator.close()
+
+
+def test_redaction_hides_passwords_only() -> None:
+    from edge_core.dsn import redact
+
+    assert redact("rediss://:s3cret@10.0.0.5:6380/0") == "rediss://:***@10.0.0.5:6380/0"
+    assert redact("postgresql://agent:pw@db/edge?schema=a") == "postgresql://agent:***@db/edge?schema=a"
+    assert redact("redis://10.0.0.5:6379/0") == "redis://10.0.0.5:6379/0"
+    store = RedisReplayStore("redis://:s3cret@127.0.0.1:1/0", clock=ManualClock(NOW))
+    try:
+        with pytest.raises(ReplayStoreUnavailable) as down:
+            store.remember(key(1), keep_until=NOW + timedelta(seconds=60), now=NOW)
+        assert "s3cret" not in str(down.value) and "s3cret" not in store.url
+    finally:
+        store.close()
