@@ -193,5 +193,7 @@ def test_frozen_leader_wakes_up_fenced_and_never_touches_a_device_again(site: Si
     _check_renewed_once(site)
     assert set(busy) <= {e.get("device") for e in site.events("B", "cert.revoked")}
     assert not [e for e in site.events("A", "renewal.switched") if e["device"] in busy]
-    assert site.events("A", "renewal.error") and all(
-        e["reason"] == "not_leader" for e in site.events("A", "renewal.error"))
+    # Woken, A is cancelled by its own deadline check, or refused at its next step: by the claim
+    # check, or because the server ended the session it froze in mid-transaction (so that its
+    # row locks could not block B). Never anything else.
+    assert all(e["reason"] in ("not_leader", "inventory_unreachable") for e in site.events("A", "renewal.error"))

@@ -8,6 +8,7 @@ import asyncio
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -131,14 +132,17 @@ def test_writes_under_a_fence_need_the_lease(pg_url: str) -> None:
         assert inv.apply(begin_renewal(dev, now=T0, cause="due")).version == 2
 
 
+async def _lease_conn(pg_url: str) -> psycopg.AsyncConnection[Any]:
+    conninfo, schema = split_schema(pg_url)
+    return await psycopg.AsyncConnection.connect(conninfo, autocommit=True, options=f"-c search_path={schema}")
+
+
 async def test_one_leader_then_the_next_after_expiry_with_a_higher_token(pg_url: str) -> None:
     PostgresInventory(pg_url).close()
     events = SecurityEvents("test")
     one = LeaderLease(pg_url, holder="one", ttl=timedelta(seconds=2), events=events)
     two = LeaderLease(pg_url, holder="two", ttl=timedelta(seconds=2), events=events)
-    conninfo, schema = split_schema(pg_url)
-    async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True,
-                                                      options=f"-c search_path={schema}") as conn:
+    async with await _lease_conn(pg_url) as conn:
         await one.beat(conn)
         await two.beat(conn)
         assert one.is_leader and not two.is_leader and one.token == 1
@@ -155,8 +159,7 @@ async def test_one_leader_then_the_next_after_expiry_with_a_higher_token(pg_url:
         two._conn = conn
         await two.release()
     three = LeaderLease(pg_url, holder="three", ttl=timedelta(seconds=2), events=events)
-    async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True,
-                                                      options=f"-c search_path={schema}") as conn:
+    async with await _lease_conn(pg_url) as conn:
         await three.beat(conn)  # released: taken at once, no wait for expiry
         assert three.is_leader and three.token == 3
 
@@ -168,9 +171,7 @@ async def test_claims_are_exclusive_and_die_with_the_lease(pg_url: str) -> None:
         add(inv, "pump-1", 60)  # type: ignore[arg-type]
         events = SecurityEvents("test")
         lease = LeaderLease(pg_url, holder="one", ttl=timedelta(seconds=2), events=events)
-        conninfo, schema = split_schema(pg_url)
-        async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True,
-                                                          options=f"-c search_path={schema}") as conn:
+        async with await _lease_conn(pg_url) as conn:
             await lease.beat(conn)
             claims = DatabaseClaims(inv, lease)
             assert claims.claim("pump-1") and claims.holds("pump-1")

@@ -43,6 +43,7 @@ from edge_core.registry import DeviceEntry, Registry, dump_registry, parse_regis
 from gateway_agent.crl_issue import crl_path, issue_crl, revoke
 from gateway_agent.inventory_pg import PostgresInventory
 from gateway_agent.pki import FileCA, cert_pem, init_dev, issue_leaf, key_pem
+from tests.agent.test_rotation_e2e import ROTATION_ACL
 from tests.support.mqtt import Device
 from tests.support.pki import Credential
 from tests.support.stores import REDIS_URL, free_port, redis_client
@@ -51,21 +52,14 @@ pytestmark = pytest.mark.integration
 
 LEASE = 3.0
 WAIT = 30.0
-ACL = """\
-version: 1
-attributes: [site, line]
-roles:
-  gateway:
-    - allow publish devices/+/rotation/request
-    - allow subscribe devices/+/rotation/response
-  sensor:
-    - allow subscribe devices/{device}/rotation/request
-    - allow publish devices/{device}/rotation/response
-    - allow subscribe devices/{device}/cmd/#
+# The rotation grants of the single-broker test, plus what commands need here.
+ACL = ROTATION_ACL + """\
 devices:
   alice:
     - allow publish devices/+/cmd/#
     - allow subscribe operators/{device}/cmd-rejected
+  pump-2:
+    - allow subscribe devices/{device}/cmd/#
 """
 BIN = Path(sys.executable).parent
 
