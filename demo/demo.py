@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from firmware_steps import firmware_section  # noqa: E402 - demo/ is the script directory
+from uplink_steps import uplink_section  # noqa: E402
 
 from device_client.client import DeviceClient, DeviceConfig  # noqa: E402
 from device_client.commands import DeviceCommandVerifier  # noqa: E402
@@ -274,6 +275,8 @@ async def main(started: float, verifier: DeviceCommandVerifier, agent: subproces
     await validation_section()
     await firmware_section(run=run, say=say, step=step, wait_for_refusal=wait_for_refusal, count=count)
     await renewal_section(agent_config, overlap_s)
+    await asyncio.to_thread(uplink_section, root=ROOT, certs=CERTS, bin_dir=BIN, device=device_config("device-001"),
+                            wait_for_refusal=wait_for_refusal, count=count)
 
     step("Broker counters (edge-broker status)")
     for name, reasons in status()["events"].items():

@@ -216,4 +216,9 @@ class Agent:
         }
 
     def metrics(self) -> str:
-        return prometheus_text("gateway_agent", self.events.snapshot(), {"services": float(len(self.services))})
+        gauges = {"services": float(len(self.services))}
+        for service in self.services:  # services with figures of their own (the uplink's queue) add them
+            service_gauges = getattr(service, "gauges", None)
+            if service_gauges is not None:
+                gauges.update(service_gauges())
+        return prometheus_text("gateway_agent", self.events.snapshot(), gauges)

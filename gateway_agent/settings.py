@@ -6,12 +6,12 @@ section is optional; a missing section means that service does not run.
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 from edge_core import yamlsrc
+from edge_core.binds import loopback_bind
 from edge_core.errors import ConfigError
 from edge_core.identity import check_identity
 from edge_core.lifecycle import RenewalPolicy
@@ -82,15 +82,7 @@ def load_agent_settings(path: Path | str) -> AgentSettings:
 
 
 def _bind(value: str, sec: yamlsrc.Section, key: str) -> tuple[str, int]:
-    host, _, port = value.rpartition(":")
-    host = host.strip("[]")
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback or not port.isdigit():
-        raise sec.error(key, f"{sec.what}.{key} must be a loopback host:port; the agent listens toward nothing else")
-    return host, int(port)
+    return loopback_bind(value, sec, key, who="the agent")
 
 
 def _inventory_location(lsec: yamlsrc.Section, base_dir: Path) -> tuple[str, Path]:

@@ -51,6 +51,10 @@ devices:
     roles: [pump]
     attributes: {{site: plant-a, line: line-3}}
     enabled: false
+  gateway-uplink:
+    pins: [{_pin("f")}]
+    roles: [uplink]
+    attributes: {{site: plant-a}}
 """
 
 CLEAN_ACL = """\
@@ -191,7 +195,7 @@ def test_check_shipped_acl_exits_3_with_one_line_per_warning(run: RunCli, tmp_pa
     # The shipped file's deliberate cross-device grants (operator, gateway) are warned about.
     expected = sorted(
         n for n, text in enumerate(acl.read_text().splitlines(), 1)
-        if "allow" in text and ("devices/+/" in text or "gateway/validation/+/" in text)
+        if "allow" in text and ("devices/+/" in text or "gateway/validation/+/" in text or "operators/+/" in text)
     )
     assert expected, "configs/acl.yaml no longer has cross-device grants; pick another warning"
     found = []
