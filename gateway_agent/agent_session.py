@@ -16,7 +16,9 @@ import contextlib
 import json
 import os
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +30,11 @@ from edge_core.errors import ConfigError, FetchError, StateError
 from edge_core.events import SecurityEvents
 from edge_core.identity import check_identity
 from edge_core.registry import parse_registry
+from edge_core.revocation import RevocationIndex
 from edge_core.validation import REQUEST_FILTER
 from edge_runtime.mqtt import suback_refused
 from gateway_agent.commanding import BrokerEndpoint
-from gateway_agent.inventory import import_from_registry, open_inventory, write_registry
+from gateway_agent.inventory import ImportReport, Reconciler, open_inventory, write_registry
 from gateway_agent.inventory_pg import PostgresInventory
 from gateway_agent.leadership import DatabaseClaims, LeaderLease, holder_id
 from gateway_agent.pki import FileCA
@@ -61,8 +64,12 @@ class LifecycleRunner:
     """Daily scan, queued renewal requests and overlap ends, over the agent's session."""
 
     def __init__(self, settings: LifecycleSettings, *, clock: Clock, events: SecurityEvents,
-                 broker_status_url: str | None, agent_id: str = "gateway-agent") -> None:
+                 broker_status_url: str | None, agent_id: str = "gateway-agent",
+                 current_index: Callable[[], RevocationIndex] | None = None) -> None:
         self.settings = settings
+        #: the CRLs the agent's sync accepted: every revoked serial in them reaches the inventory
+        self.current_index = current_index
+        self._fed_index: RevocationIndex | None = None
         self.clock = clock
         self.events = events
         self.broker_status_url = broker_status_url
@@ -76,16 +83,22 @@ class LifecycleRunner:
         if isinstance(self.inventory, PostgresInventory):
             self.lease = LeaderLease(settings.inventory, holder=holder_id(agent_id), ttl=settings.leader_lease,
                                      events=events)
+        ca = FileCA(settings.ca_dir)
+        self._reconciler = Reconciler(self.inventory, settings.registry, [ca.issued_dir, ca.dir / "devices"],
+                                      overlap=settings.policy.overlap)
         if self.inventory.count() == 0:
             try:
-                report = import_from_registry(self.inventory, settings.registry, settings.ca_dir / "devices",
-                                              now=clock.now())
+                report = self._reconcile(clock.now())
             except StateError as exc:
                 if exc.reason != "device_exists":
                     raise
                 events.emit("lifecycle.import_skipped", "imported_by_another_agent")  # HA agents starting together
             else:
                 events.emit("lifecycle.imported", enrolled=len(report.enrolled), skipped=len(report.skipped))
+
+    def _reconcile(self, now: datetime) -> ImportReport:
+        """Enrol registry devices the inventory lacks, from the CA's ledger and ``devices/`` (every scan)."""
+        return self._reconciler(now)
 
     # -- pins: the inventory feeds the broker's registry -------------------------------
 
@@ -156,10 +169,19 @@ class LifecycleRunner:
             self.inventory.fence = self.lease.fence  # writes from here on prove the lease is still ours
             claims = DatabaseClaims(self.inventory, self.lease)
         orchestrator = RenewalOrchestrator(
-            self.inventory, channel, FileCABackend(ca, clock=ca.clock), clock=self.clock, events=self.events,
-            policy=self.settings.policy, concurrency=self.settings.concurrency,
-            lifetime=self.settings.lifetime, on_pins_changed=self._pins_changed, claims=claims,
+            self.inventory, channel, FileCABackend(ca, clock=ca.clock, registry=self.settings.registry),
+            clock=self.clock, events=self.events, policy=self.settings.policy, concurrency=self.settings.concurrency,
+            lifetime=self.settings.lifetime, on_pins_changed=self._pins_changed, reconcile=self._reconcile,
+            claims=claims,
         )
+
+        def online(device_id: str) -> None:
+            task = asyncio.create_task(orchestrator.device_online(device_id), name=f"online-{device_id}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        if isinstance(channel, MqttDeviceChannel):
+            channel.on_online = online  # the leader's only: a standby ignores devices coming online
         next_scan = self.clock.now()
         try:
             while True:
@@ -169,6 +191,8 @@ class LifecycleRunner:
                     next_scan = now + self.settings.scan_interval
                 else:
                     await orchestrator.end_due_overlaps(now)
+                    await orchestrator.retry_forced(now)
+                await self._feed_crl(orchestrator, now)
                 for request in sorted(self.spool.glob("*")) if self.spool.is_dir() else []:
                     if request.name.startswith("."):
                         continue
@@ -179,6 +203,8 @@ class LifecycleRunner:
                     task.add_done_callback(self._tasks.discard)
                 await asyncio.sleep(_SPOOL_POLL)
         finally:
+            if isinstance(channel, MqttDeviceChannel) and channel.on_online is online:
+                channel.on_online = None  # leadership lost or stopping: this orchestrator starts nothing more
             await self._cancel_tasks()
             if isinstance(self.inventory, PostgresInventory):
                 self.inventory.fence = None
@@ -188,6 +214,15 @@ class LifecycleRunner:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _feed_crl(self, orchestrator: RenewalOrchestrator, now: datetime) -> None:
+        """Each newly accepted CRL: its revoked serials go into the inventory."""
+        index = self.current_index() if self.current_index is not None else None
+        if index is None or index is self._fed_index:
+            return
+        self._fed_index = index
+        for serials in index.by_issuer.values():
+            await orchestrator.sync_revocations(now, serials)
 
     def status(self) -> dict[str, Any]:
         scan = self.last_scan

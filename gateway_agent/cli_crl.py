@@ -1,10 +1,11 @@
-"""``gateway-agent crl``: CRL sync; and the ``pki revoke`` / ``pki crl`` verbs of the dev CA.
+"""``gateway-agent crl``: CRL sync; and the ``pki crl`` verb of the dev CA.
 
 ``crl sync --config agent.yaml`` runs one sync with the ``crl`` section of the agent
 config. Exit codes: 0 every source installed or confirmed the CRL in force, 1 a source
 failed or was refused (the last good CRL stays; the message says why), 2 usage error.
 
-``add_pki_verbs(verbs)`` is called by ``cli_pki`` to add ``revoke`` and ``crl`` to ``pki``.
+``add_pki_verbs(verbs)`` is called by ``cli_pki`` to add ``crl`` to ``pki`` (``pki revoke``
+lives in ``cli_pki``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from edge_core import yamlsrc
 from edge_core.clock import SystemClock
 from edge_core.errors import ConfigError
 from edge_core.events import SecurityEvents
-from gateway_agent.crl_issue import REVOCATION_REASONS, crl_path, issue_crl, revoke
+from gateway_agent.crl_issue import crl_path, issue_crl
 from gateway_agent.crl_sync import CrlSyncer, parse_crl_settings
 from gateway_agent.pki import FileCA
 
@@ -34,35 +35,11 @@ def add_parser(sub: Any) -> None:
 
 
 def add_pki_verbs(verbs: Any) -> None:
-    rev = verbs.add_parser("revoke", help="revoke a device certificate (device id or serial) in the dev CA")
-    rev.add_argument("target", help="device id (devices/<id>.crt) or serial number (decimal or 0x hex)")
-    rev.add_argument("--reason", default="key_compromise", choices=REVOCATION_REASONS)
-    rev.add_argument("--ca-dir", type=Path, default=Path("certs-dev"))
-    rev.set_defaults(func=_revoke)
     crl = verbs.add_parser("crl", help="issue a new CRL of the dev issuing CA")
     crl.add_argument("--ca-dir", type=Path, default=Path("certs-dev"))
     crl.add_argument("--days", type=float, default=7.0, help="validity: nextUpdate - thisUpdate (default 7)")
     crl.add_argument("--out", type=Path, default=None, help="default <ca-dir>/crl/issuing-ca.crl")
     crl.set_defaults(func=_issue)
-
-
-def _target(ca: FileCA, text: str) -> int | str:
-    """A device id if ``devices/<text>.crt`` exists, else a serial number."""
-    if ca.device_paths(text)[0].exists():
-        return text
-    try:
-        return int(text, 16) if text.lower().startswith("0x") else int(text, 10)
-    except ValueError as exc:
-        raise ConfigError(f"{text!r} is neither a device in {ca.dir / 'devices'} "
-                          "nor a serial number") from exc
-
-
-def _revoke(args: argparse.Namespace) -> int:
-    ca = FileCA(args.ca_dir)
-    entry = revoke(ca, _target(ca, args.target), args.reason)
-    who = f"device {entry.device} " if entry.device else ""
-    print(f"revoked {who}serial {entry.serial:#x} ({entry.reason}); publish with `gateway-agent pki crl`")
-    return 0
 
 
 def _issue(args: argparse.Namespace) -> int:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from importlib import resources
 from typing import Any
@@ -56,9 +56,8 @@ from gateway_agent.inventory import (
     _DEVICE_COLUMNS,
     CertRecord,
     _device_from,
-    _device_values,
     _opt_dt,
-    _serial,
+    apply_step,
 )
 
 __all__ = ["Fence", "Migration", "PostgresInventory", "apply_migrations", "load_migrations", "split_schema"]
@@ -177,8 +176,9 @@ class PostgresInventory:
                 self.close()
                 raise ConfigError(f"no inventory in schema {self.schema} of {self.url}",
                                   hint="start the agent once (it migrates the schema) or check the URL")
-            self.schema_version = int(self._db.execute(
-                "SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()[0])  # type: ignore[index]
+            # An inventory an older agent made is brought forward, as SqliteInventory does: the
+            # queries of this version read columns the later migrations add.
+            self.schema_version = apply_migrations(self._db, self.schema, load_migrations())
 
     def _connect(self) -> psycopg.Connection[Any]:
         params: dict[str, Any] = {
@@ -286,6 +286,10 @@ class PostgresInventory:
         states = sorted(state.value for state in IN_PROGRESS)
         return self._devices("WHERE renewal_state = ANY(%s) ORDER BY device_id", (states,))
 
+    def forced_pending(self) -> list[DeviceLifecycle]:
+        return self._devices("WHERE renew_forced = 1 AND renewal_state = ANY(%s) ORDER BY next_attempt_at, device_id",
+                             ([RenewalState.FAILED.value, RenewalState.ROLLED_BACK.value],))
+
     def history(self, device_id: str) -> list[Transition]:
         rows = self._rows(
             "SELECT device_id, subject, serial, from_state, to_state, at, cause FROM transitions "
@@ -341,49 +345,30 @@ class PostgresInventory:
             return [self._apply(conn, step) for step in steps]
 
     def _apply(self, conn: psycopg.Connection[Any], step: Step) -> DeviceLifecycle:
-        after = step.after
-        columns = sql.SQL(", ").join(map(sql.Identifier, _DEVICE_COLUMNS))
-        if step.before is None:
-            version = 1
-            marks = sql.SQL(", ").join(sql.Placeholder() * len(_DEVICE_COLUMNS))
-            try:
-                with conn.transaction():  # a savepoint: the error must not poison the outer transaction
-                    conn.execute(sql.SQL("INSERT INTO devices ({}) VALUES ({})").format(columns, marks),
-                                 _device_values(after, version))
-            except psycopg.errors.UniqueViolation as exc:
-                raise StateError("device_exists", f"device {after.device_id} is already in the inventory") from exc
-        else:
-            if step.before.device_id != after.device_id:
-                raise StateError("illegal_transition", "a step must not change the device id")
-            version = step.before.version + 1
-            assignments = sql.SQL(", ").join(sql.SQL("{} = %s").format(sql.Identifier(c)) for c in _DEVICE_COLUMNS[1:])
-            cursor = conn.execute(
-                sql.SQL("UPDATE devices SET {} WHERE device_id = %s AND version = %s").format(assignments),
-                [*_device_values(after, version)[1:], after.device_id, step.before.version])
-            if cursor.rowcount != 1:
-                raise StateError("stale_state", f"device {after.device_id} changed since it was read "
-                                 f"(version {step.before.version}); read it again and redo the decision")
-        changed = {t.serial: t for t in step.transitions if t.subject == "cert" and t.serial is not None}
-        held = {c.serial: c for c in (after.current, after.candidate, after.retiring, *step.revoke) if c is not None}
-        for serial, record in changed.items():
-            cert = held.get(serial)
-            if cert is None:
-                raise StateError("illegal_transition", f"device {after.device_id}: transition names "
-                                 f"certificate {serial:x}, which the step does not hold")
-            revoked = cert.state is CertState.REVOKED
-            conn.execute(
-                "INSERT INTO certificates (serial, device_id, pin, not_before, not_after, state, updated_at, "
-                "revoked_at, revoke_reason) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
-                "ON CONFLICT (serial) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at, "
-                "revoked_at = COALESCE(certificates.revoked_at, excluded.revoked_at), "
-                "revoke_reason = COALESCE(certificates.revoke_reason, excluded.revoke_reason)",
-                (_serial(cert.serial), after.device_id, cert.pin, cert.not_before, cert.not_after, cert.state.value,
-                 record.at, record.at if revoked else None, record.cause if revoked else None))
-        if step.transitions:
-            with conn.cursor() as cursor:
-                cursor.executemany(
-                    "INSERT INTO transitions (device_id, version, seq, subject, serial, from_state, to_state, at, "
-                    "cause) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                    [(t.device_id, version, seq, t.subject, None if t.serial is None else _serial(t.serial),
-                      t.from_state, t.to_state, t.at, t.cause[:512]) for seq, t in enumerate(step.transitions)])
-        return replace(after, version=version)
+        return apply_step(_PostgresWriter(conn), step)
+
+
+class _PostgresWriter:
+    """``inventory.StepWriter`` on a psycopg connection inside ``PostgresInventory._tx``."""
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self._conn = conn
+
+    @staticmethod
+    def _query(query: str) -> bytes:
+        # apply_step's statements use sqlite3's "?" marks and contain no literal "?" or "%".
+        return query.replace("?", "%s").encode("utf-8")
+
+    def insert_device(self, query: str, params: Sequence[Any]) -> None:
+        try:
+            with self._conn.transaction():  # a savepoint: the error must not poison the outer transaction
+                self._conn.execute(self._query(query), params)
+        except psycopg.errors.UniqueViolation as exc:
+            raise StateError("device_exists", f"device {params[0]} is already in the inventory") from exc
+
+    def execute(self, query: str, params: Sequence[Any]) -> int:
+        return self._conn.execute(self._query(query), params).rowcount
+
+    def executemany(self, query: str, rows: Sequence[Sequence[Any]]) -> None:
+        with self._conn.cursor() as cursor:
+            cursor.executemany(self._query(query), rows)
