@@ -282,6 +282,27 @@ def _device_values(device: DeviceLifecycle, version: int) -> list[Any]:
     ]
 
 
+def _expiry_row(row: Sequence[Any], now: datetime) -> ExpiryRow:
+    """``device_id, current_serial, current_not_after, current_state, renewal_state`` as a report row."""
+    device_id, serial, not_after, state, renewal = row
+    expiry = _dt(not_after)
+    return ExpiryRow(device_id, int(serial, 16), expiry, (expiry - now) // timedelta(days=1), CertState(state),
+                     RenewalState(renewal))
+
+
+def _transition_from(row: Sequence[Any]) -> Transition:
+    """``device_id, subject, serial, from_state, to_state, at, cause`` of the transitions table."""
+    device_id, subject, serial, src, dst, at, cause = row
+    return Transition(device_id, subject, None if serial is None else int(serial, 16), src, dst, _dt(at), cause)
+
+
+def _cert_record_from(row: Sequence[Any]) -> CertRecord:
+    """``serial, device_id, pin, not_before, not_after, state, updated_at, revoked_at, revoke_reason``."""
+    serial, device_id, pin, nb, na, state, updated, revoked, why = row
+    return CertRecord(int(serial, 16), device_id, pin, _dt(nb), _dt(na), CertState(state), _dt(updated),
+                      _opt_dt(revoked), why)
+
+
 # --------------------------------------------------------------------------- SQLite
 
 
@@ -372,13 +393,7 @@ class SqliteInventory:
             "ORDER BY current_not_after ASC, device_id ASC",
             (_ts(now + within),),
         )
-        day = timedelta(days=1)
-        out = []
-        for device_id, serial, not_after, state, renewal in rows:
-            expiry = _dt(not_after)
-            out.append(ExpiryRow(device_id, int(serial, 16), expiry, (expiry - now) // day,
-                                 CertState(state), RenewalState(renewal)))
-        return out
+        return [_expiry_row(row, now) for row in rows]
 
     def overlap_due(self, now: datetime) -> list[DeviceLifecycle]:
         rows = self._db.execute(
@@ -407,8 +422,7 @@ class SqliteInventory:
             "WHERE device_id = ? ORDER BY version, seq",
             (device_id,),
         )
-        return [Transition(d, subject, None if serial is None else int(serial, 16), src, dst, _dt(at), cause)
-                for d, subject, serial, src, dst, at, cause in rows]
+        return [_transition_from(row) for row in rows]
 
     def _cert_records(self, where: str, params: tuple[Any, ...]) -> list[CertRecord]:
         rows = self._db.execute(
@@ -416,8 +430,7 @@ class SqliteInventory:
             f"revoke_reason FROM certificates WHERE {where} ORDER BY not_before, serial",
             params,
         )
-        return [CertRecord(int(s, 16), d, pin, _dt(nb), _dt(na), CertState(st), _dt(up), _opt_dt(rv), why)
-                for s, d, pin, nb, na, st, up, rv, why in rows]
+        return [_cert_record_from(row) for row in rows]
 
     def certificates(self, device_id: str) -> list[CertRecord]:
         return self._cert_records("device_id = ?", (device_id,))

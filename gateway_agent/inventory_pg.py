@@ -55,8 +55,10 @@ from edge_core.lifecycle import (
 from gateway_agent.inventory import (
     _DEVICE_COLUMNS,
     CertRecord,
+    _cert_record_from,
     _device_from,
-    _opt_dt,
+    _expiry_row,
+    _transition_from,
     apply_step,
 )
 
@@ -273,10 +275,7 @@ class PostgresInventory:
             "FROM devices WHERE current_not_after < %s::timestamptz + %s::interval "
             "AND current_state <> 'revoked' ORDER BY current_not_after ASC, device_id ASC",
             (now, within))
-        day = timedelta(days=1)
-        return [ExpiryRow(device_id, int(serial, 16), expiry, (expiry - now) // day, CertState(state),
-                          RenewalState(renewal))
-                for device_id, serial, expiry, state, renewal in rows]
+        return [_expiry_row(row, now) for row in rows]
 
     def overlap_due(self, now: datetime) -> list[DeviceLifecycle]:
         return self._devices("WHERE overlap_until <= %s AND renewal_state = %s ORDER BY overlap_until, device_id",
@@ -294,16 +293,14 @@ class PostgresInventory:
         rows = self._rows(
             "SELECT device_id, subject, serial, from_state, to_state, at, cause FROM transitions "
             "WHERE device_id = %s ORDER BY version, seq", (device_id,))
-        return [Transition(d, subject, None if serial is None else int(serial, 16), src, dst, at, cause)
-                for d, subject, serial, src, dst, at, cause in rows]
+        return [_transition_from(row) for row in rows]
 
     def _cert_records(self, column: str, value: str) -> list[CertRecord]:
         rows = self._rows(
             sql.SQL("SELECT serial, device_id, pin, not_before, not_after, state, updated_at, revoked_at, "
                     "revoke_reason FROM certificates WHERE {} = %s ORDER BY not_before, serial").format(
                 sql.Identifier(column)), (value,))
-        return [CertRecord(int(s, 16), d, pin, nb, na, CertState(st), up, _opt_dt(rv), why)
-                for s, d, pin, nb, na, st, up, rv, why in rows]
+        return [_cert_record_from(row) for row in rows]
 
     def certificates(self, device_id: str) -> list[CertRecord]:
         return self._cert_records("device_id", device_id)

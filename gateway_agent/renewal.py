@@ -385,7 +385,15 @@ class RenewalOrchestrator:
         """Enrol registry devices the inventory does not know yet (added after the first start)."""
         if self._reconcile is None:
             return None
-        report = self._reconcile(now)
+        try:
+            report = self._reconcile(now)
+        except StateError as exc:
+            if exc.reason != "device_exists":
+                raise
+            # Another writer (``devices add``, an HA agent's first import) enrolled one of them
+            # meanwhile; the enrolment was all-or-nothing, so the next scan simply tries again.
+            self.events.emit("lifecycle.reconcile_retry", exc.reason, level="warning", detail=str(exc))
+            return None
         for device_id in report.enrolled:
             self.events.emit("lifecycle.enrolled", "reconcile", device=device_id)
         for device_id, why in report.skipped:

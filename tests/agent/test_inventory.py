@@ -7,7 +7,7 @@ import hashlib
 import itertools
 import json
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -47,8 +47,9 @@ from gateway_agent.inventory import (
     open_inventory,
     write_registry,
 )
-from gateway_agent.inventory_pg import PostgresInventory
+from gateway_agent.inventory_pg import PostgresInventory, apply_migrations, load_migrations, split_schema
 from gateway_agent.pki import init_dev
+from tests.agent.conftest import OpenInventory
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 DAY = timedelta(days=1)
@@ -64,44 +65,6 @@ def cert(days_left: float, *, now: datetime = T0, state: CertState = CertState.A
     serial = next(_serials)
     not_after = now + timedelta(days=days_left)
     return CertRef(serial, pin(serial), not_after - 365 * DAY, not_after, state)
-
-
-OpenInventory = Callable[[], SqliteInventory | PostgresInventory]
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def open_inv(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[OpenInventory]:
-    """Opens (another handle on) this test's inventory, on each backend in turn."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'inv.db'}"
-        opened: list[SqliteInventory | PostgresInventory] = []
-
-        def open_sqlite() -> SqliteInventory | PostgresInventory:
-            opened.append(open_inventory(url))
-            return opened[-1]
-
-        yield open_sqlite
-    else:
-        from tests.support.stores import pg_schema
-
-        with pg_schema() as pg:
-            opened = []
-
-            def open_pg() -> SqliteInventory | PostgresInventory:
-                opened.append(open_inventory(pg))
-                return opened[-1]
-
-            yield open_pg
-            for each in opened:
-                each.close()
-            return
-    for each in opened:
-        each.close()
-
-
-@pytest.fixture
-def inv(open_inv: OpenInventory) -> SqliteInventory | PostgresInventory:
-    return open_inv()
 
 
 def add(inv: SqliteInventory, device_id: str, days_left: float, now: datetime = T0) -> DeviceLifecycle:
@@ -230,6 +193,79 @@ def test_overlap_and_in_progress_queries(inv: SqliteInventory) -> None:
     assert inv.overlap_due(T0 + 6 * DAY) == []
     assert [d.device_id for d in inv.overlap_due(T0 + 7 * DAY)] == ["o"]
     assert [d.device_id for d in inv.in_progress()] == ["r"]
+
+
+def test_forced_pending_lists_failed_operator_renewals_soonest_retry_first(inv: SqliteInventory,
+                                                                          open_inv: OpenInventory) -> None:
+    """``certs renew`` that failed stays flagged (``renew_forced``) until a retry succeeds."""
+    late = inv.apply(begin_renewal(add(inv, "pump-late", 200), now=T0, cause="forced"))
+    soon = inv.apply(begin_renewal(add(inv, "pump-soon", 200), now=T0, cause="forced"))
+    due = inv.apply(begin_renewal(add(inv, "pump-due", 20), now=T0, cause="due"))
+    for device, wait in ((late, 0.9), (soon, 0.1), (due, 0.5)):
+        inv.apply(fail_renewal(device, now=T0, error="device_offline", policy=POLICY, rand=wait))
+    pending = inv.forced_pending()
+    assert [d.device_id for d in pending] == ["pump-soon", "pump-late"]  # the scheduled renewal is not forced
+    assert all(d.forced and d.renewal is RenewalState.FAILED for d in pending)
+    assert [d.device_id for d in open_inv().forced_pending()] == ["pump-soon", "pump-late"]  # stored, not cached
+    add(inv, "pump-idle", 200)
+    assert "pump-idle" not in {d.device_id for d in inv.forced_pending()}
+
+
+def _downgrade_to_before_renew_forced(url: str) -> None:
+    """Make ``url`` an inventory as an agent before ``renew_forced`` left it, with one device."""
+    if url.startswith("sqlite:///"):
+        with SqliteInventory(url.removeprefix("sqlite:///")) as fresh:
+            add(fresh, "pump-old", 40)
+        db = sqlite3.connect(url.removeprefix("sqlite:///"))
+        db.execute("ALTER TABLE devices DROP COLUMN renew_forced")
+        db.execute("UPDATE inventory_meta SET value = '1' WHERE name = 'schema_version'")
+        db.commit()
+        db.close()
+        return
+    import psycopg
+    from psycopg import sql
+
+    conninfo, schema = split_schema(url)
+    before = [m for m in load_migrations() if m.name != "renew_forced"]
+    assert len(before) == len(load_migrations()) - 1
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        apply_migrations(conn, schema, before)
+        conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+        row = _device_row_values(add_step("pump-old", 40))
+        conn.execute(sql.SQL("INSERT INTO devices ({}) VALUES ({})").format(
+            sql.SQL(", ").join(map(sql.Identifier, row)), sql.SQL(", ").join(sql.Placeholder() * len(row))),
+            list(row.values()))
+
+
+def add_step(device_id: str, days_left: float) -> Step:
+    return enroll(device_id, cert(days_left), now=T0, cause="test")
+
+
+def _device_row_values(step: Step) -> dict[str, object]:
+    from gateway_agent.inventory import _DEVICE_COLUMNS, _device_values
+
+    return dict(zip(_DEVICE_COLUMNS[:-1], _device_values(step.after, 1)[:-1], strict=True))
+
+
+@pytest.mark.parametrize("create", [True, False])
+def test_an_older_inventory_is_brought_forward_on_open(tmp_path: Path, create: bool) -> None:
+    """Each backend probes its own schema version (``inventory_meta`` found via ``sqlite_master``;
+    ``schema_migrations`` via ``to_regclass``) and adds ``renew_forced`` to an older inventory,
+    the agent's and the CLI's (``create=False``) opening alike; its devices keep their state."""
+    from tests.support.stores import pg_schema
+
+    with pg_schema() as pg:
+        for url in (f"sqlite:///{tmp_path / 'old.db'}", pg):
+            _downgrade_to_before_renew_forced(url)
+            with open_inventory(url, create=create) as inv:
+                device = inv.get("pump-old")
+                assert device is not None and not device.forced
+                assert inv.forced_pending() == []
+                started = inv.apply(begin_renewal(device, now=T0, cause="forced"))
+                failed = inv.apply(fail_renewal(started, now=T0, error="device_offline", policy=POLICY, rand=0.5))
+                assert [d.device_id for d in inv.forced_pending()] == ["pump-old"] and failed.forced
+            if isinstance(inv, PostgresInventory):
+                assert inv.schema_version == len(load_migrations())
 
 
 def test_revoked_certificates_feed_the_crl(inv: SqliteInventory) -> None:
