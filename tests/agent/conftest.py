@@ -14,31 +14,27 @@ OpenInventory = Callable[[], SqliteInventory | PostgresInventory]
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def open_inv(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[OpenInventory]:
-    """Opens (another handle on) this test's inventory, on each backend in turn."""
+def inv_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """This test's inventory URL, on each backend in turn (a SQLite file, a PostgreSQL schema)."""
     if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'inv.db'}"
-        opened: list[SqliteInventory | PostgresInventory] = []
+        yield f"sqlite:///{tmp_path / 'inv.db'}"
+        return
+    from tests.support.stores import pg_schema
 
-        def open_sqlite() -> SqliteInventory | PostgresInventory:
-            opened.append(open_inventory(url))
-            return opened[-1]
+    with pg_schema() as pg:
+        yield pg
 
-        yield open_sqlite
-    else:
-        from tests.support.stores import pg_schema
 
-        with pg_schema() as pg:
-            opened = []
+@pytest.fixture
+def open_inv(inv_url: str) -> Iterator[OpenInventory]:
+    """Opens (another handle on) this test's inventory; every handle is closed afterwards."""
+    opened: list[SqliteInventory | PostgresInventory] = []
 
-            def open_pg() -> SqliteInventory | PostgresInventory:
-                opened.append(open_inventory(pg))
-                return opened[-1]
+    def open_one() -> SqliteInventory | PostgresInventory:
+        opened.append(open_inventory(inv_url))
+        return opened[-1]
 
-            yield open_pg
-            for each in opened:
-                each.close()
-            return
+    yield open_one
     for each in opened:
         each.close()
 

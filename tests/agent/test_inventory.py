@@ -378,34 +378,33 @@ def _restore_structlog() -> Iterator[None]:
     structlog.reset_defaults()
 
 
-def _cli_db(tmp_path: Path) -> Path:
+def _cli_db(inv_url: str) -> str:
     now = datetime.now(UTC)
-    db = tmp_path / "cli.db"
-    with SqliteInventory(db) as inv:
+    with open_inventory(inv_url) as inv:
         add(inv, "late", 45.5, now=now)
         add(inv, "soon", 3.5, now=now)
         add(inv, "fine", 300, now=now)
-    return db
+    return inv_url
 
 
-def test_cli_expiring_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    db = _cli_db(tmp_path)
-    assert cli_main(["certs", "expiring", "--within", "90d", "--json", "--db", str(db)]) == 0
+def test_cli_expiring_json(inv_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    db = _cli_db(inv_url)
+    assert cli_main(["certs", "expiring", "--within", "90d", "--json", "--db", db]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(row["device_id"], row["days_left"]) for row in lines] == [("soon", 3), ("late", 45)]
-    assert cli_main(["certs", "expiring", "--within", "1w", "--json", "--db", str(db)]) == 0
+    assert cli_main(["certs", "expiring", "--within", "1w", "--json", "--db", db]) == 0
     assert [json.loads(x)["device_id"] for x in capsys.readouterr().out.splitlines()] == ["soon"]
 
 
-def test_cli_expiring_table_and_history(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    db = _cli_db(tmp_path)
-    assert cli_main(["certs", "expiring", "--db", str(db)]) == 0
+def test_cli_expiring_table_and_history(inv_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    db = _cli_db(inv_url)
+    assert cli_main(["certs", "expiring", "--db", db]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].split()[:3] == ["DEVICE", "DAYS", "LEFT"]
     assert [line.split()[0] for line in out[1:]] == ["soon", "late"]
-    assert cli_main(["certs", "history", "soon", "--db", str(db)]) == 0
+    assert cli_main(["certs", "history", "soon", "--db", db]) == 0
     assert "(new) -> active" in capsys.readouterr().out
-    assert cli_main(["certs", "history", "soon", "--json", "--db", str(db)]) == 0
+    assert cli_main(["certs", "history", "soon", "--json", "--db", db]) == 0
     assert json.loads(capsys.readouterr().out)["to"] == "active"
 
 
