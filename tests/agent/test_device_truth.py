@@ -244,3 +244,37 @@ async def test_forced_retries_online_trigger_and_reconciled_devices_take_the_cla
         assert claims.mine == set(), "the claim is released when the renewal ends"
     finally:
         world.inventory.close()
+
+
+async def test_the_online_trigger_is_wired_only_while_the_runner_leads(tmp_path: Path) -> None:
+    """A device's online announcement starts a renewal through the leading orchestrator only: once
+    the lifecycle stops leading (leadership lost, shutdown), the channel forgets the callback."""
+    import asyncio
+    from typing import cast
+
+    import aiomqtt
+
+    from edge_core.events import SecurityEvents
+    from gateway_agent.agent_session import LifecycleRunner
+    from gateway_agent.rotation_channel import MqttDeviceChannel
+    from gateway_agent.settings import LifecycleSettings
+
+    ca = init_dev(tmp_path / "pki", device_ids=["pump-1"])
+    settings = LifecycleSettings(inventory=f"sqlite:///{tmp_path / 'inv.db'}", ca_dir=ca.dir,
+                                 registry=ca.registry_path, policy=RenewalPolicy(), spool_dir=tmp_path / "spool")
+    runner = LifecycleRunner(settings, clock=ManualClock(T0), events=SecurityEvents("test.online"),
+                             broker_status_url=None)
+    try:
+        channel = MqttDeviceChannel(cast(aiomqtt.Client, object()))
+        leading = asyncio.create_task(runner.run(channel))
+        for _ in range(200):
+            if channel.on_online is not None or leading.done():
+                break
+            await asyncio.sleep(0.01)
+        assert channel.on_online is not None, "the leading runner listens to devices coming online"
+        leading.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await leading
+        assert channel.on_online is None, "a runner that stopped leading still starts renewals"
+    finally:
+        runner.inventory.close()
