@@ -86,7 +86,7 @@ def bench_scan(devices: int) -> dict[str, Any]:
                     copy.write_row((f"dev-{n:07d}", f"{0xA000 + n:x}", f"sha256:{n:064x}",
                                     not_after - 365 * DAY, not_after, "active",
                                     None, None, None, None, None, None, None, None, None, None,
-                                    "idle", None, 0, None, None, None, 1))
+                                    "idle", None, 0, None, None, None, 1, 0))
             load_s = time.perf_counter() - started
             inv._db.execute("ANALYZE devices")
             plan = " ".join(str(r[0]) for r in inv._db.execute(
