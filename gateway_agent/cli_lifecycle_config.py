@@ -1,9 +1,11 @@
 """Where the ``certs``, ``devices`` and ``pki`` verbs find the inventory, the CA and the registry.
 
 Every verb reads ``-c/--config`` (the agent's YAML, default ``configs/agent.yaml``) like the
-other verbs; its ``lifecycle`` section names the three files. ``--db``, ``--ca-dir`` and
-``--registry`` override one path each (for a CA on another machine, or a copy of the
-inventory). A missing config is fine when every path is given explicitly.
+other verbs; its ``lifecycle`` section names the three places. ``--db``, ``--ca-dir`` and
+``--registry`` override one each (for a CA on another machine, or a copy of the
+inventory). The inventory is a URL as in ``lifecycle.inventory`` (``sqlite:///<path>``, a plain
+path, or ``postgresql://...``; ``gateway_agent.inventory.open_inventory``). A missing config is
+fine when every path is given explicitly.
 """
 
 from __future__ import annotations
@@ -11,8 +13,13 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edge_core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from gateway_agent.inventory import SqliteInventory
+    from gateway_agent.inventory_pg import PostgresInventory
 
 __all__ = ["DEFAULT_CONFIG", "LifecyclePaths", "add_config_arguments", "lifecycle_paths"]
 
@@ -21,18 +28,42 @@ DEFAULT_CONFIG = Path("configs/agent.yaml")
 
 @dataclass(frozen=True)
 class LifecyclePaths:
-    inventory: Path | None
+    #: a URL (``sqlite:///<path>``, a plain path, ``postgresql://...``)
+    inventory: str | None
     ca_dir: Path | None
     registry: Path | None
     source: str
 
     def need(self, what: str) -> Path:
-        value = getattr(self, what)
+        """``ca_dir`` or ``registry``, or a ``ConfigError`` naming the flag that gives it."""
+        value: Path | None = {"ca_dir": self.ca_dir, "registry": self.registry}[what]
         if value is None:
-            flag = {"inventory": "--db", "ca_dir": "--ca-dir", "registry": "--registry"}[what]
-            raise ConfigError(f"no {what.replace('_', ' ')} known: {self.source} has no 'lifecycle' section",
-                              hint=f"pass -c with the agent's config, or {flag}")
-        return value  # type: ignore[no-any-return]
+            raise self._missing(what)
+        return value
+
+    def need_inventory(self) -> str:
+        if self.inventory is None:
+            raise self._missing("inventory")
+        return self.inventory
+
+    def open_inventory(self, *, create: bool = True) -> SqliteInventory | PostgresInventory:
+        from gateway_agent.inventory import open_inventory
+
+        return open_inventory(self.need_inventory(), create=create)
+
+    def open_existing_inventory(self) -> SqliteInventory | PostgresInventory | None:
+        """The inventory if one is configured and (a SQLite file) exists; ``None`` otherwise."""
+        if self.inventory is None:
+            return None
+        sqlite = not self.inventory.startswith(("postgresql://", "postgres://"))
+        if sqlite and not Path(self.inventory.removeprefix("sqlite:///")).exists():
+            return None
+        return self.open_inventory(create=False)
+
+    def _missing(self, what: str) -> ConfigError:
+        flag = {"inventory": "--db", "ca_dir": "--ca-dir", "registry": "--registry"}[what]
+        return ConfigError(f"no {what.replace('_', ' ')} known: {self.source} has no 'lifecycle' section",
+                           hint=f"pass -c with the agent's config, or {flag}")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, *, db: bool = True, ca: bool = False,
@@ -40,7 +71,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, db: bool = True, ca
     parser.add_argument("-c", "--config", type=Path, default=None,
                         help=f"agent YAML with a 'lifecycle' section (default {DEFAULT_CONFIG})")
     if db:
-        parser.add_argument("--db", type=Path, default=None, help="inventory file (default: from the config)")
+        parser.add_argument("--db", default=None,
+                            help="inventory file or URL (sqlite:///..., postgresql://...; default: from the config)")
     if ca:
         parser.add_argument("--ca-dir", type=Path, default=None, help="CA directory (default: from the config)")
     if registry:
@@ -49,18 +81,19 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, db: bool = True, ca
 
 def lifecycle_paths(args: argparse.Namespace) -> LifecyclePaths:
     """The paths from ``-c`` (or the default config), each overridden by its own flag."""
-    overrides = {name: getattr(args, attr, None) for name, attr in
-                 (("inventory", "db"), ("ca_dir", "ca_dir"), ("registry", "registry"))}
+    db: str | None = getattr(args, "db", None)
+    ca_dir: Path | None = getattr(args, "ca_dir", None)
+    registry: Path | None = getattr(args, "registry", None)
     config: Path | None = getattr(args, "config", None)
     path = config or DEFAULT_CONFIG
-    found: dict[str, Path | None] = {"inventory": None, "ca_dir": None, "registry": None}
     if config is not None or path.exists():
         from gateway_agent.settings import load_agent_settings
 
         lifecycle = load_agent_settings(path).lifecycle
         if lifecycle is not None:
-            found = {"inventory": lifecycle.inventory, "ca_dir": lifecycle.ca_dir, "registry": lifecycle.registry}
-    elif not any(overrides.values()):
+            db = db or lifecycle.inventory
+            ca_dir = ca_dir or lifecycle.ca_dir
+            registry = registry or lifecycle.registry
+    elif not (db or ca_dir or registry):
         raise ConfigError(f"no agent config at {path}", hint="pass -c with the agent's config file")
-    merged = {k: overrides[k] or found[k] for k in found}
-    return LifecyclePaths(merged["inventory"], merged["ca_dir"], merged["registry"], str(path))
+    return LifecyclePaths(None if db is None else str(db), ca_dir, registry, str(path))

@@ -20,7 +20,7 @@ from amqtt.plugins.base import BasePlugin
 from broker_plugins.commands import CommandState
 from broker_plugins.engine.session import Session
 from broker_plugins.runtime import BrokerRuntime, admitted_of
-from edge_core.envelope import CommandRefused, rejection_notice, verify_envelope
+from edge_core.envelope import CommandRefused, rejection_notice
 
 __all__ = ["CommandGuardPlugin"]
 
@@ -53,8 +53,7 @@ class CommandGuardPlugin(BasePlugin[Any]):
             return False
         now = runtime.clock.now()
         try:
-            command = verify_envelope(payload, topic_device=device, keys=state.keys_for(runtime.registry),
-                                      policy=policy, now=now, replay=state.replay)
+            command = await state.verify(payload, device=device, registry=runtime.registry, now=now)
         except CommandRefused as refused:
             runtime.events.emit("command.rejected", refused.reason, level="warning", device=device,
                                 sender=sender, operator=refused.operator, jti=refused.jti, topic=topic,
