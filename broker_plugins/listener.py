@@ -26,6 +26,7 @@ from broker_plugins.framing import FramingGuardReader, FramingViolation
 from broker_plugins.settings import Limits
 from broker_plugins.tls import classify_tls_error
 from edge_core.events import SecurityEvents
+from edge_runtime.logsetup import bind_connection
 
 __all__ = ["DeviceListener"]
 
@@ -63,6 +64,11 @@ class DeviceListener:
         self.port = sock.getsockname()[1]
         self._accept_task = asyncio.create_task(self._accept_loop(), name=f"listener:{self.port}")
 
+    @property
+    def accepting(self) -> bool:
+        """True while the accept loop runs (for ``/readyz``)."""
+        return self._sock is not None and self._accept_task is not None and not self._accept_task.done()
+
     async def close(self) -> None:
         if self._accept_task is not None:
             self._accept_task.cancel()
@@ -99,6 +105,7 @@ class DeviceListener:
             task.add_done_callback(self._tasks.discard)
 
     async def _serve(self, conn: socket.socket, peer: str) -> None:
+        bind_connection(peer=peer, listener=self._name)  # every line logged for this connection names it
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=2**16)
         protocol = asyncio.StreamReaderProtocol(reader)

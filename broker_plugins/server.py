@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
+import ssl
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -33,9 +36,14 @@ from edge_core.events import SecurityEvents
 from edge_core.operators import OperatorConfig, parse_operators
 from edge_core.registry import Registry, parse_registry
 from edge_runtime.file_watch import WatchedFile
-from edge_runtime.status_http import StatusServer, prometheus_text
+from edge_runtime.metrics import Metrics
+from edge_runtime.status_http import StatusServer
+from edge_runtime.version import version
 
-__all__ = ["EdgeBroker", "read_config_file"]
+__all__ = ["EdgeBroker", "ReloadOutcome", "read_config_file"]
+
+#: what a reload did: "changed", "unchanged" or "failed" (the old state stays in force)
+ReloadOutcome = str
 
 AUTH_PLUGIN = "broker_plugins.plugins.device_auth.DeviceAuthPlugin"
 _REFUSAL_SUFFIXES = (".rejected", ".denied", ".cut", ".reload_failed", ".removed", ".dropped")
@@ -78,7 +86,11 @@ class EdgeBroker:
         self.plaintext_listener: DeviceListener | None = None
         self.cert_test_listener: DeviceListener | None = None
         self.status_server: StatusServer | None = None
+        self.metrics_registry = Metrics("edge_broker", self.events, version=version())
+        self._ssl_context: ssl.SSLContext | None = None
+        self._tls_digest = ""
         self._watchers: list[WatchedFile] = []
+        self._watched: dict[Path, WatchedFile] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = asyncio.Event()
         self._entered = False
@@ -122,6 +134,7 @@ class EdgeBroker:
         plugins.update(enabled_plugins(s))
         self.broker = HardenedBroker(self.runtime, plugins)
         ssl_context = server_context(s.listener)  # fails early on bad TLS material
+        self._ssl_context, self._tls_digest = ssl_context, self._tls_material_digest()
         await self.broker.start()
         self.listener = DeviceListener(
             self.broker, host=s.listener.host, port=s.listener.port, ssl_context=ssl_context,
@@ -156,12 +169,20 @@ class EdgeBroker:
                             self.runtime.revocation.file_digests.get(str(crl_file), ""))
             self._tasks.append(asyncio.create_task(self._freshness_loop(s.revocation.check_interval),
                                                    name="crl-freshness"))
-        if s.status_bind is not None:
-            self.status_server = StatusServer(s.status_bind[0], s.status_bind[1], status=self.status,
-                                              metrics=self.metrics)
+        if s.status is not None:
+            from broker_plugins.observability import install_observability
+
+            self.status_server = StatusServer(s.status, status=self.status, metrics=self.metrics_registry.render)
+            install_observability(self, self.status_server, self.metrics_registry)
             await self.status_server.start()
+        from broker_plugins.sys_topics import SysTopicPublisher, broker_snapshot, publish_via
+
+        self.sys_topics = SysTopicPublisher(lambda: broker_snapshot(self), publish_via(self))
+        self._tasks.append(asyncio.create_task(self.sys_topics.run(), name="sys-topics"))
         settle_heap()
         self.started_at = time.time()
+        if self.status_server is not None:
+            self.status_server.mark_started()
         self.events.emit("broker.started", host=s.listener.host, port=self.port, devices=len(registry))
 
     def _watch(self, path: Path, loader: Any, digest: str) -> None:
@@ -173,6 +194,7 @@ class EdgeBroker:
                               initial_digest=digest)
         watcher.start()
         self._watchers.append(watcher)
+        self._watched[path] = watcher
 
     async def close(self) -> None:
         for watcher in self._watchers:
@@ -194,6 +216,9 @@ class EdgeBroker:
     async def wait_closed(self) -> None:
         await self._closed.wait()
 
+    def uptime(self) -> float:
+        return time.time() - self.started_at if self.started_at else 0.0
+
     @property
     def port(self) -> int:
         assert self.listener is not None
@@ -201,36 +226,42 @@ class EdgeBroker:
 
     # -- reloads -----------------------------------------------------------------------
 
-    async def _reload_registry(self, data: bytes) -> None:
+    async def _reload_registry(self, data: bytes) -> ReloadOutcome:
         assert self.runtime is not None
         path = str(self.settings.registry_path)
+        if hashlib.sha256(data).hexdigest() == self.runtime.registry.digest:
+            return "unchanged"
         try:
             registry = parse_registry(data, source=path)
         except ConfigError as exc:
             self.events.emit("config.reload_failed", "invalid", level="error", file=path, line=exc.line,
                              detail=exc.reason, kept=self.runtime.registry.digest[:12])
-            return
+            return "failed"
         self.runtime.registry = registry
         settle_heap()
         self.events.emit("config.reloaded", "registry", file=path, devices=len(registry),
                          digest=registry.digest[:12])
         await self.enforce_registry(registry)
         await self.prune_subscriptions("registry_reload")
+        return "changed"
 
-    async def _reload_acl(self, data: bytes) -> None:
+    async def _reload_acl(self, data: bytes) -> ReloadOutcome:
         assert self.runtime is not None and self.settings.acl_path is not None
         path = str(self.settings.acl_path)
         old = self.runtime.acl
+        if old is not None and hashlib.sha256(data).hexdigest() == old.digest:
+            return "unchanged"
         try:
             policy = parse_policy(data, source=path)
         except ConfigError as exc:
             self.events.emit("config.reload_failed", "invalid", level="error", file=path, line=exc.line,
                              detail=exc.reason, kept=old.digest[:12] if old else None)
-            return
+            return "failed"
         self.runtime.acl = policy
         settle_heap()
         self.events.emit("config.reloaded", "acl", file=path, digest=policy.digest[:12])
         await self.prune_subscriptions("acl_reload")
+        return "changed"
 
     def _parse_operators(self, data: bytes) -> OperatorConfig:
         assert self.settings.commands is not None
@@ -241,22 +272,25 @@ class EdgeBroker:
 
         return parse_operators(data, source=str(path), read_key=read_key)
 
-    async def _reload_operators(self, data: bytes) -> None:
+    async def _reload_operators(self, data: bytes) -> ReloadOutcome:
         assert self.runtime is not None and self.settings.commands is not None
         state = self.runtime.commands
         assert isinstance(state, CommandState)
         path = str(self.settings.commands.operators_path)
+        if hashlib.sha256(data).hexdigest() == state.config.digest:
+            return "unchanged"
         try:
             config = self._parse_operators(data)
         except ConfigError as exc:
             self.events.emit("config.reload_failed", "invalid", level="error", file=path, line=exc.line,
                              detail=exc.reason, kept=state.config.digest[:12])
-            return
+            return "failed"
         state.config = config  # the replay cache is kept: nonces already seen stay seen
         self.events.emit("config.reloaded", "operators", file=path, operators=len(config.operators),
                          digest=config.digest[:12])
+        return "changed"
 
-    async def _reload_crl(self, _changed: bytes) -> None:
+    async def _reload_crl(self, _changed: bytes) -> ReloadOutcome:
         """Re-read every configured CRL file (any one changed); all-or-nothing, then enforce."""
         assert self.runtime is not None
         state = self.runtime.revocation
@@ -267,9 +301,9 @@ class EdgeBroker:
         except CredentialError as exc:
             self.events.emit("crl.reload_failed", exc.reason, level="error", detail=str(exc)[:300],
                              kept=sorted(f"{i}#{c.crl_number}" for i, c in state.index.installed.items()))
-            return
+            return "failed"
         if index.installed == state.index.installed:
-            return
+            return "unchanged"
         state.index = index
         settle_heap()
         for issuer, installed in index.installed.items():
@@ -277,6 +311,68 @@ class EdgeBroker:
                              next_update=installed.next_update.isoformat(),
                              load_ms=round((time.monotonic() - started) * 1000, 1))
         await self.enforce_revocation()
+        return "changed"
+
+    def reloaders(self) -> dict[str, Callable[[], Awaitable[ReloadOutcome]]]:
+        """One reload per concern, for SIGHUP (``broker_plugins.signals.reload_all``)."""
+        out: dict[str, Callable[[], Awaitable[ReloadOutcome]]] = {
+            "registry": lambda: self._reload_file(self.settings.registry_path, "device registry",
+                                                  self._reload_registry),
+        }
+        if self.settings.acl_path is not None and self.runtime is not None and self.runtime.acl is not None:
+            acl_path = self.settings.acl_path
+            out["acl"] = lambda: self._reload_file(acl_path, "ACL file", self._reload_acl)
+        if self.settings.commands is not None:
+            operators_path = self.settings.commands.operators_path
+            out["operators"] = lambda: self._reload_file(operators_path, "operators file", self._reload_operators)
+        if self.settings.revocation is not None:
+            out["crl"] = self._reload_crl_files
+        out["tls"] = self.reload_tls
+        return out
+
+    async def _reload_file(self, path: Path, what: str,
+                           loader: Callable[[bytes], Awaitable[ReloadOutcome]]) -> ReloadOutcome:
+        try:
+            data = await asyncio.to_thread(read_config_file, path, what)
+        except ConfigError as exc:
+            self.events.emit("config.reload_failed", "unreadable", level="error", file=str(path), detail=exc.reason)
+            return "failed"
+        watcher = self._watched.get(path)
+        if watcher is not None:  # the poller need not load the same bytes again
+            watcher.digest = hashlib.sha256(data).hexdigest()
+        return await loader(data)
+
+    async def _reload_crl_files(self) -> ReloadOutcome:
+        return await self._reload_crl(b"")
+
+    def _tls_material_digest(self) -> str:
+        listener = self.settings.listener
+        digest = hashlib.sha256()
+        for path in (listener.certfile, listener.keyfile):
+            digest.update(read_config_file(path, "TLS material"))
+        return digest.hexdigest()
+
+    async def reload_tls(self) -> ReloadOutcome:
+        """Load a changed server certificate and key for new connections; live ones keep theirs.
+
+        The new pair is first loaded into a fresh context (a key that does not match its
+        certificate is refused there); only then does the live context take it.
+        """
+        listener = self.settings.listener
+        try:
+            digest = self._tls_material_digest()
+            if digest == self._tls_digest:
+                return "unchanged"
+            server_context(listener)
+        except (ConfigError, OSError, ssl.SSLError, ValueError) as exc:
+            self.events.emit("config.reload_failed", "invalid", level="error", file=str(listener.certfile),
+                             detail=f"TLS certificate/key: {exc}"[:300])
+            return "failed"
+        assert self._ssl_context is not None
+        self._ssl_context.load_cert_chain(listener.certfile, listener.keyfile)
+        self._tls_digest = digest
+        self.events.emit("config.reloaded", "tls", file=str(listener.certfile), digest=digest[:12])
+        return "changed"
 
     async def enforce_revocation(self) -> int:
         """Cut live sessions whose certificate is revoked (or, under fail_closed, whose CRL is stale)."""
@@ -388,10 +484,3 @@ class EdgeBroker:
                 for issuer in state.issuer_names
             },
         }
-
-    def metrics(self) -> str:
-        assert self.broker is not None
-        return prometheus_text("edge_broker", self.events.snapshot(), {
-            "connected_sessions": float(len(self.broker.connected_sessions())),
-            "active_connections": float(self.listener.active if self.listener else 0),
-        })

@@ -7,8 +7,9 @@ Services, each optional and each driven by its section of ``configs/agent.yaml``
 - validation service for MCUs, on the local broker (see docs/validation.md);
 - certificate lifecycle: daily expiry scan and renewal (see docs/rotation.md).
 
-A loopback-only status endpoint serves ``/status`` (JSON) and ``/metrics``
-(Prometheus). SIGTERM and SIGINT stop every service and exit cleanly.
+The status endpoint serves ``/healthz``, ``/readyz`` (gateway_agent/observability.py),
+``/status`` (JSON) and ``/metrics`` (Prometheus). SIGHUP syncs the CRL at once; SIGTERM
+and SIGINT stop every service and exit cleanly.
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ from typing import Any, Protocol
 from edge_core.clock import Clock, SystemClock
 from edge_core.events import SecurityEvents
 from edge_core.revocation import RevocationIndex, accept_crl, split_crl_bundle
-from edge_runtime.status_http import StatusServer, prometheus_text
+from edge_runtime.metrics import Metrics
+from edge_runtime.sd_notify import Notifier
+from edge_runtime.status_http import StatusServer
+from edge_runtime.version import version
 from gateway_agent.crl_sync import CrlSyncer, SyncReport
 from gateway_agent.settings import AgentSettings
 
@@ -115,9 +119,15 @@ class Agent:
         self._factories = extra_services or []
         self._tasks: list[asyncio.Task[None]] = []
         self._status: StatusServer | None = None
+        #: ``/metrics``; services add their gauges with ``agent.metrics.gauge(name, reader)``
+        self.metrics = Metrics("gateway_agent", self.events, version=version())
         self._stopped = asyncio.Event()
         self._entered = False
         self.started_at = 0.0
+
+    @property
+    def status_server(self) -> StatusServer | None:
+        return self._status
 
     @property
     def crl(self) -> CrlService | None:
@@ -147,11 +157,16 @@ class Agent:
                 self.services.append(service)
         for service in self.services:
             self._tasks.append(asyncio.create_task(self._supervise(service), name=f"agent:{service.name}"))
-        if s.status_bind is not None:
-            self._status = StatusServer(s.status_bind[0], s.status_bind[1], status=self.status,
-                                        metrics=self.metrics)
+        from gateway_agent.observability import install_observability
+
+        if s.status is not None:
+            self._status = StatusServer(s.status, status=self.status, metrics=self.metrics.render)
+        self._tasks.extend(install_observability(self, self._status, self.metrics))
+        if self._status is not None:
             await self._status.start()
         self.started_at = time.time()
+        if self._status is not None:
+            self._status.mark_started()
         self.events.emit("agent.started", agent=s.agent_id, services=[svc.name for svc in self.services])
 
     async def _supervise(self, service: AgentService) -> None:
@@ -173,14 +188,30 @@ class Agent:
             else:
                 return
 
-    def install_signal_handlers(self) -> None:
+    def install_signal_handlers(self, notifier: Notifier | None = None) -> None:
+        """SIGHUP: sync the CRL now; SIGTERM/SIGINT: stop. Other signals keep their default.
+
+        With a ``notifier`` (systemd ``Type=notify``) each is reported: RELOADING/READY, STOPPING.
+        """
+        notify = notifier or Notifier({})
         loop = asyncio.get_running_loop()
+
+        def stop(signum: int) -> None:
+            self.events.emit("agent.stopping", signal.Signals(signum).name)
+            notify.stopping()
+            self._stopped.set()
+
+        def hup() -> None:
+            notify.reloading()
+            self._sighup()
+            notify.ready("CRL sync requested")
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stopped.set)
-        loop.add_signal_handler(signal.SIGHUP, self._sighup)
+            loop.add_signal_handler(sig, stop, sig)
+        loop.add_signal_handler(signal.SIGHUP, hup)
 
     def _sighup(self) -> None:
-        self.events.emit("agent.sighup", detail="CRL sync requested")
+        self.events.emit("agent.sighup", detail="CRL sync requested" if self.crl is not None else "no CRL service")
         if self.crl is not None:
             self.crl.sync_soon()
 
@@ -214,6 +245,3 @@ class Agent:
             "events": self.events.snapshot(),
             "recent_alarms": alarms[-20:],
         }
-
-    def metrics(self) -> str:
-        return prometheus_text("gateway_agent", self.events.snapshot(), {"services": float(len(self.services))})

@@ -16,6 +16,7 @@ from amqtt.session import Session
 
 from broker_plugins.runtime import ADMITTED, REFUSAL, BrokerRuntime
 from edge_core.admission import AdmissionRefused, admit
+from edge_runtime.logsetup import bind_connection
 
 __all__ = ["DeviceAuthPlugin"]
 
@@ -53,6 +54,7 @@ class DeviceAuthPlugin(BaseAuthPlugin):
             )
             return False
         session.attributes[ADMITTED] = admitted
+        bind_connection(device=admitted.identity)  # this connection's later lines name the device
         rt.events.emit(
             "auth.accepted",
             device=admitted.identity,

@@ -1,0 +1,103 @@
+"""``$SYS/broker/...`` topics, in mosquitto's names, for the counters that have one there.
+
+Published retained, every ``interval`` seconds (mosquitto's ``sys_interval``), and only
+the values that changed. They reach nobody by default: a `$` topic is matched only by an
+ACL rule whose first level is that `$` level (``allow subscribe $SYS/broker/clients/#``),
+and every delivery passes the broker's receive check like any other message.
+
+The publisher knows nothing of the broker: it takes a snapshot function and a publish
+callback, so it moves with the engine unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Final
+
+from edge_runtime.version import version
+
+if TYPE_CHECKING:
+    from broker_plugins.server import EdgeBroker
+
+__all__ = ["SYS_TOPICS", "SysTopicPublisher", "broker_snapshot", "publish_via"]
+
+#: our value -> mosquitto's topic
+SYS_TOPICS: Final[Mapping[str, str]] = {
+    "version": "$SYS/broker/version",
+    "uptime": "$SYS/broker/uptime",
+    "clients_connected": "$SYS/broker/clients/connected",
+    "clients_disconnected": "$SYS/broker/clients/disconnected",
+    "clients_total": "$SYS/broker/clients/total",
+    "clients_maximum": "$SYS/broker/clients/maximum",
+    "messages_stored": "$SYS/broker/store/messages/count",
+    "retained_count": "$SYS/broker/retained messages/count",
+    "subscriptions_count": "$SYS/broker/subscriptions/count",
+    "publish_dropped": "$SYS/broker/publish/messages/dropped",
+}
+
+
+class SysTopicPublisher:
+    def __init__(self, snapshot: Callable[[], Mapping[str, int | str]],
+                 publish: Callable[[str, bytes], Awaitable[None]], *, interval: float = 10.0) -> None:
+        self._snapshot = snapshot
+        self._publish = publish
+        self.interval = interval
+        self._last: dict[str, bytes] = {}
+        self._maximum = 0
+
+    async def publish_once(self) -> list[str]:
+        """Publish every changed value; returns the topics published."""
+        values = dict(self._snapshot())
+        connected = values.get("clients_connected")
+        if isinstance(connected, int):
+            self._maximum = max(self._maximum, connected)
+            values["clients_maximum"] = self._maximum
+        sent = []
+        for key, topic in SYS_TOPICS.items():
+            if key not in values:
+                continue
+            payload = str(values[key]).encode()
+            if self._last.get(topic) != payload:
+                await self._publish(topic, payload)
+                self._last[topic] = payload
+                sent.append(topic)
+        return sent
+
+    async def run(self) -> None:
+        while True:
+            await self.publish_once()
+            await asyncio.sleep(self.interval)
+
+
+def broker_snapshot(edge: EdgeBroker) -> dict[str, int | str]:
+    broker = edge.broker
+    if broker is None:
+        return {}
+    sessions = [entry[0] for entry in list(broker._sessions.values())]
+    connected = sum(1 for s in sessions if s.transitions.is_connected())
+    stored = sum(s.retained_messages.qsize() for s in sessions)
+    subscriptions = sum(len(subs) for subs in list(broker._subscriptions.values()))
+    dropped = edge.events.count("delivery.dropped")
+    return {
+        "version": f"edge-broker {version()}",
+        "uptime": f"{int(edge.uptime())} seconds",
+        "clients_connected": connected,
+        "clients_disconnected": len(sessions) - connected,
+        "clients_total": len(sessions),
+        "messages_stored": stored,
+        "retained_count": len(broker._retained_messages),
+        "subscriptions_count": subscriptions,
+        "publish_dropped": dropped,
+    }
+
+
+def publish_via(edge: EdgeBroker) -> Callable[[str, bytes], Awaitable[None]]:
+    async def publish(topic: str, payload: bytes) -> None:
+        broker = edge.broker
+        if broker is None:
+            return
+        await broker.retain_message(None, topic, payload)
+        await broker.internal_message_broadcast(topic, payload)
+
+    return publish

@@ -1,0 +1,110 @@
+"""Prometheus metrics of a component, through ``prometheus_client``: HELP and TYPE on every family.
+
+- ``<ns>_events_total{event,reason}``: a counter per security event and reason code, read
+  from ``SecurityEvents`` at scrape time (one source of truth: the counts ``status`` shows);
+- gauges the component fills in by registering a reader (``Metrics.gauge``). The names a
+  site's dashboards and alert rules rely on are listed in ``GAUGES`` with their help text;
+  a gauge nobody fills in is absent, never a made-up zero;
+- ``<ns>_build_info{version}`` and the process collector (``process_*``: memory, CPU, fds).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Final
+
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from edge_core.events import SecurityEvents
+
+__all__ = ["CONTENT_TYPE", "GAUGES", "GaugeReading", "Metrics"]
+
+CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+
+#: The gauges our dashboards and alert rules use: name -> (help, label names).
+GAUGES: Final[Mapping[str, tuple[str, tuple[str, ...]]]] = {
+    "connections": ("Open device connections on a listener (TLS accepted, not yet closed)", ("listener",)),
+    "sessions": ("MQTT sessions: connected now, or known (connected plus offline persistent)", ("state",)),
+    "queue_depth": ("Messages waiting in a queue (offline sessions' queues, the delivery queue)", ("queue",)),
+    "crl_next_update_timestamp_seconds": ("nextUpdate of the CRL in force, per issuer, as Unix time", ("issuer",)),
+    "crl_fresh": ("1 when the issuer's CRL admits devices under the staleness policy, else 0", ("issuer",)),
+    "certificates": ("Device certificates in the inventory by lifecycle state", ("state",)),
+    "certificate_soonest_expiry_days": ("Days until the soonest expiry of an active device certificate", ()),
+    "uplink_queue_age_seconds": ("Age of the oldest message waiting in the uplink store-and-forward queue", ()),
+    "services": ("Services the agent runs", ()),
+}
+
+#: A reader returns one value (no labels) or a value per label tuple (a 1-tuple may be a plain string).
+GaugeReading = float | Mapping[str, float] | Mapping[tuple[str, ...], float] | None
+
+
+@dataclass(frozen=True)
+class _Gauge:
+    name: str
+    documentation: str
+    labels: tuple[str, ...]
+    read: Callable[[], GaugeReading]
+
+
+class _Collector(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self._metrics
+        ns = m.namespace
+        events = CounterMetricFamily(f"{ns}_events", "Security events by event name and stable reason code",
+                                     labels=["event", "reason"])
+        for event, reasons in m.events.snapshot().items():
+            for reason, count in reasons.items():
+                events.add_metric([event, reason], count)
+        yield events
+        build = GaugeMetricFamily(f"{ns}_build_info", "Version of the running software (always 1)",
+                                  labels=["version"])
+        build.add_metric([m.version], 1)
+        yield build
+        for gauge in m.gauges():
+            reading = gauge.read()
+            if reading is None:
+                continue  # the component has no value now (e.g. no CRL installed yet)
+            family = GaugeMetricFamily(f"{ns}_{gauge.name}", gauge.documentation, labels=list(gauge.labels))
+            if isinstance(reading, Mapping):
+                for key, value in reading.items():
+                    family.add_metric([key] if isinstance(key, str) else list(key), float(value))
+            else:
+                family.add_metric([], float(reading))
+            yield family
+
+
+class Metrics:
+    """The metrics one component exposes on ``/metrics``."""
+
+    def __init__(self, namespace: str, events: SecurityEvents, *, version: str = "unknown",
+                 process: bool = True) -> None:
+        self.namespace = namespace
+        self.events = events
+        self.version = version
+        self._gauges: dict[str, _Gauge] = {}
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_Collector(self))
+        if process:
+            ProcessCollector(registry=self.registry)
+
+    def gauge(self, name: str, read: Callable[[], GaugeReading], *, documentation: str | None = None,
+              labels: tuple[str, ...] | None = None) -> None:
+        """Fill in gauge ``name`` with ``read`` (called at every scrape, on the event loop: keep it cheap)."""
+        known = GAUGES.get(name)
+        if known is None and documentation is None:
+            raise ValueError(f"gauge {name!r} is not in GAUGES: pass documentation= (and labels=)")
+        doc = documentation if documentation is not None else known[0]  # type: ignore[index]
+        names = labels if labels is not None else (known[1] if known else ())
+        self._gauges[name] = _Gauge(name, doc, names, read)
+
+    def gauges(self) -> list[_Gauge]:
+        return list(self._gauges.values())
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
