@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the broker (SIGHUP reloads, SIGTERM drains and stops)",
                          epilog=EXIT_CODES_HELP)
     add_config_argument(run, CONFIG_NAME, what="broker settings")
-    run.set_defaults(func=_run)
+    run.set_defaults(func=_run, daemon=True)
     status = sub.add_parser("status", help="query a running broker's status endpoint", epilog=EXIT_CODES_HELP,
                             description="JSON status by default. Exit 0 when the endpoint answers 200, 1 when "
                                         "it answers not ready (--ready), 5 when unreachable.")

@@ -18,9 +18,10 @@ code  name                  meaning
 ====  ====================  =====================================================================
 
 Errors are one line on stderr (``error: what (fix: how)``), never a traceback unless ``-v``.
-When stderr is not a terminal (systemd, Docker, a pipe) the same error is a JSON line,
-like every other line the programs write there. A closed stdout (``--json | head``)
-ends the command quietly.
+The daemons' verbs (``run``) write every stderr line as JSON when stderr is not a terminal
+(systemd, Docker, a pipe), their start-up errors included (``cli.error`` with ``detail``,
+``hint`` and ``exit``), so ``journalctl -o cat | jq`` reads all of it. A closed stdout
+(``--json | head``) ends the command quietly with 0.
 
 Config discovery: ``-c FILE`` on every verb; without it ``$EDGE_GATEWAY_CONFIG_DIR/<name>``,
 else ``/etc/edge-gateway/<name>``, and the command says which file it used. Never the
@@ -119,20 +120,23 @@ def resolve_config(given: Path | None, name: str) -> Path:
     return path
 
 
+_as_log = False  # set by run_handler for daemon verbs: their stderr is a JSON log stream
+
+
 def _note(text: str, *, event: str, **fields: Any) -> None:
-    if stderr_is_console():
-        print(f"note: {text}", file=sys.stderr)
-    else:
+    if _as_log and not stderr_is_console():
         structlog.get_logger("cli").info(event, detail=text, **fields)
+    else:
+        print(f"note: {text}", file=sys.stderr)
 
 
 def report(message: str, *, code: int, hint: str | None = None) -> int:
-    """One error line on stderr (JSON when stderr is not a terminal); returns ``code``."""
-    if stderr_is_console():
+    """One error line on stderr (a JSON line for a daemon verb off a terminal); returns ``code``."""
+    if _as_log and not stderr_is_console():
+        structlog.get_logger("cli").error("cli.error", detail=message, hint=hint, exit=code)
+    else:
         text = f"error: {message}" + (f" (fix: {hint})" if hint else "")
         print(text, file=sys.stderr)
-    else:
-        structlog.get_logger("cli").error("cli.error", detail=message, hint=hint, exit=code)
     return code
 
 
@@ -155,7 +159,9 @@ def _one_line(exc: EdgeSecurityError) -> tuple[str, str | None]:
 
 def run_handler(args: argparse.Namespace) -> int:
     """Run ``args.func(args)`` under the conventions above."""
+    global _as_log  # noqa: PLW0603 - one process runs one command
     verbose = bool(getattr(args, "verbose", False))
+    _as_log = bool(getattr(args, "daemon", False))
     configure_logging(level="DEBUG" if verbose else "INFO")
     name = getattr(args, "config_name", None)
     try:

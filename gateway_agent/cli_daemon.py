@@ -26,7 +26,7 @@ CONFIG_NAME = "agent.yaml"
 def add_parser(sub: Any) -> None:
     run = sub.add_parser("run", help="run the agent daemon (CRL sync, validation service, lifecycle)")
     add_config_argument(run, CONFIG_NAME, what="agent settings")
-    run.set_defaults(func=_run)
+    run.set_defaults(func=_run, daemon=True)
     status = sub.add_parser("status", help="query the running agent's status endpoint",
                             description="JSON status by default. Exit 0 when the endpoint answers 200, 1 when "
                                         "it answers not ready (--ready), 5 when unreachable.")
