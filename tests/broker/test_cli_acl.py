@@ -247,7 +247,9 @@ def test_check_refused_file_exits_1_naming_file_line_and_reason(run: RunCli, bro
     assert result.code == 1, result.out
     assert result.lines[0].startswith(f"{broken}:{line}: "), result.out
     assert reason in result.lines[0]
-    assert result.lines[-1] == f"{broken}: refused: a running broker keeps its last good policy, a starting one does not start"
+    assert result.lines[-1] == (
+        f"{broken}: refused: a running broker keeps its last good policy, a starting one does not start"
+    )
 
 
 def test_check_unreadable_file_exits_4(run: RunCli, tmp_path: Path) -> None:
