@@ -125,9 +125,9 @@ def parse_status_section(sec: yamlsrc.Section, *, base_dir: Path, default_bind: 
     if not is_loopback(host) and not settings.protected:
         raise sec.error(
             "bind",
-            f"{sec.what}.bind {bind} is not a loopback address and the endpoint has no protection: "
-            f"set {sec.what}.bearer_token_file (a file holding the scrapers' token) or {sec.what}.tls "
-            "(certfile, keyfile, client_ca: scrapers present a client certificate), or bind to 127.0.0.1",
+            f"status.bind {bind} must be a loopback address unless the endpoint is protected: set "
+            "status.bearer_token_file (a file holding the scrapers' bearer token) or status.tls (certfile, "
+            "keyfile, client_ca: scrapers present a client certificate), or bind to 127.0.0.1",
         )
     return settings
 
