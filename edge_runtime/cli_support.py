@@ -31,6 +31,7 @@ working directory.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import ssl
@@ -85,6 +86,8 @@ EXIT_CODES_HELP: Final = (
 )
 
 CONFIG_DIR: Final = Path("/etc/edge-gateway")
+_FILE_ERRNOS: Final = frozenset({errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR,
+                                 errno.ELOOP, errno.ENAMETOOLONG})
 CONFIG_DIR_ENV: Final = "EDGE_GATEWAY_CONFIG_DIR"
 
 
@@ -180,9 +183,11 @@ def run_handler(args: argparse.Namespace) -> int:
     except OSError as exc:
         if verbose:
             raise
-        where = f": {exc.filename}" if exc.filename else ""
-        return report(f"{exc.strerror or exc}{where}", code=EXIT_UNAVAILABLE,
-                      hint="check the path, its permissions, or whether another process holds the port")
+        if exc.filename is not None and exc.errno in _FILE_ERRNOS:
+            return report(f"cannot use {exc.filename}: {exc.strerror}", code=EXIT_CONFIG,
+                          hint="check the path and its permissions")
+        return report(" ".join(str(exc).split()), code=EXIT_UNAVAILABLE,
+                      hint="is the service up, the address right, the port free?")
     except Exception as exc:
         if verbose:
             raise
