@@ -29,7 +29,7 @@ def get(broker: BrokerThread, path: str) -> tuple[int, bytes]:
     assert broker.edge is not None and broker.edge.status_server is not None
     url = f"http://127.0.0.1:{broker.edge.status_server.port}{path}"
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - loopback test server
+        with urllib.request.urlopen(url, timeout=5) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()

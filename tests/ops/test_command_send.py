@@ -13,8 +13,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from edge_core.clock import ManualClock
 from gateway_agent.cli import main
 from gateway_agent.pki import key_pem
-from tests.broker.test_commands import COMMAND_ACL
 from tests.broker.acl_fixture import write_acl
+from tests.broker.test_commands import COMMAND_ACL
 from tests.conftest import StartBroker
 from tests.support.broker import BrokerThread
 from tests.support.mqtt import Device
