@@ -31,6 +31,7 @@ def install_observability(edge: EdgeBroker, server: StatusServer, metrics: Metri
     metrics.gauge("sessions", lambda: _sessions(edge))
     metrics.gauge("queue_depth", lambda: _queue_depths(edge))
     metrics.gauge("crl_next_update_timestamp_seconds", lambda: _crl_next_update(edge))
+    metrics.gauge("crl_this_update_timestamp_seconds", lambda: _crl_this_update(edge))
     metrics.gauge("crl_fresh", lambda: _crl_fresh(edge))
 
 
@@ -90,6 +91,13 @@ def _crl_next_update(edge: EdgeBroker) -> dict[str, float] | None:
     if not isinstance(state, RevocationState):
         return None
     return {issuer: installed.next_update.timestamp() for issuer, installed in state.index.installed.items()}
+
+
+def _crl_this_update(edge: EdgeBroker) -> dict[str, float] | None:
+    state = edge.runtime.revocation if edge.runtime else None
+    if not isinstance(state, RevocationState):
+        return None
+    return {issuer: installed.this_update.timestamp() for issuer, installed in state.index.installed.items()}
 
 
 def _crl_fresh(edge: EdgeBroker) -> dict[str, float] | None:

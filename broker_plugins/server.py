@@ -36,7 +36,7 @@ from edge_core.events import SecurityEvents
 from edge_core.operators import OperatorConfig, parse_operators
 from edge_core.registry import Registry, parse_registry
 from edge_runtime.file_watch import WatchedFile
-from edge_runtime.metrics import Metrics
+from edge_runtime.metrics import BROKER_ALARMS, Metrics
 from edge_runtime.status_http import StatusServer
 from edge_runtime.version import version
 
@@ -86,7 +86,7 @@ class EdgeBroker:
         self.plaintext_listener: DeviceListener | None = None
         self.cert_test_listener: DeviceListener | None = None
         self.status_server: StatusServer | None = None
-        self.metrics_registry = Metrics("edge_broker", self.events, version=version())
+        self.metrics_registry = Metrics("edge_broker", self.events, version=version(), alarms=BROKER_ALARMS)
         self._ssl_context: ssl.SSLContext | None = None
         self._tls_digest = ""
         self._watchers: list[WatchedFile] = []

@@ -223,7 +223,8 @@ def fetch_status(settings: StatusSettings, path: str, *, timeout: float = 5.0) -
             "the status endpoint requires a scraper client certificate (status.tls), which this command does not hold",
             hint=f"query it with curl --cacert ... --cert ... --key ... https://{settings.host}:{settings.port}{path}",
         )
-    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(settings.host, settings.host)  # noqa: S104
+    host = f"[{host}]" if ":" in host else host
     url = f"http://{host}:{settings.port}{path}"
     request = urllib.request.Request(url)
     if settings.bearer_token_file is not None:

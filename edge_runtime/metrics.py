@@ -1,7 +1,9 @@
 """Prometheus metrics of a component, through ``prometheus_client``: HELP and TYPE on every family.
 
 - ``<ns>_events_total{event,reason}``: a counter per security event and reason code, read
-  from ``SecurityEvents`` at scrape time (one source of truth: the counts ``status`` shows);
+  from ``SecurityEvents`` at scrape time (one source of truth: the counts ``status`` shows).
+  The alarm pairs a component lists in ``alarms`` are exposed from the start at 0, so an
+  alert rule's ``increase()`` sees their first occurrence;
 - gauges the component fills in by registering a reader (``Metrics.gauge``). The names a
   site's dashboards and alert rules rely on are listed in ``GAUGES`` with their help text;
   a gauge nobody fills in is absent, never a made-up zero;
@@ -10,7 +12,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -20,7 +22,7 @@ from prometheus_client.registry import Collector
 
 from edge_core.events import SecurityEvents
 
-__all__ = ["CONTENT_TYPE", "GAUGES", "GaugeReading", "Metrics"]
+__all__ = ["AGENT_ALARMS", "BROKER_ALARMS", "CONTENT_TYPE", "GAUGES", "GaugeReading", "Metrics"]
 
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -30,12 +32,24 @@ GAUGES: Final[Mapping[str, tuple[str, tuple[str, ...]]]] = {
     "sessions": ("MQTT sessions: connected now, or known (connected plus offline persistent)", ("state",)),
     "queue_depth": ("Messages waiting in a queue (offline sessions' queues, the delivery queue)", ("queue",)),
     "crl_next_update_timestamp_seconds": ("nextUpdate of the CRL in force, per issuer, as Unix time", ("issuer",)),
+    "crl_this_update_timestamp_seconds": ("thisUpdate of the CRL in force, per issuer, as Unix time", ("issuer",)),
     "crl_fresh": ("1 when the issuer's CRL admits devices under the staleness policy, else 0", ("issuer",)),
     "certificates": ("Device certificates in the inventory by lifecycle state", ("state",)),
     "certificate_soonest_expiry_days": ("Days until the soonest expiry of an active device certificate", ()),
     "uplink_queue_age_seconds": ("Age of the oldest message waiting in the uplink store-and-forward queue", ()),
     "services": ("Services the agent runs", ()),
 }
+
+#: (event, reason) pairs the alert rules (configs/monitoring/alerts.yml) watch with increase()
+BROKER_ALARMS: Final = (
+    *(("crl.alarm", r) for r in ("expiring", "stale_past_next_update", "stale_too_old", "missing")),
+    ("config.reload_failed", "invalid"), ("config.reload_failed", "unreadable"),
+)
+AGENT_ALARMS: Final = (
+    *(("crl.stale", r) for r in ("expiring", "stale_past_next_update", "stale_too_old")),
+    *(("crl.fetch_failed", r) for r in ("fetch_failed", "fetch_timeout", "http_status", "fetch_too_large")),
+    *(("renewal.alarm", r) for r in ("cert_expired", "renewal_overdue", "renewal_failing")),
+)
 
 #: A reader returns one value (no labels) or a value per label tuple (a 1-tuple may be a plain string).
 GaugeReading = float | Mapping[str, float] | Mapping[tuple[str, ...], float] | None
@@ -58,9 +72,12 @@ class _Collector(Collector):
         ns = m.namespace
         events = CounterMetricFamily(f"{ns}_events", "Security events by event name and stable reason code",
                                      labels=["event", "reason"])
-        for event, reasons in m.events.snapshot().items():
-            for reason, count in reasons.items():
-                events.add_metric([event, reason], count)
+        counts = {(event, reason): count for event, reasons in m.events.snapshot().items()
+                  for reason, count in reasons.items()}
+        for pair in m.alarms:
+            counts.setdefault(pair, 0)
+        for (event, reason), count in sorted(counts.items()):
+            events.add_metric([event, reason], count)
         yield events
         build = GaugeMetricFamily(f"{ns}_build_info", "Version of the running software (always 1)",
                                   labels=["version"])
@@ -83,10 +100,11 @@ class Metrics:
     """The metrics one component exposes on ``/metrics``."""
 
     def __init__(self, namespace: str, events: SecurityEvents, *, version: str = "unknown",
-                 process: bool = True) -> None:
+                 alarms: Iterable[tuple[str, str]] = (), process: bool = True) -> None:
         self.namespace = namespace
         self.events = events
         self.version = version
+        self.alarms = tuple(alarms)
         self._gauges: dict[str, _Gauge] = {}
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 from edge_core.clock import Clock, SystemClock
 from edge_core.events import SecurityEvents
 from edge_core.revocation import RevocationIndex, accept_crl, split_crl_bundle
-from edge_runtime.metrics import Metrics
+from edge_runtime.metrics import AGENT_ALARMS, Metrics
 from edge_runtime.sd_notify import Notifier
 from edge_runtime.status_http import StatusServer
 from edge_runtime.version import version
@@ -120,7 +120,7 @@ class Agent:
         self._tasks: list[asyncio.Task[None]] = []
         self._status: StatusServer | None = None
         #: ``/metrics``; services add their gauges with ``agent.metrics.gauge(name, reader)``
-        self.metrics = Metrics("gateway_agent", self.events, version=version())
+        self.metrics = Metrics("gateway_agent", self.events, version=version(), alarms=AGENT_ALARMS)
         self._stopped = asyncio.Event()
         self._entered = False
         self.started_at = 0.0

@@ -78,6 +78,7 @@ def install_observability(agent: Agent, server: StatusServer | None, metrics: Me
     tasks: list[asyncio.Task[None]] = []
     metrics.gauge("services", lambda: float(len(agent.services)))
     metrics.gauge("crl_next_update_timestamp_seconds", lambda: _crl_next_update(agent.crl))
+    metrics.gauge("crl_this_update_timestamp_seconds", lambda: _crl_this_update(agent.crl))
     metrics.gauge("crl_fresh", lambda: _crl_fresh(agent.crl, agent))
     lifecycle = agent.settings.lifecycle
     if lifecycle is not None:
@@ -95,6 +96,12 @@ def _crl_next_update(crl: CrlService | None) -> dict[str, float] | None:
     if crl is None:
         return None
     return {issuer: installed.next_update.timestamp() for issuer, installed in crl.syncer.installed.items()}
+
+
+def _crl_this_update(crl: CrlService | None) -> dict[str, float] | None:
+    if crl is None:
+        return None
+    return {issuer: installed.this_update.timestamp() for issuer, installed in crl.syncer.installed.items()}
 
 
 def _crl_fresh(crl: CrlService | None, agent: Agent) -> dict[str, float] | None:

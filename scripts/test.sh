@@ -11,6 +11,10 @@ echo "== ruff"
 "$PY" -m ruff check .
 echo "== mypy --strict"
 "$PY" -m mypy
+echo "== wheel (python -m build) and Dockerfile lint"
+"$PY" -m build --wheel --outdir dist . > .build.log 2>&1 || { cat .build.log; exit 1; }
+ls dist/*.whl
+.venv/bin/hadolint Dockerfile
 echo "== benchmark smoke (keeps every benchmark runnable; the figures come from full runs)"
 benchmarks/run_all.sh --quick > .bench-smoke.log 2>&1 || { cat .bench-smoke.log; exit 1; }
 grep -E '^== |target' .bench-smoke.log || true
