@@ -21,14 +21,14 @@ def service(name: str) -> configparser.SectionProxy:
     return parser["Service"]
 
 
-@pytest.mark.parametrize("name,tool", [("edge-broker.service", "edge-broker"),
-                                       ("gateway-agent.service", "gateway-agent")])
-def test_unit_is_notify_with_watchdog_and_hup_reload(name: str, tool: str) -> None:
+@pytest.mark.parametrize("name,tool,config", [("edge-broker.service", "edge-broker", "broker.yaml"),
+                                              ("gateway-agent.service", "gateway-agent", "agent.yaml")])
+def test_unit_is_notify_with_watchdog_and_hup_reload(name: str, tool: str, config: str) -> None:
     s = service(name)
     assert s["Type"] == "notify" and s["NotifyAccess"] == "main"
     assert int(s["WatchdogSec"]) >= 10
     assert s["ExecReload"] == "/bin/kill -HUP $MAINPID"
-    assert s["ExecStart"] == f"/usr/local/bin/{tool} run -c /etc/edge-gateway/{tool.split('-')[-1]}.yaml"
+    assert s["ExecStart"] == f"/usr/local/bin/{tool} run -c /etc/edge-gateway/{config}"
     assert set(s["RestartPreventExitStatus"].split()) == {"2", "4"}  # usage and config errors: no restart loop
     assert s["User"] == "edge" and s["NoNewPrivileges"] == "yes" and s["ProtectSystem"] == "strict"
 
