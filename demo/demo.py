@@ -56,10 +56,14 @@ def say(text: str) -> None:
     print(f"   {text}", flush=True)
 
 
+STDERR_LINES: list[tuple[str, str]] = []  # (where, line) of every CLI call: checked to be JSON at the end
+
+
 def run(*args: str) -> str:
     out = subprocess.run([str(BIN / args[0]), *args[1:]], capture_output=True, text=True, cwd=ROOT, check=False)
+    STDERR_LINES.extend((" ".join(args[:3]), line) for line in out.stderr.splitlines())
     if out.returncode not in (0, 1):
-        raise SystemExit(f"{' '.join(args)} failed:\n{out.stderr}")
+        raise SystemExit(f"{' '.join(args)} failed (exit {out.returncode}):\n{out.stderr}")
     return out.stdout + out.stderr
 
 
@@ -133,12 +137,10 @@ async def commands_section(broker_started: float, verifier: DeviceCommandVerifie
     device = DeviceClient(device_config("device-001"), verifier=verifier)
     async with device:
         outcomes = device.commands()
-        tls = ["--ca", str(CERTS / "ca-chain.pem"), "--cert", str(CERTS / "operators" / "alice.crt"),
-               "--tls-key", str(CERTS / "operators" / "alice.key"), "--port", str(PORT)]
+        # configs/operator.yaml: operator alice, her signing key and TLS credentials, the broker
         sent = await asyncio.to_thread(
-            run, "gateway-agent", "command", "send", "--key", str(CERTS / "operators" / "alice-signing.key"),
-            "--operator", "alice", "--device", "device-001", "--ttl", "30", "--subtopic", "valve", *tls,
-            '{"op":"open","valve":3}',
+            run, "gateway-agent", "command", "send", "-c", "configs/operator.yaml", "--device", "device-001",
+            "--subtopic", "valve", '{"op":"open","valve":3}',
         )
         say(f"operator alice: {sent.strip().splitlines()[-1]}")
         outcome = await asyncio.wait_for(anext(outcomes), 10)
@@ -330,7 +332,32 @@ def run_demo() -> None:
             if proc is not None:
                 proc.terminate()
                 proc.wait(15)
+    step("Logs: every stderr line of this run is one JSON object")
+    say(check_json_lines())
     print("\ndemo complete")
+
+
+def check_json_lines() -> str:
+    """The daemons' logs and every CLI call's stderr must be JSON lines (`journalctl -o cat | jq` works)."""
+    counts = {}
+    for log in ("demo-broker.log", "demo-agent.log"):
+        lines = (ROOT / log).read_text().splitlines()
+        counts[log] = len(lines)
+        for number, line in enumerate(lines, 1):
+            _must_be_json(line, f"{log}:{number}")
+    for where, line in STDERR_LINES:
+        _must_be_json(line, where)
+    return (f"{counts['demo-broker.log']} broker lines, {counts['demo-agent.log']} agent lines and "
+            f"{len(STDERR_LINES)} CLI stderr lines: all parse as JSON")
+
+
+def _must_be_json(line: str, where: str) -> None:
+    try:
+        value = json.loads(line)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise SystemExit(f"{where}: a stderr line that is not one JSON object: {line[:200]!r}")
 
 
 if __name__ == "__main__":
