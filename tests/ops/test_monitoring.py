@@ -63,3 +63,11 @@ def test_dashboard_is_importable_grafana_json() -> None:
     assert dashboard["uid"] and dashboard["title"] and dashboard["__inputs"][0]["name"] == "DS_PROMETHEUS"
     ids = [panel["id"] for panel in dashboard["panels"]]
     assert len(ids) == len(set(ids)) and all(panel["targets"] for panel in dashboard["panels"])
+
+
+def test_the_readme_alarm_table_names_existing_rules() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    table = readme[readme.index("Alert on these events"):readme.index("### Revocation: from the CA")]
+    named = set(re.findall(r"`(Edge[A-Za-z]+)`", table))
+    rules = {rule["alert"] for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]}
+    assert named and named <= rules, named - rules
