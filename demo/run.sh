@@ -3,5 +3,6 @@
 # revocation and renewal, end to end on this machine's loopback.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/bootstrap.sh
+# pip's own chatter goes to a file, so the demo's stderr is only the programs' JSON lines
+scripts/bootstrap.sh > .bootstrap.log 2>&1 || { cat .bootstrap.log >&2; exit 1; }
 exec .venv/bin/python demo/demo.py "$@"
