@@ -23,7 +23,8 @@ from typing import Any, Final, TextIO
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
-__all__ = ["REDACTED", "bind_connection", "configure_logging", "redact_secrets", "stderr_is_console"]
+__all__ = ["REDACTED", "bind_connection", "configure_logging", "redact_secrets", "reset_logging",
+           "stderr_is_console"]
 
 REDACTED: Final = "[redacted]"
 
@@ -155,6 +156,18 @@ def configure_logging(*, level: str = "INFO", stream: TextIO | None = None, cons
     )
     logging.captureWarnings(True)  # warnings.warn -> the "py.warnings" logger, so JSON too
     _route_uncaught()
+
+
+def reset_logging() -> None:
+    """Undo ``configure_logging`` (for tests that configure it in-process)."""
+    global _handler  # noqa: PLW0603
+    if _handler is not None:
+        logging.getLogger().removeHandler(_handler)
+        _handler = None
+    logging.captureWarnings(False)
+    sys.excepthook = sys.__excepthook__
+    threading.excepthook = threading.__excepthook__
+    structlog.reset_defaults()
 
 
 def _route_uncaught() -> None:
