@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import subprocess
 import urllib.error
 import urllib.request
 from datetime import timedelta
@@ -95,6 +97,10 @@ def test_metrics_from_a_live_broker(start_broker: StartBroker, pki: DevPki, ca: 
     assert next_update.value > 0 and next_update.labels["issuer"]
     assert families["edge_broker_queue_depth"].samples[0].labels == {"queue": "offline"}
     assert "process_resident_memory_bytes" in body.decode()
+    if shutil.which("promtool"):  # Debian's prometheus package (scripts/system-packages.sh installs it)
+        lint = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True, timeout=30,
+                              check=False)
+        assert lint.returncode == 0, lint.stdout + lint.stderr
     pump.close()
 
 
