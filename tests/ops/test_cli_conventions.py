@@ -118,3 +118,20 @@ def test_status_of_a_stopped_broker_exits_5(tmp_path: Path) -> None:
         result = cli("edge-broker", "status", "-c", str(config), *flag)
         assert result.returncode == 5
         assert "unreachable" in one_error_line(result)
+
+
+def test_agent_status_port_in_use_is_one_json_line_exit_5(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        config = tmp_path / "agent.yaml"
+        config.write_text(f"agent_id: gateway-agent\nstatus:\n  bind: 127.0.0.1:{port}\n")
+        result = cli("gateway-agent", "run", "-c", str(config))
+    assert result.returncode == 5, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [json.loads(text) for text in result.stderr.splitlines()]  # every line JSON, the error too
+    (error,) = [line for line in lines if line["event"] == "cli.error"]
+    assert "address already in use" in str(error["detail"]).lower() and "status.bind" in str(error["hint"])
