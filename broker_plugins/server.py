@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 from broker_plugins.broker import HardenedBroker
 from broker_plugins.cert_test_endpoint import CertificateTestEndpoint
@@ -42,8 +42,8 @@ from edge_runtime.version import version
 
 __all__ = ["EdgeBroker", "ReloadOutcome", "read_config_file"]
 
-#: what a reload did: "changed", "unchanged" or "failed" (the old state stays in force)
-ReloadOutcome = str
+#: what a reload did; after "failed" the old state stays in force
+ReloadOutcome = Literal["changed", "unchanged", "failed"]
 
 AUTH_PLUGIN = "broker_plugins.plugins.device_auth.DeviceAuthPlugin"
 _REFUSAL_SUFFIXES = (".rejected", ".denied", ".cut", ".reload_failed", ".removed", ".dropped")
