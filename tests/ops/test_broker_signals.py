@@ -4,6 +4,7 @@ stops it cleanly, every stderr line is JSON; and the reload of each concern in-p
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -61,6 +62,10 @@ def wait_for(predicate: object, timeout: float = 10.0) -> None:
 
 class BrokerProcess:
     def __init__(self, tmp_path: Path, pki: DevPki, registry: Path) -> None:
+        # systemd's side of Type=notify: a datagram socket the broker reports to
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(str(tmp_path / "notify"))
+        self.notify.settimeout(10)
         self.port, self.status_port = free_port(), free_port()
         self.acl = write_acl(tmp_path)
         self.server_dir = tmp_path / "tls"
@@ -76,7 +81,12 @@ class BrokerProcess:
         self.log = tmp_path / "broker.log"
         with self.log.open("w") as err:
             self.proc = subprocess.Popen([str(BIN / "edge-broker"), "run", "-c", str(self.config)],
-                                         stdout=subprocess.DEVNULL, stderr=err)
+                                         stdout=subprocess.DEVNULL, stderr=err,
+                                         env={**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")})
+
+    def notified(self) -> dict[str, str]:
+        data = self.notify.recv(4096).decode()
+        return dict(line.split("=", 1) for line in data.splitlines())
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.status_port}{path}"
@@ -107,11 +117,14 @@ def broker_process(tmp_path: Path, pki: DevPki, registry_file: Path) -> Iterator
         if broker.proc.poll() is None:
             broker.proc.kill()
             broker.proc.wait(10)
+        broker.notify.close()
 
 
 def test_sighup_reloads_while_serving_and_sigterm_stops_cleanly(broker_process: BrokerProcess,
                                                                  pki: DevPki) -> None:
     b = broker_process
+    ready = b.notified()
+    assert ready["READY"] == "1" and ready["STATUS"] == f"serving on 127.0.0.1:{b.port}"
     pump = Device(b.port, pki.chain, pki.device("pump-17"), "pump-17")
     assert pump.connect() == 0
     assert pump.subscribe("devices/+/status") == [1]
@@ -119,6 +132,8 @@ def test_sighup_reloads_while_serving_and_sigterm_stops_cleanly(broker_process: 
     replace_file(b.acl, TEST_ACL + "  pump-18:\n    - allow publish sites/plant-a/hello\n")
     b.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: b.events("broker.reloaded"), 10)
+    assert "RELOADING" in b.notified()
+    assert b.notified() == {"READY": "1", "STATUS": f"serving on 127.0.0.1:{b.port}; reloaded"}
     (reloaded,) = b.events("broker.reloaded")
     assert reloaded["changed"] == ["acl"] and reloaded["failed"] == []
     assert set(reloaded["unchanged"]) == {"registry", "tls"}  # type: ignore[arg-type]
@@ -133,6 +148,8 @@ def test_sighup_reloads_while_serving_and_sigterm_stops_cleanly(broker_process: 
     b.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: len(b.events("broker.reloaded")) == 2, 10)
     assert b.events("broker.reloaded")[1]["failed"] == ["acl"]
+    assert "RELOADING" in b.notified()
+    assert b.notified()["STATUS"].endswith("reloaded, kept last good acl")
     failed = b.events("config.reload_failed")[0]
     assert failed["file"] == str(b.acl) and failed["line"] == 3
     sensor.publish("devices/sensor-02/status", b"still")
@@ -140,6 +157,7 @@ def test_sighup_reloads_while_serving_and_sigterm_stops_cleanly(broker_process: 
     pump.close()
     sensor.close()
     assert b.stop() == 0
+    assert b.notified()["STOPPING"] == "1"
     lines = json_lines(b.log)  # every stderr line is JSON, from start to stop
     assert any(e["event"] == "broker.started" for e in lines)
     assert any(e["event"] == "broker.stopping" and e.get("reason") == "SIGTERM" for e in lines)

@@ -90,3 +90,48 @@ async def test_watchdog_pings_from_the_event_loop(notify_socket: tuple[socket.so
     with pytest.raises(BlockingIOError):
         sock.recv(4096)
     await notifier.stop_watchdog()
+
+
+@pytest.mark.integration
+def test_agent_process_speaks_notify_and_feeds_the_watchdog(tmp_path: Path,
+                                                           notify_socket: tuple[socket.socket, str]) -> None:
+    """``gateway-agent run`` as systemd runs it (Type=notify, WatchdogSec=1): READY, WATCHDOG,
+    RELOADING/READY on SIGHUP, STOPPING on SIGTERM, exit 0, and every stderr line JSON."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    sock, path = notify_socket
+    sock.settimeout(15)
+    config = tmp_path / "agent.yaml"
+    config.write_text("agent_id: gateway-agent\nstatus:\n  bind: 127.0.0.1:0\n")
+    env = {**os.environ, "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000"}
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "gateway-agent"), "run", "-c", str(config)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        seen: list[dict[str, str]] = []
+
+        def until(key: str) -> dict[str, str]:
+            while True:
+                (message,) = messages(sock, 1)
+                seen.append(message)
+                if key in message:
+                    return message
+
+        assert until("READY")["STATUS"].startswith("running")
+        until("WATCHDOG")
+        until("WATCHDOG")  # keeps pinging, every 0.5 s
+        proc.send_signal(signal.SIGHUP)
+        until("RELOADING")
+        until("READY")
+        proc.send_signal(signal.SIGTERM)
+        until("STOPPING")
+        _, stderr = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 0
+    events = [json.loads(line)["event"] for line in stderr.splitlines()]
+    assert "agent.sighup" in events and "agent.stopping" in events and events[-1] == "agent.stopped"
