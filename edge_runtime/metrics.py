@@ -4,7 +4,8 @@
   from ``SecurityEvents`` at scrape time (one source of truth: the counts ``status`` shows).
   The alarm pairs a component lists in ``alarms`` are exposed from the start at 0, so an
   alert rule's ``increase()`` sees their first occurrence;
-- gauges the component fills in by registering a reader (``Metrics.gauge``). The names a
+- gauges the component fills in by registering a reader (``Metrics.gauge``), and counters it
+  keeps itself (``Metrics.counter``). The names a
   site's dashboards and alert rules rely on are listed in ``GAUGES`` with their help text;
   a gauge nobody fills in is absent, never a made-up zero;
 - ``<ns>_build_info{version}`` and the process collector (``process_*``: memory, CPU, fds).
@@ -31,6 +32,7 @@ GAUGES: Final[Mapping[str, tuple[str, tuple[str, ...]]]] = {
     "connections": ("Open device connections on a listener (TLS accepted, not yet closed)", ("listener",)),
     "sessions": ("MQTT sessions: connected now, or known (connected plus offline persistent)", ("state",)),
     "queue_depth": ("Messages waiting in a queue (offline sessions' queues, the delivery queue)", ("queue",)),
+    "retained_messages": ("Retained messages the broker holds", ()),
     "crl_next_update_timestamp_seconds": ("nextUpdate of the CRL in force, per issuer, as Unix time", ("issuer",)),
     "crl_this_update_timestamp_seconds": ("thisUpdate of the CRL in force, per issuer, as Unix time", ("issuer",)),
     "crl_fresh": ("1 when the issuer's CRL admits devices under the staleness policy, else 0", ("issuer",)),
@@ -61,6 +63,7 @@ class _Gauge:
     documentation: str
     labels: tuple[str, ...]
     read: Callable[[], GaugeReading]
+    counter: bool = False
 
 
 class _Collector(Collector):
@@ -87,7 +90,8 @@ class _Collector(Collector):
             reading = gauge.read()
             if reading is None:
                 continue  # the component has no value now (e.g. no CRL installed yet)
-            family = GaugeMetricFamily(f"{ns}_{gauge.name}", gauge.documentation, labels=list(gauge.labels))
+            kind = CounterMetricFamily if gauge.counter else GaugeMetricFamily
+            family = kind(f"{ns}_{gauge.name}", gauge.documentation, labels=list(gauge.labels))
             if isinstance(reading, Mapping):
                 for key, value in reading.items():
                     family.add_metric([key] if isinstance(key, str) else list(key), float(value))
@@ -120,6 +124,11 @@ class Metrics:
         doc = documentation if documentation is not None else known[0]  # type: ignore[index]
         names = labels if labels is not None else (known[1] if known else ())
         self._gauges[name] = _Gauge(name, doc, names, read)
+
+    def counter(self, name: str, read: Callable[[], GaugeReading], *, documentation: str,
+                labels: tuple[str, ...] = ()) -> None:
+        """A counter the component keeps itself (a monotonic number), exposed as ``<ns>_<name>_total``."""
+        self._gauges[name] = _Gauge(name, documentation, labels, read, counter=True)
 
     def gauges(self) -> list[_Gauge]:
         return list(self._gauges.values())

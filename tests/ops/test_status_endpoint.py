@@ -107,6 +107,7 @@ def test_metrics_have_help_and_type_and_parse() -> None:
     metrics.gauge("crl_next_update_timestamp_seconds", lambda: {"CN=Issuing CA": 1.7e9})
     metrics.gauge("sessions", lambda: {"connected": 3.0, "known": 5.0})
     metrics.gauge("uplink_queue_age_seconds", lambda: None)  # no value now: absent, not a fake zero
+    metrics.counter("messages", lambda: {"received": 7.0}, documentation="messages", labels=("direction",))
     text = metrics.render().decode()
     families = {f.name: f for f in text_string_to_metric_families(text)}
     events_family = families["edge_test_events"]
@@ -121,6 +122,8 @@ def test_metrics_have_help_and_type_and_parse() -> None:
     assert families["edge_test_crl_next_update_timestamp_seconds"].samples[0].labels == {"issuer": "CN=Issuing CA"}
     assert "edge_test_uplink_queue_age_seconds" not in families
     assert families["edge_test_build_info"].samples[0].labels == {"version": "1.2.3"}
+    assert families["edge_test_messages"].type == "counter"
+    assert [(s.name, s.value) for s in families["edge_test_messages"].samples] == [("edge_test_messages_total", 7)]
     for name in families:
         assert f"# HELP {name}" in text and f"# TYPE {name}" in text
     with pytest.raises(ValueError, match="not in GAUGES"):
