@@ -95,7 +95,7 @@ def test_metrics_from_a_live_broker(start_broker: StartBroker, pki: DevPki, ca: 
     assert {s.labels["listener"]: s.value for s in families["edge_broker_connections"].samples}["devices"] >= 1
     (next_update,) = families["edge_broker_crl_next_update_timestamp_seconds"].samples
     assert next_update.value > 0 and next_update.labels["issuer"]
-    assert families["edge_broker_queue_depth"].samples[0].labels == {"queue": "offline"}
+    assert "offline" in {s.labels["queue"] for s in families["edge_broker_queue_depth"].samples}
     assert "process_resident_memory_bytes" in body.decode()
     if shutil.which("promtool"):  # Debian's prometheus package (scripts/system-packages.sh installs it)
         lint = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True, timeout=30,
