@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.broker.acl_fixture import write_acl
+from tests.broker.acl_fixture import TEST_ACL, write_acl
 from tests.conftest import StartBroker
 from tests.support.broker import BrokerThread
+from tests.support.mqtt import Device
 from tests.support.pki import DevPki
 
 pytestmark = pytest.mark.integration
@@ -48,7 +49,9 @@ def commands(pki: DevPki, port: int) -> dict[str, list[str]]:
 
 @pytest.fixture
 def broker(start_broker: StartBroker, tmp_path: Path) -> BrokerThread:
-    return start_broker(acl=write_acl(tmp_path))
+    # pump-17 may send sensor-02 a message, so the subscriber has something to receive
+    return start_broker(acl=write_acl(tmp_path, TEST_ACL.replace(
+        "  pump-17:\n", f"  pump-17:\n    - allow publish devices/{DEVICE}/cmd/#\n")))
 
 
 @pytest.mark.skipif(shutil.which("mosquitto_pub") is None, reason="Debian's mosquitto-clients")
@@ -61,14 +64,16 @@ def test_mosquitto_snippets(broker: BrokerThread, pki: DevPki) -> None:
     sub = subprocess.Popen([*argv["mosquitto_sub"], "-C", "1", "-W", "10"], stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
     broker.wait_event("subscription.granted")
-    assert broker.edge is not None and broker.edge.broker is not None
-    engine = broker.edge.broker
-    broker.call(lambda: engine.internal_message_broadcast(f"devices/{DEVICE}/cmd/x", b"go"))
+    sender = Device(broker.port, pki.chain, pki.device("pump-17"), "pump-17")  # another identity
+    assert sender.connect() == 0
+    sender.publish(f"devices/{DEVICE}/cmd/x", b"go")
     out, err = sub.communicate(timeout=15)
+    sender.close()
     assert out.strip() == f"devices/{DEVICE}/cmd/x go", err
-    # what the doc says happens without -i
-    anonymous = [a for i, a in enumerate(argv["mosquitto_pub"]) if a != "-i" and argv["mosquitto_pub"][i - 1] != "-i"]
-    refused = subprocess.run(anonymous, capture_output=True, text=True, timeout=20, check=False)
+    # what the doc says happens with a client id that is not the certificate's identity
+    pub = argv["mosquitto_pub"]
+    other = [*pub[:pub.index("-i") + 1], "not-this-device", *pub[pub.index("-i") + 2:]]
+    refused = subprocess.run(other, capture_output=True, text=True, timeout=20, check=False)
     assert refused.returncode != 0 and "identifier rejected" in refused.stderr.lower()
     broker.wait_event("auth.rejected", "client_id_mismatch")
 
