@@ -12,6 +12,7 @@ from pathlib import Path
 from broker_plugins.revocation import RevocationSettings
 from edge_core import yamlsrc
 from edge_core.errors import ConfigError
+from edge_core.firmware_trust import FirmwareGuardSettings, parse_firmware_guard_settings
 from edge_core.identity import IdentityPolicy
 from edge_core.revocation import StalenessPolicy, parse_staleness
 from edge_runtime.status_http import StatusSettings, is_loopback, parse_status_section, split_bind
@@ -59,6 +60,7 @@ class BrokerSettings:
     event_loop: str = "uvloop"
     commands: CommandSettings | None = None
     revocation: RevocationSettings | None = None
+    firmware: FirmwareGuardSettings | None = None
     source: str = "<settings>"
 
 
@@ -177,6 +179,10 @@ def parse_settings(text: str | bytes, *, source: str, base_dir: Path) -> BrokerS
         revocation = RevocationSettings(crl_files=files, issuers=issuers, staleness=staleness,
                                         max_skew=timedelta(seconds=max_skew), check_interval=check_interval)
 
+    # firmware offers (docs/firmware.md): verified by the firmware guard before forwarding
+    fsec = top.sub("firmware")
+    firmware = parse_firmware_guard_settings(fsec, base_dir) if fsec is not None else None
+
     reload_interval = top.take("reload_interval", float, 0.5)
     if not 0.05 <= reload_interval <= 2.0:
         raise top.error("reload_interval", "reload_interval must be between 0.05 and 2.0 seconds")
@@ -197,5 +203,6 @@ def parse_settings(text: str | bytes, *, source: str, base_dir: Path) -> BrokerS
         event_loop=event_loop,
         commands=commands,
         revocation=revocation,
+        firmware=firmware,
         source=source,
     )

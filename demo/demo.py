@@ -31,6 +31,8 @@ from cryptography.hazmat.primitives import serialization
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from firmware_steps import firmware_section  # noqa: E402 - demo/ is the script directory
+
 from device_client.client import DeviceClient, DeviceConfig  # noqa: E402
 from device_client.commands import DeviceCommandVerifier  # noqa: E402
 from device_client.rotation import CredentialStore, DeviceRotation  # noqa: E402
@@ -272,6 +274,7 @@ async def main(started: float, verifier: DeviceCommandVerifier, agent: subproces
     await commands_section(started, verifier)
     await revocation_section(agent)
     await validation_section()
+    await firmware_section(run=run, say=say, step=step, wait_for_refusal=wait_for_refusal, count=count)
     await renewal_section(agent_config, overlap_s)
 
     step("Broker counters (edge-broker status)")

@@ -21,4 +21,6 @@ def enabled_plugins(settings: BrokerSettings) -> dict[str, dict[str, Any]]:
         plugins["broker_plugins.plugins.topic_acl.TopicAclPlugin"] = {}
     if settings.commands is not None:
         plugins["broker_plugins.plugins.command_guard.CommandGuardPlugin"] = {}
+    if settings.firmware is not None:
+        plugins["broker_plugins.plugins.firmware_guard.FirmwareGuardPlugin"] = {}
     return plugins

@@ -1,0 +1,155 @@
+"""A staged rollout through the real broker: real TLS, real device clients, the image over HTTP.
+
+The publisher offers canaries first; devices verify, download (resuming with Range),
+install A/B, trial-boot and report. Failure reports halt the rollout before anyone else
+is offered the release.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import aiomqtt
+import pytest
+
+from device_client.firmware import DeviceFirmware, HttpImageSource, serve_offers
+from edge_core.clock import SystemClock
+from edge_core.events import SecurityEvents
+from edge_core.firmware_rollout import RolloutPolicy
+from edge_core.registry import DeviceEntry, Registry, dump_registry, parse_registry
+from gateway_agent.firmware_publish import PublishResult, publish_release
+from gateway_agent.firmware_settings import PublishSettings
+from tests.broker.acl_fixture import TEST_ACL, write_acl
+from tests.conftest import StartBroker
+from tests.firmware.release import Release
+from tests.support.broker import BrokerThread
+from tests.support.mqtt import tls_context
+from tests.support.pki import DevPki
+
+pytestmark = pytest.mark.integration
+
+ACL = TEST_ACL.replace("everyone:\n", "everyone:\n  - allow subscribe devices/{device}/firmware/+\n"
+                       "  - allow publish devices/{device}/firmware/report\n") + """\
+  sensor-01:
+    - allow publish devices/+/firmware/offer
+    - allow subscribe devices/+/firmware/report
+"""
+DEVICES = ("pump-17", "pump-18", "sensor-02")
+OLD = b"factory " * 1000
+NEW = bytes(range(256)) * 2000
+
+
+@pytest.fixture
+def broker(start_broker: StartBroker, tmp_path: Path, registry_file: Path) -> tuple[BrokerThread, Release]:
+    registry = parse_registry(registry_file.read_bytes())
+    devices = dict(registry.devices)
+    for device in DEVICES:
+        e = devices[device]
+        devices[device] = DeviceEntry(device_id=device, pins=e.pins, roles=e.roles,
+                                      attributes={**e.attributes, "firmware_class": "pump-ctl"})
+    registry_file.write_text(dump_registry(Registry(devices=devices)))
+    release = Release(now=datetime.now(UTC))
+    (tmp_path / "root.json").write_bytes(release.chain[0])
+    b = start_broker(acl=write_acl(tmp_path, ACL),
+                     extra=f"firmware:\n  root: {tmp_path / 'root.json'}\n  state: {tmp_path / 'state.json'}\n")
+    return b, release
+
+
+def publish_settings(b: BrokerThread, pki: DevPki, tmp_path: Path, registry: Path, policy: RolloutPolicy
+                     ) -> PublishSettings:
+    cred = pki.device("sensor-01")
+    return PublishSettings(host="127.0.0.1", port=b.port, ca=pki.chain, cert=cred.cert, key=cred.key,
+                           client_id="sensor-01", registry=registry, class_attribute="firmware_class",
+                           images_dir=tmp_path / "images", http_bind=("127.0.0.1", 0),
+                           public_url="http://127.0.0.1:0", http_cert=None, http_key=None, rollout=policy)
+
+
+async def run_devices(b: BrokerThread, pki: DevPki, tmp_path: Path, release: Release, *, healthy: bool,
+                      offers: dict[str, int]) -> list[asyncio.Task[None]]:
+    tasks = []
+    for device in DEVICES:
+        DeviceFirmware.provision(tmp_path / device, pinned_root=release.chain[0], image=OLD, version=1)
+        fw = DeviceFirmware(device, "pump-ctl", tmp_path / device, SystemClock())
+        client = aiomqtt.Client("127.0.0.1", b.port, identifier=device,
+                                tls_context=tls_context(pki.chain, pki.device(device)),
+                                protocol=aiomqtt.ProtocolVersion.V311)
+
+        def self_test(firmware: DeviceFirmware, slot: str, name: str = device) -> bool:
+            offers[name] = offers.get(name, 0) + 1
+            return healthy and firmware.slot_image(slot) == NEW
+
+        async def device_main(client: aiomqtt.Client = client, fw: DeviceFirmware = fw,
+                              self_test: Callable[[DeviceFirmware, str], bool] = self_test) -> None:
+            async with client:
+                await serve_offers(client, fw, source_for=lambda offer: HttpImageSource(str(offer.url)),
+                                   self_test=self_test)
+        tasks.append(asyncio.create_task(device_main()))
+    await asyncio.sleep(0.5)  # subscribed
+    return tasks
+
+
+async def stop(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+            await task
+
+
+async def rollout(b: BrokerThread, pki: DevPki, tmp_path: Path, registry: Path, release: Release, *,
+                  healthy: bool, policy: RolloutPolicy, events: SecurityEvents) -> tuple[PublishResult, dict[str, int]]:
+    """Three devices run the reference updater; the publisher rolls release v2 out to them."""
+    image = tmp_path / "fw.bin"
+    image.write_bytes(NEW)
+    offers: dict[str, int] = {}
+    tasks = await run_devices(b, pki, tmp_path, release, healthy=healthy, offers=offers)
+    try:
+        result = await asyncio.wait_for(publish_release(
+            publish_settings(b, pki, tmp_path, registry, policy), chain=release.chain,
+            manifest_envelope=release.manifest(NEW, version=2), image=image, clock=SystemClock(), events=events), 60)
+        await asyncio.sleep(0.5)  # anything still in flight arrives (nothing may, after a halt)
+    finally:
+        await stop(tasks)
+    return result, offers
+
+
+async def test_staged_rollout_reaches_every_device(broker: tuple[BrokerThread, Release], pki: DevPki,
+                                                   tmp_path: Path, registry_file: Path) -> None:
+    b, release = broker
+    events = SecurityEvents("test")
+    result, _ = await rollout(b, pki, tmp_path, registry_file, release, healthy=True, events=events,
+                              policy=RolloutPolicy(canary_percent=30, rate_per_second=5,
+                                                   report_timeout=timedelta(seconds=20)))
+    assert result.summary["phase"] == "done" and result.summary["confirmed"] == sorted(DEVICES)
+    for device in DEVICES:
+        fw = DeviceFirmware(device, "pump-ctl", tmp_path / device, SystemClock())
+        assert fw.version == 2 and fw.active_slot == "b" and fw.slot_image("b") == NEW
+    # the canary confirmed before anyone else was offered the release
+    (canary,) = result.summary["canaries"]  # type: ignore[misc]
+    log = events.recent()
+    confirmed = next(i for i, e in enumerate(log) if e["event"] == "firmware.report" and e["device"] == canary
+                     and e["state"] == "confirmed")
+    others = [i for i, e in enumerate(log) if e["event"] == "firmware.offered" and e["device"] != canary]
+    assert len(others) == 2 and confirmed < min(others)
+    assert b.events.count("firmware.accepted") == 3
+
+
+async def test_failure_reports_halt_the_rollout(broker: tuple[BrokerThread, Release], pki: DevPki,
+                                                tmp_path: Path, registry_file: Path) -> None:
+    b, release = broker
+    result, offers = await rollout(b, pki, tmp_path, registry_file, release, healthy=False,
+                                   events=SecurityEvents("test"),
+                                   policy=RolloutPolicy(canary_percent=30, rate_per_second=5))
+    assert result.halted
+    (canary,) = result.summary["canaries"]  # type: ignore[misc]
+    assert list(result.summary["failed"]) == [canary]  # type: ignore[call-overload]
+    assert "rolled_back:self_test_failed" in str(result.summary["halted"])
+    assert offers == {canary: 1}
+    for device in DEVICES:
+        fw = DeviceFirmware(device, "pump-ctl", tmp_path / device, SystemClock())
+        assert fw.version == 1 and fw.boot() == "a"  # the canary rolled back; the others never changed
+    assert b.events.count("firmware.accepted") == 1
