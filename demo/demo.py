@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from firmware_steps import firmware_section  # noqa: E402 - demo/ is the script directory
+from uplink_steps import uplink_section  # noqa: E402
 
 from device_client.client import DeviceClient, DeviceConfig  # noqa: E402
 from device_client.commands import DeviceCommandVerifier  # noqa: E402
@@ -276,6 +277,8 @@ async def main(started: float, verifier: DeviceCommandVerifier, agent: subproces
     await validation_section()
     await firmware_section(run=run, say=say, step=step, wait_for_refusal=wait_for_refusal, count=count)
     await renewal_section(agent_config, overlap_s)
+    await asyncio.to_thread(uplink_section, root=ROOT, certs=CERTS, bin_dir=BIN, device=device_config("device-001"),
+                            wait_for_refusal=wait_for_refusal, count=count)
 
     step("Broker counters (edge-broker status)")
     for name, reasons in status()["events"].items():
@@ -306,6 +309,7 @@ def run_demo() -> None:
     step("1. Dev PKI: root CA, issuing CA, broker cert, 3 devices, operator alice, registry with pins, CRL 1")
     # a new dev CA starts again at CRL number 1: forget the previous run's anti-rollback state with it
     shutil.rmtree(ROOT / "var", ignore_errors=True)
+    (ROOT / "demo-uplink.log").unlink(missing_ok=True)  # appended to across the uplink's restarts: start empty
     say(run("gateway-agent", "pki", "init-dev", "--out", str(CERTS), "--devices", "3", "--force").splitlines()[0])
     verifier = verifier_for("device-001")  # device-001 "boots": its own replay cache starts now
 
@@ -343,15 +347,15 @@ def run_demo() -> None:
 def check_json_lines() -> str:
     """The daemons' logs and every CLI call's stderr must be JSON lines (`journalctl -o cat | jq` works)."""
     counts = {}
-    for log in ("demo-broker.log", "demo-agent.log"):
-        lines = (ROOT / log).read_text().splitlines()
+    for log in ("demo-broker.log", "demo-agent.log", "demo-uplink.log"):
+        lines = (ROOT / log).read_text().splitlines() if (ROOT / log).exists() else []
         counts[log] = len(lines)
         for number, line in enumerate(lines, 1):
             _must_be_json(line, f"{log}:{number}")
     for where, line in STDERR_LINES:
         _must_be_json(line, where)
-    return (f"{counts['demo-broker.log']} broker lines, {counts['demo-agent.log']} agent lines and "
-            f"{len(STDERR_LINES)} CLI stderr lines: all parse as JSON")
+    return (f"{counts['demo-broker.log']} broker, {counts['demo-agent.log']} agent, {counts['demo-uplink.log']} "
+            f"uplink and {len(STDERR_LINES)} CLI stderr lines: all parse as JSON")
 
 
 def _must_be_json(line: str, where: str) -> None:

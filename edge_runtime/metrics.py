@@ -23,7 +23,7 @@ from prometheus_client.registry import Collector
 
 from edge_core.events import SecurityEvents
 
-__all__ = ["AGENT_ALARMS", "BROKER_ALARMS", "CONTENT_TYPE", "GAUGES", "GaugeReading", "Metrics"]
+__all__ = ["AGENT_ALARMS", "BROKER_ALARMS", "CONTENT_TYPE", "COUNTERS", "GAUGES", "GaugeReading", "Metrics"]
 
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -38,8 +38,20 @@ GAUGES: Final[Mapping[str, tuple[str, tuple[str, ...]]]] = {
     "crl_fresh": ("1 when the issuer's CRL admits devices under the staleness policy, else 0", ("issuer",)),
     "certificates": ("Device certificates in the inventory by lifecycle state", ("state",)),
     "certificate_soonest_expiry_days": ("Days until the soonest expiry of an active device certificate", ()),
-    "uplink_queue_age_seconds": ("Age of the oldest message waiting in the uplink store-and-forward queue", ()),
+    "uplink_queue_oldest_age_seconds": ("Age of the oldest message waiting in the uplink store-and-forward queue",
+                                        ()),
+    "uplink_queue_depth": ("Messages waiting in the uplink store-and-forward queue", ()),
+    "uplink_queue_bytes": ("Bytes waiting in the uplink store-and-forward queue", ()),
+    "uplink_cloud_connected": ("1 while the uplink's session to the cloud broker is up", ()),
+    "uplink_local_connected": ("1 while the uplink's session to the local broker is up", ()),
     "services": ("Services the agent runs", ()),
+}
+
+#: help texts of counters services report by name (``<name>_total`` in ``Metrics.values``)
+COUNTERS: Final[Mapping[str, str]] = {
+    "uplink_forwarded": "Messages the uplink forwarded to the cloud broker",
+    "uplink_resent": "Messages the uplink sent again after a reconnect",
+    "uplink_dropped": "Messages the uplink dropped (queue overflow)",
 }
 
 #: (event, reason) pairs the alert rules (configs/monitoring/alerts.yml) watch with increase()
@@ -98,6 +110,22 @@ class _Collector(Collector):
             else:
                 family.add_metric([], float(reading))
             yield family
+        for source in m.sources():
+            yield from _named_values(ns, source())
+
+
+def _named_values(ns: str, values: Mapping[str, float]) -> Iterator[Metric]:
+    for name, value in sorted(values.items()):
+        if name.endswith("_total"):
+            base = name.removesuffix("_total")
+            counter = CounterMetricFamily(f"{ns}_{base}", COUNTERS.get(base, f"{base} (reported by a service)"))
+            counter.add_metric([], float(value))
+            yield counter
+        else:
+            known = GAUGES.get(name)
+            gauge = GaugeMetricFamily(f"{ns}_{name}", known[0] if known else f"{name} (reported by a service)")
+            gauge.add_metric([], float(value))
+            yield gauge
 
 
 class Metrics:
@@ -110,6 +138,7 @@ class Metrics:
         self.version = version
         self.alarms = tuple(alarms)
         self._gauges: dict[str, _Gauge] = {}
+        self._sources: list[Callable[[], Mapping[str, float]]] = []
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
         if process:
@@ -130,8 +159,16 @@ class Metrics:
         """A counter the component keeps itself (a monotonic number), exposed as ``<ns>_<name>_total``."""
         self._gauges[name] = _Gauge(name, documentation, labels, read, counter=True)
 
+    def values(self, read: Callable[[], Mapping[str, float]]) -> None:
+        """Unlabelled values a service reports by name (``{"uplink_queue_depth": 3.0, ...}``), read at
+        every scrape: a name ending in ``_total`` is a counter, every other a gauge."""
+        self._sources.append(read)
+
     def gauges(self) -> list[_Gauge]:
         return list(self._gauges.values())
+
+    def sources(self) -> list[Callable[[], Mapping[str, float]]]:
+        return list(self._sources)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -80,6 +80,10 @@ def install_observability(agent: Agent, server: StatusServer | None, metrics: Me
     metrics.gauge("crl_next_update_timestamp_seconds", lambda: _crl_next_update(agent.crl))
     metrics.gauge("crl_this_update_timestamp_seconds", lambda: _crl_this_update(agent.crl))
     metrics.gauge("crl_fresh", lambda: _crl_fresh(agent.crl, agent))
+    for service in agent.services:  # services with figures of their own (the uplink's queue) report them
+        read = getattr(service, "gauges", None)
+        if callable(read):
+            metrics.values(read)
     lifecycle = agent.settings.lifecycle
     if lifecycle is not None:
         certs = CertificateGauges(lifecycle.inventory, agent)

@@ -51,6 +51,10 @@ devices:
     roles: [pump]
     attributes: {{site: plant-a, line: line-3}}
     enabled: false
+  gateway-uplink:
+    pins: [{_pin("f")}]
+    roles: [uplink]
+    attributes: {{site: plant-a}}
 """
 
 CLEAN_ACL = """\
@@ -196,7 +200,7 @@ def test_check_shipped_acl_passes_with_its_warnings_acknowledged(run: RunCli, tm
     # The shipped file's deliberate cross-device grants (operator, gateway) are still shown, acknowledged.
     expected = sorted(
         n for n, text in enumerate(acl.read_text().splitlines(), 1)
-        if "allow" in text and ("devices/+/" in text or "gateway/validation/+/" in text)
+        if "allow" in text and ("devices/+/" in text or "gateway/validation/+/" in text or "operators/+/" in text)
     )
     assert expected, "configs/acl.yaml no longer has cross-device grants; pick another warning"
     found = []

@@ -106,7 +106,7 @@ def test_metrics_have_help_and_type_and_parse() -> None:
     metrics = Metrics("edge_test", events, version="1.2.3")
     metrics.gauge("crl_next_update_timestamp_seconds", lambda: {"CN=Issuing CA": 1.7e9})
     metrics.gauge("sessions", lambda: {"connected": 3.0, "known": 5.0})
-    metrics.gauge("uplink_queue_age_seconds", lambda: None)  # no value now: absent, not a fake zero
+    metrics.gauge("uplink_queue_oldest_age_seconds", lambda: None)  # no value now: absent, not a fake zero
     metrics.counter("messages", lambda: {"received": 7.0}, documentation="messages", labels=("direction",))
     text = metrics.render().decode()
     families = {f.name: f for f in text_string_to_metric_families(text)}
@@ -120,7 +120,7 @@ def test_metrics_have_help_and_type_and_parse() -> None:
     assert {s.labels["state"]: s.value for s in families["edge_test_sessions"].samples} == {"connected": 3,
                                                                                              "known": 5}
     assert families["edge_test_crl_next_update_timestamp_seconds"].samples[0].labels == {"issuer": "CN=Issuing CA"}
-    assert "edge_test_uplink_queue_age_seconds" not in families
+    assert "edge_test_uplink_queue_oldest_age_seconds" not in families
     assert families["edge_test_build_info"].samples[0].labels == {"version": "1.2.3"}
     assert families["edge_test_messages"].type == "counter"
     assert [(s.name, s.value) for s in families["edge_test_messages"].samples] == [("edge_test_messages_total", 7)]

@@ -1,0 +1,88 @@
+"""``gateway-agent zones check``: the shipped configs pass; every file of the bad corpus fails with its reason."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from edge_core import zones
+from edge_core.errors import ConfigError
+from gateway_agent.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = ROOT / "configs"
+CORPUS = sorted((Path(__file__).parent / "corpus").glob("*.yaml"))
+_HEADER = re.compile(r"# kind: (\w+)\n# expect: (\w+) line (\d+)\n")
+
+
+def test_shipped_configs_are_compliant(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["zones", "check", "--zones", str(CONFIGS / "zones.yaml")]) == 0
+    err = capsys.readouterr().err
+    assert "compliant" in err
+    for name in ("broker.yaml", "agent.yaml", "uplink.yaml"):
+        assert name in err  # all three were checked, not skipped
+
+
+@pytest.mark.parametrize("bad", CORPUS, ids=[p.stem for p in CORPUS])
+def test_bad_config_fails_with_its_reason(bad: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    header = _HEADER.match(bad.read_text())
+    assert header is not None, f"{bad.name}: missing '# kind:' / '# expect:' header"
+    kind, code, line = header.groups()
+    if kind == "zones":
+        argv = ["zones", "check", "--zones", str(bad)]
+    else:
+        argv = ["zones", "check", "--zones", str(CONFIGS / "zones.yaml"), f"--{kind}", str(bad)]
+    assert main(argv) == 1
+    out = capsys.readouterr().out
+    assert f"{bad}:{line}: " in out and f"[{code}]" in out, out
+    wanted = [row for row in out.splitlines() if row.startswith(f"{bad}:{line}: ") and row.endswith(f"[{code}]")]
+    assert wanted, f"expected {code} at line {line}, got:\n{out}"
+
+
+def test_broken_file_is_exit_3_not_a_violation(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "zones.yaml"
+    bad.write_text("version: 1\ngateway: gw\nzones: [{id: 7}]\ninterfaces: {}\n")
+    assert main(["zones", "check", "--zones", str(bad)]) == 3
+    assert f"{bad}:3" in capsys.readouterr().err
+    assert main(["zones", "check", "--zones", str(tmp_path / "missing.yaml")]) == 3
+    assert main(["zones", "check", "--zones", str(CONFIGS / "zones.yaml"), "--broker", str(tmp_path / "x")]) == 3
+
+
+def test_unknown_key_in_zones_names_file_and_line(tmp_path: Path) -> None:
+    text = (CONFIGS / "zones.yaml").read_text().replace("gateway: gw-01", "gateway: gw-01\nfirewall: off")
+    with pytest.raises(ConfigError) as err:
+        zones.parse_zones(text.encode(), source="z.yaml")
+    assert err.value.line == 10
+    assert "unknown key 'firewall'" in str(err.value)
+
+
+def test_every_violation_is_reported_not_only_the_first() -> None:
+    text = (CONFIGS / "zones.yaml").read_text() + (
+        "  - {name: a, from: 3, to: 2, protocol: mqtt-tls, port: 8883}\n"
+        "  - {name: b, from: 2, to: 0, protocol: https, port: 443}\n"
+        "  - {name: c, from: 2, to: 3, protocol: http, port: 80}\n")
+    found = zones.check_model(zones.parse_zones(text.encode(), source="z.yaml"))
+    assert [v.code for v in found] == ["inbound_from_zone3", "zone0_conduit", "plaintext_conduit"]
+
+
+def test_nft_refuses_a_non_compliant_zone_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "rules.nft"
+    assert main(["zones", "nft", "--zones", str(CORPUS[0]), "-o", str(out)]) == 1
+    assert not out.exists()
+    assert main(["zones", "nft", "--zones", str(CONFIGS / "zones.yaml"), "-o", str(out)]) == 0
+    text = out.read_text()
+    assert "policy drop" in text and 'iifname "eth0"' in text and "tcp dport 8883" in text
+    assert 'iifname "eth1"' not in text  # nothing is opened inbound on the Zone 3 interface
+
+
+def test_user_binding_only_on_outbound_conduits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = (CONFIGS / "zones.yaml").read_text()
+    bound = text.replace("# user: edge-uplink", "user: edge-uplink")
+    model = zones.parse_zones(bound.encode(), source="z.yaml")
+    assert 'meta skuid "edge-uplink" tcp dport 8883' in zones.render_nftables(model)
+    bad = tmp_path / "zones.yaml"
+    bad.write_text(text.replace("    port: 8884\n", "    port: 8884\n    user: edge-broker\n"))
+    assert main(["zones", "check", "--zones", str(bad)]) == 3
+    assert "only an outbound conduit" in capsys.readouterr().err
