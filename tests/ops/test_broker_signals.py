@@ -211,6 +211,8 @@ def own_tls_broker(tmp_path: Path, pki: DevPki, registry_file: Path) -> Iterator
         shutil.copy(pki.root / name, tls / name)
     settings = write_settings(tmp_path, registry=registry_file, chain=pki.chain, server_dir=tls,
                               acl=write_acl(tmp_path))
+    # the pollers look only every 2 s, so what reloads below is reload_all, not a poll that got there first
+    settings.write_text(settings.read_text().replace("reload_interval: 0.1", "reload_interval: 2.0"))
     with BrokerThread(settings) as broker:
         yield broker
 
