@@ -137,8 +137,11 @@ class HardenedBroker(Broker):
                 return False
         return True
 
-    async def _guard_message(self, session: Session, topic: str, payload: bytes, retain: bool) -> bool:
+    async def _guard_message(self, session: Session, topic: str, payload: bytes, retain: bool,
+                             *, will_at_connect: bool = False) -> bool:
         for guard in self._message_guards:
+            if will_at_connect and getattr(guard, "checks_wills_when_fired", False):
+                continue  # checked once, when the will fires: checking now would spend its nonce
             try:
                 ok = await guard.guard_publish(session=session, topic=topic, payload=payload, retain=retain)
             except Exception as exc:  # noqa: BLE001 - fail closed: any plugin error denies
@@ -151,11 +154,12 @@ class HardenedBroker(Broker):
                 return False
         return True
 
-    async def check_publish(self, session: Session, topic: str, payload: bytes, retain: bool) -> bool:
+    async def check_publish(self, session: Session, topic: str, payload: bytes, retain: bool,
+                            *, will_at_connect: bool = False) -> bool:
         """The full publish check: topic ACL then message guards. Used for PUBLISH and wills."""
         if not await self._topic_filtering(session, topic, Action.PUBLISH):
             return False
-        return await self._guard_message(session, topic, payload, retain)
+        return await self._guard_message(session, topic, payload, retain, will_at_connect=will_at_connect)
 
     # -- 1. authenticate before any shared state changes --------------------------------
 
@@ -199,7 +203,7 @@ class HardenedBroker(Broker):
             await self._refuse_connect(incoming, writer)
             raise AMQTTError(f"CONNECT from {peer} refused: {incoming.attributes.get(REFUSAL)}")
 
-        if incoming.will_flag and not await self._will_allowed(incoming):
+        if incoming.will_flag and not await self._will_allowed(incoming, firing=False):
             incoming.attributes[REFUSAL] = "will_denied"
             await self._refuse_connect(incoming, writer)
             raise AMQTTError(f"CONNECT from {peer} refused: will message not allowed")
@@ -234,14 +238,14 @@ class HardenedBroker(Broker):
         finally:
             await _close_quietly(writer)
 
-    async def _will_allowed(self, session: Session) -> bool:
+    async def _will_allowed(self, session: Session, *, firing: bool) -> bool:
         topic = session.will_topic or ""
         if not topic or "#" in topic or "+" in topic or topic.startswith("$"):
             self.runtime.events.emit("will.rejected", "invalid_topic", level="warning",
                                      device=_device(session), topic=topic)
             return False
         if not await self.check_publish(session, topic, bytes(session.will_message or b""),
-                                        bool(session.will_retain)):
+                                        bool(session.will_retain), will_at_connect=not firing):
             self.runtime.events.emit("will.rejected", "publish_denied", level="warning",
                                      device=_device(session), topic=topic)
             return False
@@ -318,7 +322,7 @@ class HardenedBroker(Broker):
             if client_session.attributes.get(CUT):
                 self.runtime.events.emit("will.suppressed", client_session.attributes[CUT],
                                          device=_device(client_session), topic=client_session.will_topic)
-            elif await self._will_allowed(client_session):
+            elif await self._will_allowed(client_session, firing=True):
                 payload = bytes(client_session.will_message or b"")
                 await self._broadcast_message(client_session, client_session.will_topic, payload,
                                               client_session.will_qos)

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from cryptography import x509
 
+from edge_core.admission import Admitted, RevocationView, session_verdict
+from edge_core.chain import PathRefused, TrustStore, ValidPath, build_path
 from edge_core.errors import CredentialError
 from edge_core.revocation import (
     CrlUpdate,
@@ -27,12 +29,15 @@ from edge_core.revocation import (
     RevocationIndex,
     StalenessPolicy,
     accept_crl,
+    is_newer,
     issuer_key,
     split_crl_bundle,
 )
 from edge_runtime.pemfiles import load_ca_certificates
 
 __all__ = ["RevocationSettings", "RevocationState", "load_issuer_certs"]
+
+_PATH_CACHE = 100_000  # built paths kept (one per live certificate); cleared when full
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,8 @@ class RevocationSettings:
     staleness: StalenessPolicy = field(default_factory=StalenessPolicy)
     max_skew: timedelta = timedelta(minutes=5)
     check_interval: float = 5.0
+    #: the CA bundle device chains are built from (the listener's ``client_ca``)
+    trust_bundle: Path | None = None
 
 
 def load_issuer_certs(paths: Sequence[Path]) -> list[x509.Certificate]:
@@ -59,13 +66,10 @@ def _accept_files(blobs: Mapping[str, bytes], issuers: Sequence[x509.Certificate
         for block in blocks:
             # installed=None for a full re-read; anti-rollback is checked against ``installed`` below
             update = accept_crl(block, issuers=issuers, installed=None, now=now, max_skew=max_skew)
-            previous = installed.get(update.issuer)
-            if previous is not None and update.installed.crl_number < previous.crl_number:
-                raise CredentialError(
-                    "crl_rollback",
-                    f"{name}: new CRL number {update.installed.crl_number} must be >= installed "
-                    f"{previous.crl_number} for {update.issuer}",
-                )
+            try:
+                is_newer(installed.get(update.issuer), update.installed.crl_number, update.installed.sha256)
+            except CredentialError as exc:
+                raise CredentialError(exc.reason, f"{name}: {exc}", hint=exc.hint) from exc
             updates.append(update)
     return updates
 
@@ -74,7 +78,11 @@ class RevocationState:
     def __init__(self, settings: RevocationSettings, issuers: Sequence[x509.Certificate]) -> None:
         self.settings = settings
         self.issuers = list(issuers)
+        bundle = load_issuer_certs([settings.trust_bundle]) if settings.trust_bundle is not None else []
+        #: every CA on a device's path whose issuer publishes a configured CRL is checked
+        self.trust = TrustStore.from_bundle([*bundle, *self.issuers], crl_issuers=self.issuers)
         self.index = RevocationIndex()
+        self._paths: dict[str, ValidPath | None] = {}
         self.issuer_names = [issuer_key(c.subject) for c in self.issuers]
         #: SHA-256 of each CRL file's bytes as last read, so file watchers start from what was loaded
         self.file_digests: dict[str, str] = {}
@@ -94,6 +102,25 @@ class RevocationState:
         updates = await asyncio.to_thread(_accept_files, blobs, self.issuers, self.index.installed, now,
                                           self.settings.max_skew)
         return RevocationIndex.from_updates(updates)
+
+    def verdict(self, admitted: Admitted, now: datetime) -> str | None:
+        """May this session live, as far as revocation goes? None or a stable reason code.
+
+        The path is built once per certificate (TLS already checked its signatures) and kept,
+        so re-checking every live session after a CRL reload costs lookups, not signatures.
+        """
+        cert = admitted.cert
+        path = self._paths.get(cert.fingerprint)
+        if path is None and cert.certificate is not None and cert.fingerprint not in self._paths:
+            try:
+                path = build_path(cert.certificate, trust=self.trust, now=now)
+            except PathRefused:
+                path = None  # CAs not all known here: the device's own certificate is still checked
+            if len(self._paths) >= _PATH_CACHE:
+                self._paths.clear()
+            self._paths[cert.fingerprint] = path
+        view = RevocationView(self.trust, self.index, self.settings.staleness)
+        return session_verdict(admitted, now=now, revocation=view, path=path)
 
     def freshness(self, issuer: str, now: datetime) -> Freshness:
         return self.settings.staleness.evaluate(self.index.installed.get(issuer), now)

@@ -31,6 +31,7 @@ from broker_plugins.tls import server_context
 from edge_core.acl import Policy, parse_policy
 from edge_core.admission import still_admitted
 from edge_core.clock import Clock, SystemClock
+from edge_core.command_config import check_command_configuration
 from edge_core.errors import ConfigError, CredentialError
 from edge_core.events import SecurityEvents
 from edge_core.operators import OperatorConfig, parse_operators
@@ -123,6 +124,12 @@ class EdgeBroker:
         else:
             self.events.emit("broker.no_acl", "not_configured", level="warning",
                              detail="no 'acl:' file configured: every publish and subscribe is denied")
+        check_command_configuration(self.runtime.acl if isinstance(self.runtime.acl, Policy) else None,
+                                    commands_configured=s.commands is not None, disabled=s.commands_disabled,
+                                    source=s.source)
+        if s.commands_disabled:
+            self.events.emit("broker.commands_disabled", "unverified_commands", level="warning",
+                             detail="'commands: disabled': command topics are forwarded without verification")
         if s.commands is not None:
             operators = self._parse_operators(read_config_file(s.commands.operators_path, "operators file"))
             self.runtime.commands = CommandState.start(operators, capacity=s.commands.replay_capacity,
@@ -386,12 +393,10 @@ class EdgeBroker:
             admitted = admitted_of(session)
             if admitted is None or session.client_id is None:
                 continue
-            cert = admitted.cert
-            if state.index.is_revoked(cert.issuer, cert.serial):
-                await self.broker.cut_session(session.client_id, "revoked", serial=f"{cert.serial:x}")
-                cut += 1
-            elif not state.freshness(cert.issuer, now).admit:
-                await self.broker.cut_session(session.client_id, "crl_stale", drop_state=False)
+            reason = state.verdict(admitted, now)
+            if reason is not None:
+                await self.broker.cut_session(session.client_id, reason, serial=f"{admitted.cert.serial:x}",
+                                              drop_state=reason != "crl_stale")
                 cut += 1
         return cut
 

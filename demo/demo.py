@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives import serialization
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from devices_steps import DemoKit, devices_section  # noqa: E402 - demo/ is the script directory
 from firmware_steps import firmware_section  # noqa: E402 - demo/ is the script directory
 from uplink_steps import uplink_section  # noqa: E402
 
@@ -172,7 +173,7 @@ async def revocation_section(agent: subprocess.Popen[str]) -> None:
     device = DeviceClient(device_config("device-003"))
     async with device:
         say("device-003 is connected")
-        say(run("gateway-agent", "pki", "revoke", "device-003", "--ca-dir", str(CERTS)).strip().splitlines()[-1])
+        say(run("gateway-agent", "pki", "revoke", "device-003", "--ca-dir", str(CERTS)).strip().splitlines()[0])
         say(run("gateway-agent", "pki", "crl", "--ca-dir", str(CERTS)).strip().splitlines()[-1])
         before = count("session.cut")
         started = time.monotonic()
@@ -274,6 +275,8 @@ async def main(started: float, verifier: DeviceCommandVerifier, agent: subproces
 
     await commands_section(started, verifier)
     await revocation_section(agent)
+    kit = DemoKit(run, step, say, try_connect, device_config, wait_for_refusal, count)
+    await devices_section(kit, agent, agent_config, CERTS)
     await validation_section()
     await firmware_section(run=run, say=say, step=step, wait_for_refusal=wait_for_refusal, count=count)
     await renewal_section(agent_config, overlap_s)

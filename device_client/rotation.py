@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import re
 import secrets
@@ -53,7 +52,7 @@ from edge_core.clock import Clock, SystemClock
 from edge_core.errors import CredentialError, StateError
 from edge_core.events import SecurityEvents
 from edge_core.files import atomic_write_bytes, atomic_write_text
-from edge_core.identity import IdentityPolicy, check_identity
+from edge_core.identity import IdentityPolicy, check_identity, spki_pin_of_key
 from edge_core.rotation_wire import (
     MAX_MESSAGE_BYTES,
     PROTOCOL_VERSION,
@@ -113,8 +112,7 @@ class PendingCredential:
 
 
 def _key_id(public_key: ec.EllipticCurvePublicKey) -> str:
-    spki = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return hashlib.sha256(spki).hexdigest()[:32]
+    return spki_pin_of_key(public_key).removeprefix("sha256:")[:32]
 
 
 class CredentialStore:
@@ -568,8 +566,7 @@ class RotationHandler:
 
 
 def spki_pin_of(key: ec.EllipticCurvePublicKey) -> str:
-    spki = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return "sha256:" + hashlib.sha256(spki).hexdigest()
+    return spki_pin_of_key(key)
 
 
 def _serial_field(request: dict[str, Any], name: str) -> int:
@@ -688,6 +685,10 @@ class DeviceRotation:
                     self._report = None
                     await self._answer(client, request_id, {"type": "switched", "serial_in_use": serial_hex(serial)})
                     self.events.emit("rotation.switched", device=self.device_id, serial_in_use=serial_hex(serial))
+                # Tell the agent we are here: a renewal that waited for us (offline, backoff) runs now.
+                online = {"v": PROTOCOL_VERSION, "id": f"online-{secrets.token_hex(8)}", "type": "online",
+                          "serial_in_use": serial_hex(credential.serial)}
+                await client.publish(self.response_topic, json.dumps(online, separators=(",", ":")).encode(), qos=1)
                 await self._set_connected(credential.serial)
                 async for message in client.messages:
                     if str(message.topic) != self.request_topic:

@@ -10,11 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+from edge_core.chain import PathRefused, TrustStore, ValidPath, build_path, check_revocation
 from edge_core.errors import CredentialError
 from edge_core.identity import CertInfo, IdentityPolicy, describe_certificate
 from edge_core.registry import DeviceEntry, Registry
+from edge_core.revocation import RevocationIndex, StalenessPolicy
 
-__all__ = ["REASONS", "AdmissionRefused", "Admitted", "admit", "still_admitted"]
+__all__ = ["REASONS", "AdmissionRefused", "Admitted", "RevocationView", "admit", "session_verdict", "still_admitted"]
 
 #: Stable reason codes for ``auth.rejected`` events. Never renamed, only added to.
 REASONS = (
@@ -106,4 +108,57 @@ def still_admitted(admitted: Admitted, registry: Registry, now: datetime) -> str
         return "pin_mismatch"
     if now >= admitted.cert.not_after:
         return "cert_expired"
+    return None
+
+
+@dataclass(frozen=True)
+class RevocationView:
+    """What a session verdict needs of the revocation state: trust bundle, CRL index, policy."""
+
+    trust: TrustStore
+    index: RevocationIndex
+    staleness: StalenessPolicy
+
+
+def session_verdict(
+    admitted: Admitted,
+    *,
+    now: datetime,
+    registry: Registry | None = None,
+    revocation: RevocationView | None = None,
+    path: ValidPath | None = None,
+) -> str | None:
+    """May this session live (at CONNECT, and again whenever the registry, a CRL or the clock moves)?
+
+    None, or the stable reason it must end: the registry's (``unknown_device``,
+    ``device_disabled``, ``pin_mismatch``, ``cert_expired``), then revocation of every
+    certificate on the path - ``revoked`` (the device's or a CA's), ``crl_stale`` (a CRL
+    missing or stale under ``fail_closed``), ``path_crl_signer_invalid``. ``path`` is the
+    path built at CONNECT (``build_path``); without one it is built here, and if the CAs
+    are not all known locally (TLS accepted a chain the client sent) only the device's own
+    certificate is checked against its issuer's CRL.
+    """
+    if registry is not None:
+        reason = still_admitted(admitted, registry, now)
+        if reason is not None:
+            return reason
+    if revocation is None:
+        return None
+    cert = admitted.cert
+    if path is None and cert.certificate is not None:
+        try:
+            path = build_path(cert.certificate, trust=revocation.trust, now=now)
+        except PathRefused:
+            path = None
+    if path is not None:
+        try:
+            check_revocation(path, trust=revocation.trust, index=revocation.index, now=now,
+                             staleness=revocation.staleness)
+        except PathRefused as exc:
+            return "crl_stale" if exc.reason == "path_no_crl" else exc.reason
+        return None
+    if revocation.index.is_revoked(cert.issuer, cert.serial):
+        return "revoked"
+    if not revocation.staleness.evaluate(revocation.index.installed.get(cert.issuer), now).admit:
+        return "crl_stale"
     return None

@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import NameOID
 
 from edge_core.errors import ConfigError, CredentialError
+from edge_core.names import name_key
 
 __all__ = [
     "CertInfo",
@@ -32,6 +34,7 @@ __all__ = [
     "check_identity",
     "describe_certificate",
     "spki_pin",
+    "spki_pin_of_key",
 ]
 
 _IDENTITY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
@@ -54,12 +57,15 @@ def check_identity(value: str) -> str:
     return value
 
 
-def spki_pin(cert: x509.Certificate) -> str:
-    """The pin of a certificate: ``sha256:`` and the hex SHA-256 of its SubjectPublicKeyInfo (DER)."""
-    spki = cert.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+def spki_pin_of_key(public_key: CertificatePublicKeyTypes) -> str:
+    """The one pin function: ``sha256:`` and the hex SHA-256 of the SubjectPublicKeyInfo (DER)."""
+    spki = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return "sha256:" + hashlib.sha256(spki).hexdigest()
+
+
+def spki_pin(cert: x509.Certificate | x509.CertificateSigningRequest) -> str:
+    """The pin of a certificate (or of the key a CSR asks to certify)."""
+    return spki_pin_of_key(cert.public_key())
 
 
 @dataclass(frozen=True)
@@ -73,29 +79,34 @@ class IdentityPolicy:
         if self.source == "san_uri" and not self.uri_prefix:
             raise ConfigError("identity uri_prefix must not be empty")
 
-    def extract(self, cert: x509.Certificate) -> str:
-        """The identity the certificate names under this policy; raises ``CredentialError``."""
+    def extract(self, cert: x509.Certificate | x509.CertificateSigningRequest) -> str:
+        """The identity a certificate (or a CSR) names under this policy; raises ``CredentialError``.
+
+        One extractor for both, so a renewal CSR is judged by exactly the rules the broker
+        applies to the certificate it becomes.
+        """
+        what = "CSR" if isinstance(cert, x509.CertificateSigningRequest) else "certificate"
         if self.source == "san_uri":
             try:
                 san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
             except x509.ExtensionNotFound as exc:
                 raise CredentialError(
-                    "identity_missing", f"certificate has no SubjectAltName with a {self.uri_prefix} URI"
+                    "identity_missing", f"{what} has no SubjectAltName with a {self.uri_prefix} URI"
                 ) from exc
             ids = [u[len(self.uri_prefix) :] for u in san.get_values_for_type(x509.UniformResourceIdentifier)
                    if u.startswith(self.uri_prefix)]
             if not ids:
                 raise CredentialError(
-                    "identity_missing", f"certificate has no SubjectAltName URI starting with {self.uri_prefix}"
+                    "identity_missing", f"{what} has no SubjectAltName URI starting with {self.uri_prefix}"
                 )
             if len(ids) > 1:
                 raise CredentialError(
-                    "identity_ambiguous", f"certificate names {len(ids)} identities; exactly one is allowed"
+                    "identity_ambiguous", f"{what} names {len(ids)} identities; exactly one is allowed"
                 )
             return check_identity(ids[0])
         cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         if len(cns) != 1:
-            raise CredentialError("identity_missing", f"certificate subject has {len(cns)} CNs; exactly one needed")
+            raise CredentialError("identity_missing", f"{what} subject has {len(cns)} CNs; exactly one needed")
         value = cns[0].value
         return check_identity(value if isinstance(value, str) else value.decode("utf-8", "replace"))
 
@@ -106,11 +117,13 @@ class CertInfo:
 
     identity: str
     serial: int
-    issuer: str
+    issuer: str  # the RFC 5280 comparison key of the issuer name (edge_core.names.name_key)
     spki_pin: str
     fingerprint: str
     not_before: datetime
     not_after: datetime
+    #: the parsed certificate, for path checks (revocation of its CAs); not compared
+    certificate: x509.Certificate | None = field(default=None, repr=False, compare=False)
 
     @property
     def short_fingerprint(self) -> str:
@@ -127,9 +140,10 @@ def describe_certificate(der: bytes, policy: IdentityPolicy) -> CertInfo:
     return CertInfo(
         identity=identity,
         serial=cert.serial_number,
-        issuer=cert.issuer.rfc4514_string(),
+        issuer=name_key(cert.issuer),
         spki_pin=spki_pin(cert),
         fingerprint=hashlib.sha256(der).hexdigest(),
         not_before=cert.not_valid_before_utc,
         not_after=cert.not_valid_after_utc,
+        certificate=cert,
     )

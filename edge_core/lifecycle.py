@@ -46,7 +46,6 @@ At most two pins are ever exported, matching ``edge_core.registry.MAX_ACTIVE_PIN
 from __future__ import annotations
 
 import enum
-import hashlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -54,13 +53,13 @@ from datetime import datetime, timedelta
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import AttributeOID, NameOID
+from cryptography.x509.oid import AttributeOID
 
 from edge_core.clock import as_utc
 from edge_core.errors import ConfigError, CredentialError, StateError
-from edge_core.identity import IdentityPolicy, check_identity, spki_pin
+from edge_core.identity import IdentityPolicy, check_identity, spki_pin, spki_pin_of_key
 
 __all__ = [
     "CERT_TRANSITIONS",
@@ -88,12 +87,14 @@ __all__ = [
     "check_csr",
     "end_overlap",
     "enroll",
+    "expiring_lead",
     "fail_renewal",
     "overlaps_ended",
     "plan_renewals",
     "refresh",
     "renewal_due",
     "renewal_lead",
+    "revoke_certificate",
     "revoke_device",
     "scan_expiring",
     "switch_unconfirmed",
@@ -203,6 +204,7 @@ class DeviceLifecycle:
     overlap_until: datetime | None = None
     last_error: str | None = None
     version: int = 0
+    forced: bool = False  # an operator asked for this renewal: retried with backoff until it switches
 
     def __post_init__(self) -> None:
         check_identity(self.device_id)
@@ -389,17 +391,27 @@ def _time_state(cert: CertRef, now: datetime, policy: RenewalPolicy) -> CertStat
         return cert.state
     if now >= cert.not_after:
         return CertState.EXPIRED
-    if cert.state is CertState.ACTIVE and cert.not_after - now <= policy.expiring_within:
+    if cert.state is CertState.ACTIVE and cert.not_after - now <= expiring_lead(cert, policy):
         return CertState.EXPIRING
     return cert.state
 
 
-def enroll(device_id: str, cert: CertRef, *, now: datetime, cause: str) -> Step:
-    """A device enters the inventory with ``cert`` (state as given, normally ACTIVE)."""
+def enroll(device_id: str, cert: CertRef, *, now: datetime, cause: str, retiring: CertRef | None = None,
+           overlap_until: datetime | None = None) -> Step:
+    """A device enters the inventory with ``cert`` (state as given, normally ACTIVE).
+
+    A device caught mid-rotation also brings the certificate it is moving away from:
+    ``retiring``, pinned until ``overlap_until`` and then revoked like any overlap's end.
+    """
     now = as_utc(now)
-    device = DeviceLifecycle(device_id=device_id, current=cert, renewal_since=now)
-    record = Transition(device_id, "cert", cert.serial, None, cert.state.value, now, cause)
-    return Step(before=None, after=device, transitions=(record,))
+    if (retiring is None) != (overlap_until is None):
+        raise ValueError("retiring and overlap_until go together")
+    device = DeviceLifecycle(device_id=device_id, current=cert, renewal_since=now,
+                             renewal=_R.IDLE if retiring is None else _R.OVERLAP,
+                             retiring=retiring, overlap_until=overlap_until)
+    records = [Transition(device_id, "cert", c.serial, None, c.state.value, now, cause)
+               for c in (cert, retiring) if c is not None]
+    return Step(before=None, after=device, transitions=tuple(records))
 
 
 def refresh(device: DeviceLifecycle, *, now: datetime, policy: RenewalPolicy,
@@ -427,7 +439,8 @@ def begin_renewal(device: DeviceLifecycle, *, now: datetime, cause: str) -> Step
             "an expired or revoked device must be re-enrolled, it cannot renew over its own session",
         )
     b.renewal(_R.REQUESTED)
-    after = replace(device, renewal=_R.REQUESTED, renewal_since=b.now, next_attempt_at=None)
+    after = replace(device, renewal=_R.REQUESTED, renewal_since=b.now, next_attempt_at=None,
+                    forced=device.forced or cause == "forced")
     return Step(device, after, tuple(b.records))
 
 
@@ -496,7 +509,7 @@ def switched(device: DeviceLifecycle, reported_serial: int, *, now: datetime, po
     after = replace(
         device, renewal=_R.OVERLAP, renewal_since=b.now, current=new_current, candidate=None,
         retiring=device.current, overlap_until=b.now + policy.overlap, attempts=0,
-        next_attempt_at=None, last_error=None,
+        next_attempt_at=None, last_error=None, forced=False,
     )
     return Step(device, after, tuple(b.records))
 
@@ -556,8 +569,36 @@ def revoke_device(device: DeviceLifecycle, *, now: datetime, cause: str) -> Step
         current = b.cert(current, CertState.REVOKED)
         revoke.append(current)
     after = replace(device, renewal=_R.IDLE, renewal_since=b.now, current=current, candidate=None,
-                    retiring=None, overlap_until=None, next_attempt_at=None)
+                    retiring=None, overlap_until=None, next_attempt_at=None, forced=False)
     return Step(device, after, tuple(b.records), tuple(revoke))
+
+
+def revoke_certificate(device: DeviceLifecycle, serial: int, *, now: datetime, cause: str) -> Step:
+    """The CA revoked ``serial`` (its revocation store, or an accepted CRL): record it.
+
+    The current certificate revoked means the device is revoked (``revoke_device``: nothing
+    of it is renewed again). A revoked candidate ends the renewal as failed; a revoked
+    retiring certificate ends the overlap early. A serial the device does not hold gives
+    an empty step.
+    """
+    now = as_utc(now)
+    if serial == device.current.serial:
+        return revoke_device(device, now=now, cause=cause)
+    b = _Builder(device, now, cause)
+    if device.candidate is not None and device.candidate.serial == serial:
+        revoked = b.cert(device.candidate, CertState.REVOKED)
+        to = _R.FAILED
+        b.renewal(to)
+        after = replace(device, renewal=to, renewal_since=now, candidate=None, last_error=cause)
+        return Step(device, after, tuple(b.records), (revoked,))
+    if device.retiring is not None and device.retiring.serial == serial:
+        if device.retiring.state is CertState.REVOKED:
+            return Step(device, device, ())
+        revoked = b.cert(device.retiring, CertState.REVOKED)
+        b.renewal(_R.IDLE)
+        after = replace(device, renewal=_R.IDLE, renewal_since=now, retiring=None, overlap_until=None)
+        return Step(device, after, tuple(b.records), (revoked,))
+    return Step(device, device, ())
 
 
 # --------------------------------------------------------------------------- decisions
@@ -570,6 +611,15 @@ def _days_left(not_after: datetime, now: datetime) -> int:
 def renewal_lead(cert: CertRef, policy: RenewalPolicy) -> timedelta:
     """How long before expiry renewal starts: 90 days, at most a third of the lifetime."""
     return min(policy.renew_before, cert.lifetime * policy.renew_fraction)
+
+
+def expiring_lead(cert: CertRef, policy: RenewalPolicy) -> timedelta:
+    """How long before expiry a certificate counts as EXPIRING: 30 days, at most its renewal lead.
+
+    Scaled like ``renewal_lead``, so a 30-day certificate is EXPIRING for its last 10 days,
+    not from the day it was issued.
+    """
+    return min(policy.expiring_within, renewal_lead(cert, policy))
 
 
 def alarm_lead(cert: CertRef, policy: RenewalPolicy) -> timedelta:
@@ -620,6 +670,8 @@ def renewal_due(device: DeviceLifecycle, now: datetime, policy: RenewalPolicy, *
     cert = device.current
     if cert.state not in _RENEWABLE_CERT or now >= cert.not_after:
         return None  # expired or revoked: needs re-enrolment, see check_alarms
+    if device.forced and device.renewal in _RETRYABLE:
+        return "retry" if waited else None  # an operator's renewal is retried until it switches
     if cert.not_after - now > renewal_lead(cert, policy):
         return None
     if device.renewal is _R.IDLE:
@@ -734,7 +786,7 @@ def check_csr(
         raise CredentialError("csr_signature_invalid",
                               f"CSR from {expected_identity} is not signed by its own key "
                               "(no proof of possession)")
-    identity = _csr_identity(csr, policy)
+    identity = policy.extract(csr)
     if identity != expected_identity:
         raise CredentialError("csr_identity_mismatch",
                               f"CSR names {identity!r} but was requested from {expected_identity!r}")
@@ -746,37 +798,8 @@ def check_csr(
         if raw != nonce.encode("utf-8"):
             raise CredentialError("csr_nonce_mismatch",
                                   f"CSR from {expected_identity} does not carry the nonce it was asked with")
-    pin = _pin_of(key)
+    pin = spki_pin_of_key(key)
     if pin in forbidden_pins:
         raise CredentialError("csr_key_reused", f"CSR from {expected_identity} reuses a key it already holds",
                               hint="the device must generate a fresh key for every renewal")
     return CheckedCsr(identity=identity, public_key=key, pin=pin)
-
-
-def _pin_of(key: ec.EllipticCurvePublicKey) -> str:
-    spki = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return "sha256:" + hashlib.sha256(spki).hexdigest()
-
-
-def _csr_identity(csr: x509.CertificateSigningRequest, policy: IdentityPolicy) -> str:
-    """The identity a CSR names, under the same rules ``IdentityPolicy.extract`` applies to certificates."""
-    if policy.source == "san_uri":
-        try:
-            san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        except x509.ExtensionNotFound as exc:
-            raise CredentialError("identity_missing",
-                                  f"CSR has no SubjectAltName with a {policy.uri_prefix} URI") from exc
-        ids = [u[len(policy.uri_prefix):] for u in san.get_values_for_type(x509.UniformResourceIdentifier)
-               if u.startswith(policy.uri_prefix)]
-        if not ids:
-            raise CredentialError("identity_missing",
-                                  f"CSR has no SubjectAltName URI starting with {policy.uri_prefix}")
-        if len(ids) > 1:
-            raise CredentialError("identity_ambiguous",
-                                  f"CSR names {len(ids)} identities; exactly one is allowed")
-        return check_identity(ids[0])
-    cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    if len(cns) != 1:
-        raise CredentialError("identity_missing", f"CSR subject has {len(cns)} CNs; exactly one needed")
-    value = cns[0].value
-    return check_identity(value if isinstance(value, str) else value.decode("utf-8", "replace"))

@@ -17,12 +17,14 @@ Acceptance rules (``accept_crl``), each with a stable reason code:
 ``crl_bad_validity``                nextUpdate not after thisUpdate
 ``crl_from_future``                 thisUpdate later than now + allowed clock skew
 ``crl_rollback``                    CRL Number lower than the installed one
+``crl_equivocation``                CRL Number equal to the installed one, other content
+``crl_unsupported_algorithm``       signed with DSA (TLS 1.3 has none; we verify none)
 ==================================  ====================================================
 
-An equal CRL Number is not an error: ``CrlUpdate.changed`` is False and the installed
-CRL stays. An expired CRL (nextUpdate in the past) is still accepted if it is newer
-than the installed one, because it carries strictly more information; whether devices
-may connect under a stale CRL is decided separately by ``StalenessPolicy``.
+The same CRL again is not an error: ``CrlUpdate.changed`` is False and the installed
+CRL stays (``is_newer`` is the rule, for every caller). An expired CRL (nextUpdate in
+the past) is still accepted if it is newer than the installed one, because it carries
+strictly more information; whether devices may connect under a stale CRL is decided separately by ``StalenessPolicy``.
 
 Large CRLs. cryptography's CRL object holds the GIL while it parses, re-encodes or
 verifies (about 0.8 s for one million entries), which would freeze an event loop even
@@ -47,13 +49,15 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import dsa
 from cryptography.x509.oid import ExtensionOID
 
 from edge_core.clock import as_utc
+from edge_core.der import DerError, encode_length, tlv
 from edge_core.errors import ConfigError, CredentialError
+from edge_core.names import name_key, name_key_of_text, names_match
+from edge_core.signatures import verify_signature
 from edge_core.yamlsrc import Section
 
 __all__ = [
@@ -68,6 +72,7 @@ __all__ = [
     "accept_crl",
     "crl_pem",
     "evaluate_freshness",
+    "is_newer",
     "issuer_key",
     "load_crl",
     "parse_staleness",
@@ -86,6 +91,8 @@ REASONS = (
     "crl_bad_validity",
     "crl_from_future",
     "crl_rollback",
+    "crl_equivocation",
+    "crl_unsupported_algorithm",
 )
 
 DEFAULT_MAX_SKEW = timedelta(minutes=5)
@@ -112,6 +119,7 @@ def _refuse(reason: str, message: str) -> CredentialError:
         "crl_unknown_issuer": "add the CA that signs this CRL to the configured issuers, or fix the source",
         "crl_bad_signature": "the CRL was altered or signed by another key; check the CRL source",
         "crl_rollback": "the source serves an older CRL than the one installed; the installed CRL stays",
+        "crl_equivocation": "two different CRLs carry one CRL Number; investigate the CA, the installed CRL stays",
         "crl_from_future": "check the clocks of the CA and this gateway (NTP)",
     }
     return CredentialError(reason, message, hint=hints.get(reason, "the last good CRL stays in force"))
@@ -190,39 +198,6 @@ def load_crl(data: bytes) -> x509.CertificateRevocationList:
         raise _refuse("crl_unparseable", f"not a valid X.509 CRL: {exc}") from exc
 
 
-class _Malformed(Exception):
-    pass
-
-
-def _tlv(buf: bytes, pos: int, end: int) -> tuple[int, int, int]:
-    """One DER TLV at ``pos``: (tag, content start, content end). Definite, minimal lengths only."""
-    if pos + 2 > end:
-        raise _Malformed(f"truncated at offset {pos}")
-    tag = buf[pos]
-    if tag & 0x1F == 0x1F:
-        raise _Malformed(f"multi-byte tag at offset {pos}")
-    length = buf[pos + 1]
-    pos += 2
-    if length & 0x80:
-        n = length & 0x7F
-        if not 1 <= n <= 4 or pos + n > end:
-            raise _Malformed(f"bad length at offset {pos}")
-        length = int.from_bytes(buf[pos : pos + n], "big")
-        if length < 0x80 or buf[pos] == 0:
-            raise _Malformed(f"non-minimal length at offset {pos}")
-        pos += n
-    if pos + length > end:
-        raise _Malformed(f"length past end at offset {pos}")
-    return tag, pos, pos + length
-
-
-def _der_length(n: int) -> bytes:
-    if n < 0x80:
-        return bytes([n])
-    raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes([0x80 | len(raw)]) + raw
-
-
 @dataclass(frozen=True)
 class _Split:
     skeleton: bytes  # the CRL without its revoked list: small, for cryptography
@@ -233,48 +208,48 @@ class _Split:
 def _split(der: bytes) -> _Split:
     """Find tbsCertList and revokedCertificates without parsing the entries (RFC 5280 5.1)."""
     end = len(der)
-    tag, cs, ce = _tlv(der, 0, end)
+    tag, cs, ce = tlv(der, 0, end)
     if tag != 0x30 or ce != end:
-        raise _Malformed("CertificateList is not one SEQUENCE")
-    tag, ts, te = _tlv(der, cs, ce)  # tbsCertList
+        raise DerError("CertificateList is not one SEQUENCE")
+    tag, ts, te = tlv(der, cs, ce)  # tbsCertList
     if tag != 0x30:
-        raise _Malformed("tbsCertList is not a SEQUENCE")
+        raise DerError("tbsCertList is not a SEQUENCE")
     tbs_start = cs
     rest = der[te:ce]  # signatureAlgorithm + signatureValue
-    tag, _, outer_alg_end = _tlv(der, te, ce)
+    tag, _, outer_alg_end = tlv(der, te, ce)
     if tag != 0x30:
-        raise _Malformed("signatureAlgorithm is not a SEQUENCE")
+        raise DerError("signatureAlgorithm is not a SEQUENCE")
     # Walk the tbsCertList fields up to the optional revokedCertificates.
     pos = ts
-    tag, _, fe = _tlv(der, pos, te)
+    tag, _, fe = tlv(der, pos, te)
     if tag == 0x02:  # version
         pos = fe
-        tag, _, fe = _tlv(der, pos, te)
+        tag, _, fe = tlv(der, pos, te)
     if tag != 0x30 or der[pos:fe] != der[te:outer_alg_end]:
         # RFC 5280 5.1.1.2: the signed algorithm must equal the outer one, or the outer is unsigned.
-        raise _Malformed("tbsCertList signature algorithm differs from signatureAlgorithm")
+        raise DerError("tbsCertList signature algorithm differs from signatureAlgorithm")
     pos = fe
-    tag, _, fe = _tlv(der, pos, te)
+    tag, _, fe = tlv(der, pos, te)
     if tag != 0x30:
-        raise _Malformed("tbsCertList: issuer missing")
+        raise DerError("tbsCertList: issuer missing")
     pos = fe
-    tag, _, fe = _tlv(der, pos, te)
+    tag, _, fe = tlv(der, pos, te)
     if tag not in (0x17, 0x18):  # thisUpdate
-        raise _Malformed("tbsCertList: thisUpdate missing")
+        raise DerError("tbsCertList: thisUpdate missing")
     pos = fe
     rev_lo = rev_hi = rev_tlv_lo = rev_tlv_hi = 0
     if pos < te:
-        tag, vs, fe = _tlv(der, pos, te)
+        tag, vs, fe = tlv(der, pos, te)
         if tag in (0x17, 0x18):  # nextUpdate
             pos = fe
             if pos < te:
-                tag, vs, fe = _tlv(der, pos, te)
+                tag, vs, fe = tlv(der, pos, te)
         if pos < te and tag == 0x30:  # revokedCertificates
             rev_tlv_lo, rev_lo, rev_hi, rev_tlv_hi = pos, vs, fe, fe
     header = der[ts:rev_tlv_lo] + der[rev_tlv_hi:te] if rev_tlv_hi else der[ts:te]
-    tbs = b"\x30" + _der_length(len(header)) + header
+    tbs = b"\x30" + encode_length(len(header)) + header
     body = tbs + rest
-    return _Split(b"\x30" + _der_length(len(body)) + body, (tbs_start, te), (rev_lo, rev_hi))
+    return _Split(b"\x30" + encode_length(len(body)) + body, (tbs_start, te), (rev_lo, rev_hi))
 
 
 _SHARDS = 64
@@ -332,31 +307,30 @@ def _walk_entries(der: bytes, lo: int, hi: int) -> tuple[RevokedSerials, int]:
     count = 0
     serial = 0
     from_bytes = int.from_bytes
-    tlv = _tlv
     known = _KNOWN_ENTRY_EXTENSIONS
     pos = lo
     while pos < hi:
         tag, es, ee = tlv(der, pos, hi)
         if tag != 0x30:
-            raise _Malformed(f"revoked entry at offset {pos} is not a SEQUENCE")
+            raise DerError(f"revoked entry at offset {pos} is not a SEQUENCE")
         tag, vs, ve = tlv(der, es, ee)
         if tag != 0x02 or vs == ve:
-            raise _Malformed(f"revoked entry at offset {pos} has no serial")
+            raise DerError(f"revoked entry at offset {pos} has no serial")
         serial = from_bytes(der[vs:ve], "big", signed=True)
         shards[serial & mask][serial] = None
         count += 1
         tag, _, te = tlv(der, ve, ee)
         if tag not in (0x17, 0x18):
-            raise _Malformed(f"revoked entry at offset {pos} has no revocationDate")
+            raise DerError(f"revoked entry at offset {pos} has no revocationDate")
         if te < ee:
             tag, xs, xe = tlv(der, te, ee)
             if tag != 0x30 or xe != ee:
-                raise _Malformed(f"revoked entry at offset {pos} has trailing data")
+                raise DerError(f"revoked entry at offset {pos} has trailing data")
             while xs < xe:
                 tag, ys, ye = tlv(der, xs, xe)
                 tag, os_, oe = tlv(der, ys, ye)
                 if tag != 0x06:
-                    raise _Malformed(f"entry extension at offset {xs} has no OID")
+                    raise DerError(f"entry extension at offset {xs} has no OID")
                 oid = der[os_:oe]
                 tag, bs, be = tlv(der, oe, ye)
                 critical = tag == 0x01 and be - bs == 1 and der[bs] != 0
@@ -395,15 +369,14 @@ def _oid_text(raw: bytes) -> str:
 
 
 def issuer_key(name: x509.Name) -> str:
-    """How the index names an issuer: the RFC 4514 string, as in ``CertInfo.issuer``.
+    """How the index names an issuer: the RFC 5280 comparison key (``edge_core.names.name_key``).
 
-    The string (not the raw DER or the authority key id) is what ``describe_certificate``
-    already puts in ``CertInfo``, so the broker can look up a presented certificate
-    without parsing it again. Both sides render names with cryptography, so the same
-    name gives the same string; the signature check against the configured CA is what
-    binds the CRL to the CA, not the string.
+    A certificate whose issuer field differs from its CA's subject only in letter case,
+    white space or string type finds that CA's CRL; ``CertInfo.issuer`` is the same key,
+    so the broker looks a presented certificate up without parsing it again. The
+    signature check against the configured CA is what binds the CRL to the CA.
     """
-    return name.rfc4514_string()
+    return name_key(name)
 
 
 def _iso(value: datetime) -> str:
@@ -445,7 +418,7 @@ class InstalledCrl:
             raise ValueError("installed CRL record: crl_number and count must be integers")  # noqa: TRY004
         try:
             return cls(
-                issuer=str(data["issuer"]),
+                issuer=name_key_of_text(str(data["issuer"])),
                 crl_number=number,
                 this_update=datetime.fromisoformat(str(data["this_update"])),
                 next_update=datetime.fromisoformat(str(data["next_update"])),
@@ -469,6 +442,8 @@ class CrlUpdate:
     der: bytes = field(repr=False)
     revoked: RevokedSerials | None = field(default=None, repr=False)
     previous_number: int | None = None
+    #: the certificate whose key verified the CRL (a separate CRL key, or the CA itself)
+    signer: x509.Certificate | None = field(default=None, repr=False, compare=False)
 
     @property
     def issuer(self) -> str:
@@ -478,31 +453,37 @@ class CrlUpdate:
 # --------------------------------------------------------------------------- acceptance
 
 
+def is_newer(current: InstalledCrl | None, number: int, sha256: str) -> bool:
+    """The one rollback rule: may a verified CRL (``number``, DER digest ``sha256``) replace ``current``?
+
+    True for a higher CRL Number (or nothing installed), False for the very CRL in force.
+    Raises ``crl_rollback`` for a lower number and ``crl_equivocation`` for an equal number
+    with other content: two different CRLs under one number means the CA (or whoever holds
+    its key) tells different parties different things, and swapping one in could un-revoke
+    serials. The CRL in force stays in both cases.
+    """
+    if current is None or number > current.crl_number:
+        return True
+    if number < current.crl_number:
+        raise _refuse("crl_rollback", f"new CRL number {number} must be >= installed {current.crl_number}")
+    if sha256 != current.sha256:
+        raise _refuse("crl_equivocation",
+                      f"CRL number {number} of {current.issuer} is already installed with other content "
+                      f"(sha256 {current.sha256[:16]}, offered {sha256[:16]})")
+    return False
+
+
+
 def _verify_signature(der: bytes, split: _Split, crl: x509.CertificateRevocationList,
                       ca: x509.Certificate) -> bool:
-    key = ca.public_key()
     start, end = split.tbs
-    tbs = memoryview(der)[start:end]
-    signature = crl.signature
     try:
         hash_alg = crl.signature_hash_algorithm
-        params = crl.signature_algorithm_parameters
-        if isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
-            key.verify(signature, bytes(tbs))
-            return True
-        if hash_alg is None:
-            return False
-        # hashlib releases the GIL on large buffers; the verify itself is then microseconds.
-        digest = hashlib.new(hash_alg.name, tbs).digest()
-        if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(params, ec.ECDSA):
-            key.verify(signature, digest, ec.ECDSA(Prehashed(hash_alg)))
-            return True
-        if isinstance(key, rsa.RSAPublicKey) and isinstance(params, padding.PKCS1v15 | padding.PSS):
-            key.verify(signature, digest, params, Prehashed(hash_alg))
-            return True
-    except (InvalidSignature, UnsupportedAlgorithm, ValueError, TypeError):
+    except UnsupportedAlgorithm:
         return False
-    return False
+    # Over the original tbsCertList bytes (the skeleton was re-encoded without the entries).
+    return verify_signature(ca.public_key(), crl.signature, memoryview(der)[start:end], hash_alg,
+                            crl.signature_algorithm_parameters)
 
 
 def _may_sign_crls(ca: x509.Certificate) -> bool:
@@ -568,20 +549,25 @@ def accept_crl(
         this_update = crl.last_update_utc
         next_update = crl.next_update_utc
         _ = crl.extensions  # parsed now so a malformed one is "unparseable"
-    except _Malformed as exc:
+    except DerError as exc:
         raise _refuse("crl_unparseable", f"CRL DER is malformed: {exc}") from exc
     except ValueError as exc:
         raise _refuse("crl_unparseable", f"not a valid X.509 CRL: {exc}") from exc
     issuer = issuer_key(crl_issuer)
+    shown = crl_issuer.rfc4514_string()
 
-    candidates = [ca for ca in issuers if ca.subject == crl_issuer]
+    candidates = [ca for ca in issuers if names_match(ca.subject, crl_issuer)]
     if not candidates:
-        raise _refuse("crl_unknown_issuer", f"CRL issuer {issuer!r} is not a configured CA")
+        raise _refuse("crl_unknown_issuer", f"CRL issuer {shown!r} is not a configured CA")
     signers = [ca for ca in candidates if _may_sign_crls(ca)]
     if not signers:
-        raise _refuse("crl_unknown_issuer", f"configured CA {issuer!r} has no cRLSign key usage")
-    if not any(_verify_signature(der, split, crl, ca) for ca in signers):
-        raise _refuse("crl_bad_signature", f"CRL signature does not verify under the key of CA {issuer!r}")
+        raise _refuse("crl_unknown_issuer", f"configured CA {shown!r} has no cRLSign key usage")
+    signer = next((ca for ca in signers if _verify_signature(der, split, crl, ca)), None)
+    if signer is None:
+        if all(isinstance(ca.public_key(), dsa.DSAPublicKey) for ca in signers):
+            raise _refuse("crl_unsupported_algorithm",
+                          f"CRL of {shown!r} is signed with DSA, which this gateway does not support")
+        raise _refuse("crl_bad_signature", f"CRL signature does not verify under the key of CA {shown!r}")
 
     try:
         number = _check_extensions(crl)
@@ -602,19 +588,18 @@ def accept_crl(
     if current is not None and current.issuer != issuer:
         raise ValueError(f"installed CRL is for {current.issuer!r}, not {issuer!r}")
     digest = hashlib.sha256(der).hexdigest()
-    if current is not None and number < current.crl_number:
-        raise _refuse("crl_rollback", f"new CRL number {number} must be > installed {current.crl_number}")
-    if current is not None and number == current.crl_number:
+    if not is_newer(current, number, digest):
+        assert current is not None
         return CrlUpdate(changed=False, installed=current, der=der, previous_number=current.crl_number)
 
     try:
         serials, count = _walk_entries(der, *split.revoked)
-    except _Malformed as exc:
+    except DerError as exc:
         raise _refuse("crl_unparseable", f"CRL revoked list is malformed: {exc}") from exc
     record = InstalledCrl(issuer=issuer, crl_number=number, this_update=this_update,
                           next_update=next_update, sha256=digest, count=count)
     return CrlUpdate(changed=True, installed=record, der=der, revoked=serials,
-                     previous_number=current.crl_number if current is not None else None)
+                     previous_number=current.crl_number if current is not None else None, signer=signer)
 
 
 # --------------------------------------------------------------------------- the index
@@ -632,10 +617,14 @@ class RevocationIndex:
 
     by_issuer: Mapping[str, RevokedSerials] = field(default_factory=lambda: MappingProxyType({}))
     installed: Mapping[str, InstalledCrl] = field(default_factory=lambda: MappingProxyType({}))
+    #: who signed the CRL in force, per issuer (path validation checks a separate CRL signer)
+    signers: Mapping[str, x509.Certificate] = field(default_factory=lambda: MappingProxyType({}),
+                                                    compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "by_issuer", MappingProxyType(dict(self.by_issuer)))
         object.__setattr__(self, "installed", MappingProxyType(dict(self.installed)))
+        object.__setattr__(self, "signers", MappingProxyType(dict(self.signers)))
 
     def is_revoked(self, issuer: str, serial: int) -> bool:
         serials = self.by_issuer.get(issuer)
@@ -654,7 +643,12 @@ class RevocationIndex:
         by_issuer[update.issuer] = update.revoked
         installed = dict(self.installed)
         installed[update.issuer] = update.installed
-        return RevocationIndex(by_issuer, installed)
+        signers = dict(self.signers)
+        if update.signer is not None:
+            signers[update.issuer] = update.signer
+        else:
+            signers.pop(update.issuer, None)
+        return RevocationIndex(by_issuer, installed, signers)
 
     @classmethod
     def from_updates(cls, updates: Iterable[CrlUpdate]) -> RevocationIndex:

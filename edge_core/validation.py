@@ -53,9 +53,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 
 from edge_core import strictjson
+from edge_core.chain import PathRefused, TrustStore, validate_path
 from edge_core.clock import as_utc
+from edge_core.der import name_fields
 from edge_core.errors import CredentialError, EnvelopeError
 from edge_core.identity import check_identity
+from edge_core.names import names_match
 from edge_core.revocation import InstalledCrl, RevocationIndex, StalenessPolicy, issuer_key
 
 __all__ = [
@@ -131,6 +134,7 @@ UNKNOWN_REASONS = (
     "cert_not_yet_valid",  # presented certificate before notBefore
     "no_crl",              # the issuer is configured but no CRL of it is installed
     "crl_stale",           # the CRL is stale and the staleness policy is fail_closed
+    "chain_revoked",       # a CA on the path (or the CRL's signer) is revoked
     *sorted(ANSWERED_REQUEST_REASONS),
 )
 
@@ -230,7 +234,7 @@ def issuer_hash_of_certificate(der: bytes) -> str:
     This is what firmware computes: it needs no X.509 parser beyond finding the fourth
     element of tbsCertificate. Raises ``ValueError`` on malformed DER.
     """
-    issuer, _ = _name_fields(der)
+    issuer, _ = name_fields(der)
     return hashlib.sha256(issuer).hexdigest()
 
 
@@ -255,54 +259,6 @@ def _serial_hex(serial: int) -> str:
     return f"{serial:x}"
 
 
-# --------------------------------------------------------------------------- DER fields
-
-
-class _Malformed(ValueError):
-    pass
-
-
-def _tlv(buf: bytes, pos: int, end: int) -> tuple[int, int, int]:
-    """One DER TLV at ``pos``: (tag, content start, content end). Definite lengths only."""
-    if pos + 2 > end:
-        raise _Malformed(f"truncated at offset {pos}")
-    tag, length = buf[pos], buf[pos + 1]
-    pos += 2
-    if length & 0x80:
-        n = length & 0x7F
-        if not 1 <= n <= 4 or pos + n > end:
-            raise _Malformed(f"bad length at offset {pos}")
-        length = int.from_bytes(buf[pos : pos + n], "big")
-        pos += n
-    if pos + length > end:
-        raise _Malformed(f"length past end at offset {pos}")
-    return tag, pos, pos + length
-
-
-def _name_fields(der: bytes) -> tuple[bytes, bytes]:
-    """The raw issuer and subject Name TLVs of a DER certificate (RFC 5280 4.1)."""
-    _, cs, ce = _tlv(der, 0, len(der))  # Certificate
-    tag, ts, te = _tlv(der, cs, ce)  # tbsCertificate
-    if tag != 0x30:
-        raise _Malformed("tbsCertificate is not a SEQUENCE")
-    pos = ts
-    tag, _, end = _tlv(der, pos, te)
-    if tag == 0xA0:  # [0] version
-        pos = end
-        tag, _, end = _tlv(der, pos, te)
-    pos = end  # past serialNumber
-    _, _, pos = _tlv(der, pos, te)  # signature AlgorithmIdentifier
-    tag, _, issuer_end = _tlv(der, pos, te)
-    if tag != 0x30:
-        raise _Malformed("issuer is not a SEQUENCE")
-    issuer = der[pos:issuer_end]
-    _, _, pos = _tlv(der, issuer_end, te)  # validity
-    tag, _, subject_end = _tlv(der, pos, te)
-    if tag != 0x30:
-        raise _Malformed("subject is not a SEQUENCE")
-    return issuer, der[pos:subject_end]
-
-
 # --------------------------------------------------------------------------- issuers
 
 
@@ -310,29 +266,42 @@ def _name_fields(der: bytes) -> tuple[bytes, bytes]:
 class IssuerSet:
     """The CA certificates whose device certificates the gateway answers for, by ``issuer_hash``.
 
-    Built once from configuration (the same CA certificates the CRL sync trusts). An
+    Built once from configuration (the same CA certificates the CRL sync trusts) plus the
+    trust anchors they chain to (``trust``): an answer vouches for the whole path, so the
+    issuing CA's own validity, signature and revocation are checked too. Without anchors
+    the configured CAs are the anchors (their validity periods are still checked). An
     empty set knows no issuer, so every answer is ``unknown``.
     """
 
     by_hash: Mapping[str, tuple[x509.Certificate, ...]] = field(default_factory=lambda: MappingProxyType({}))
+    trust: TrustStore = field(default_factory=lambda: TrustStore(()))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "by_hash", MappingProxyType(dict(self.by_hash)))
 
     @classmethod
-    def from_certificates(cls, certificates: Iterable[x509.Certificate]) -> IssuerSet:
+    def from_certificates(cls, certificates: Iterable[x509.Certificate],
+                          anchors: Iterable[x509.Certificate] = ()) -> IssuerSet:
+        cas = list(certificates)
         by_hash: dict[str, list[x509.Certificate]] = {}
-        for ca in certificates:
+        for ca in cas:
             der = ca.public_bytes(serialization.Encoding.DER)
             # The raw subject bytes are what device certificates carry; the re-encoded
             # form is added in case a CA's encoding differs (both name the same CA).
-            hashes_ = {hashlib.sha256(_name_fields(der)[1]).hexdigest(), issuer_hash(ca.subject)}
+            hashes_ = {hashlib.sha256(name_fields(der)[1]).hexdigest(), issuer_hash(ca.subject)}
             for value in hashes_:
                 by_hash.setdefault(value, []).append(ca)
-        return cls({k: tuple(v) for k, v in by_hash.items()})
+        bundle = TrustStore.from_bundle([*anchors, *cas], crl_issuers=cas)
+        if not bundle.anchors:
+            bundle = TrustStore(tuple(cas), (), bundle.crl_issuers)
+        return cls({k: tuple(v) for k, v in by_hash.items()}, bundle)
 
     def find(self, hash_hex: str) -> tuple[x509.Certificate, ...]:
         return self.by_hash.get(hash_hex, ())
+
+    def find_by_name(self, name: x509.Name) -> tuple[x509.Certificate, ...]:
+        """The configured CAs whose subject matches ``name`` under RFC 5280 rules."""
+        return tuple(dict.fromkeys(ca for cas in self.by_hash.values() for ca in cas if names_match(ca.subject, name)))
 
 
 # --------------------------------------------------------------------------- requests
@@ -425,7 +394,7 @@ def _parse_cert(value: object, nonce: str, refuse: Callable[[str, str], NoReturn
     try:
         cert = x509.load_der_x509_certificate(der)
         serial = cert.serial_number
-        issuer_raw, _ = _name_fields(der)
+        issuer_raw, _ = name_fields(der)
     except ValueError as exc:
         refuse("bad_cert", f"cert is not a DER X.509 certificate: {str(exc)[:80]}")
     if serial <= 0:
@@ -509,9 +478,13 @@ def decide(
 ) -> Answer:
     """The answer to one parsed request. ``good`` needs all of:
 
-    1. the issuer hash names a configured issuer CA (else ``unknown_issuer``);
-    2. a presented certificate is signed by that CA (``chain_invalid``) and is within its
-       validity period (``cert_expired``, ``cert_not_yet_valid``);
+    1. the issuer hash (or, for a presented certificate, its RFC 5280 issuer name) names a
+       configured issuer CA (else ``unknown_issuer``);
+    2. the whole path validates (``edge_core.chain.validate_path``): a presented
+       certificate up to a trust anchor, or for a hash request the issuing CA itself -
+       signatures, validity periods (``cert_expired``, ``cert_not_yet_valid`` for the
+       device's own certificate), CA flags, and revocation of every CA on the path and of
+       a separate CRL signer (``chain_revoked``); anything else is ``chain_invalid``;
     3. a CRL of that issuer is installed in ``index`` (``no_crl``);
     4. the serial is not on it (else ``revoked``; a revocation is permanent, so a stale
        CRL still proves it);
@@ -528,18 +501,24 @@ def decide(
                       crl_number=None if crl is None else crl.crl_number)
 
     candidates = issuers.find(request.issuer_hash)
+    if not candidates and request.cert is not None:
+        candidates = issuers.find_by_name(request.cert.issuer)  # same CA, issuer spelled otherwise
     if not candidates:
         return answer("unknown", "unknown_issuer")
-    if request.cert is not None:
-        signer = next((ca for ca in candidates if _issued_by(request.cert, ca)), None)
-        if signer is None:
-            return answer("unknown", "chain_invalid")
-        if now > request.cert.not_valid_after_utc:
-            return answer("unknown", "cert_expired")
-        if now < request.cert.not_valid_before_utc:
-            return answer("unknown", "cert_not_yet_valid")
-        candidates = (signer,)
-    key = issuer_key(candidates[0].subject)
+    subject = request.cert if request.cert is not None else candidates[0]
+    try:
+        path = validate_path(subject, trust=issuers.trust, index=index, now=now, staleness=policy)
+    except PathRefused as exc:
+        leaf = request.cert is not None and exc.depth == 0
+        key = issuer_key(subject.issuer if request.cert is not None else subject.subject)
+        crl = index.installed.get(key)
+        if exc.reason == "revoked" and leaf and crl is not None:
+            return answer("revoked", None, crl)
+        if leaf and exc.reason in _LEAF_REASONS:
+            return answer("unknown", _LEAF_REASONS[exc.reason], crl)
+        return answer("unknown", _PATH_REASONS.get(exc.reason, "chain_invalid"), crl)
+    ca = path.certificates[1] if request.cert is not None else path.certificates[0]
+    key = issuer_key(ca.subject)
     installed = index.installed.get(key)
     if not index.covers(key) or installed is None:
         return answer("unknown", "no_crl")
@@ -550,12 +529,8 @@ def decide(
     return answer("good", None, installed)
 
 
-def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
-    try:
-        cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
-        return False
-    return True
+_LEAF_REASONS = {"path_expired": "cert_expired", "path_not_yet_valid": "cert_not_yet_valid"}
+_PATH_REASONS = {"revoked": "chain_revoked", "path_no_crl": "no_crl", "crl_stale": "crl_stale"}
 
 
 def refusal_answer(error: RequestRefused, *, device: str, gateway: str, now: datetime) -> Answer | None:

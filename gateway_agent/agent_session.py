@@ -16,7 +16,9 @@ import contextlib
 import json
 import os
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +29,11 @@ from edge_core.errors import ConfigError, FetchError
 from edge_core.events import SecurityEvents
 from edge_core.identity import check_identity
 from edge_core.registry import parse_registry
+from edge_core.revocation import RevocationIndex
 from edge_core.validation import REQUEST_FILTER
 from edge_runtime.mqtt import suback_refused
 from gateway_agent.commanding import BrokerEndpoint
-from gateway_agent.inventory import SqliteInventory, import_from_registry, write_registry
+from gateway_agent.inventory import ImportReport, Reconciler, SqliteInventory, write_registry
 from gateway_agent.pki import FileCA
 from gateway_agent.renewal import FileCABackend, RenewalOrchestrator, ScanReport
 from gateway_agent.rotation_channel import MqttDeviceChannel
@@ -58,8 +61,12 @@ class LifecycleRunner:
     """Daily scan, queued renewal requests and overlap ends, over the agent's session."""
 
     def __init__(self, settings: LifecycleSettings, *, clock: Clock, events: SecurityEvents,
-                 broker_status_url: str | None) -> None:
+                 broker_status_url: str | None,
+                 current_index: Callable[[], RevocationIndex] | None = None) -> None:
         self.settings = settings
+        #: the CRLs the agent's sync accepted: every revoked serial in them reaches the inventory
+        self.current_index = current_index
+        self._fed_index: RevocationIndex | None = None
         self.clock = clock
         self.events = events
         self.broker_status_url = broker_status_url
@@ -68,10 +75,16 @@ class LifecycleRunner:
         self.last_scan: ScanReport | None = None
         self._expected_digest: str | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        ca = FileCA(settings.ca_dir)
+        self._reconciler = Reconciler(self.inventory, settings.registry, [ca.issued_dir, ca.dir / "devices"],
+                                      overlap=settings.policy.overlap)
         if self.inventory.count() == 0:
-            report = import_from_registry(self.inventory, settings.registry, settings.ca_dir / "devices",
-                                          now=clock.now())
+            report = self._reconcile(clock.now())
             events.emit("lifecycle.imported", enrolled=len(report.enrolled), skipped=len(report.skipped))
+
+    def _reconcile(self, now: datetime) -> ImportReport:
+        """Enrol registry devices the inventory lacks, from the CA's ledger and ``devices/`` (every scan)."""
+        return self._reconciler(now)
 
     # -- pins: the inventory feeds the broker's registry -------------------------------
 
@@ -99,11 +112,18 @@ class LifecycleRunner:
     async def run(self, channel: MqttDeviceChannel) -> None:
         ca = FileCA(self.settings.ca_dir)
         orchestrator = RenewalOrchestrator(
-            self.inventory, channel, FileCABackend(ca, clock=ca.clock), clock=self.clock, events=self.events,
-            policy=self.settings.policy, concurrency=self.settings.concurrency,
-            lifetime=self.settings.lifetime, on_pins_changed=self._pins_changed,
+            self.inventory, channel, FileCABackend(ca, clock=ca.clock, registry=self.settings.registry),
+            clock=self.clock, events=self.events, policy=self.settings.policy, concurrency=self.settings.concurrency,
+            lifetime=self.settings.lifetime, on_pins_changed=self._pins_changed, reconcile=self._reconcile,
         )
         channel.pins_ready = self._pins_ready
+
+        def online(device_id: str) -> None:
+            task = asyncio.create_task(orchestrator.device_online(device_id), name=f"online-{device_id}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        channel.on_online = online
         next_scan = self.clock.now()
         while True:
             now = self.clock.now()
@@ -112,6 +132,8 @@ class LifecycleRunner:
                 next_scan = now + self.settings.scan_interval
             else:
                 await orchestrator.end_due_overlaps(now)
+                await orchestrator.retry_forced(now)
+            await self._feed_crl(orchestrator, now)
             for request in sorted(self.spool.glob("*")) if self.spool.is_dir() else []:
                 if request.name.startswith("."):
                     continue
@@ -121,6 +143,15 @@ class LifecycleRunner:
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
             await asyncio.sleep(_SPOOL_POLL)
+
+    async def _feed_crl(self, orchestrator: RenewalOrchestrator, now: datetime) -> None:
+        """Each newly accepted CRL: its revoked serials go into the inventory."""
+        index = self.current_index() if self.current_index is not None else None
+        if index is None or index is self._fed_index:
+            return
+        self._fed_index = index
+        for serials in index.by_issuer.values():
+            await orchestrator.sync_revocations(now, serials)
 
     def status(self) -> dict[str, Any]:
         scan = self.last_scan

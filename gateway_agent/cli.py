@@ -20,7 +20,7 @@ from edge_runtime.cli_support import EXIT_CODES_HELP, add_version_argument, run_
 __all__ = ["main"]
 
 # Command groups, imported by name so that a group can be added without touching this file's logic.
-GROUPS = ("cli_daemon", "cli_pki", "cli_crl", "cli_certs", "cli_command", "cli_firmware",
+GROUPS = ("cli_daemon", "cli_pki", "cli_crl", "cli_certs", "cli_devices", "cli_command", "cli_firmware",
           "cli_uplink", "cli_zones")  # uplink and zones: docs/uplink.md, docs/zones.md
 
 

@@ -1,6 +1,9 @@
-"""``gateway-agent certs``: the certificate inventory (expiry report, lifecycle history).
+"""``gateway-agent certs``: the certificate inventory (expiry report, lifecycle history, renew now).
 
-Exit codes: 0 success (an empty report is a success), 1 the inventory could not be read,
+Every verb reads ``-c/--config`` (the agent's YAML; ``--db`` overrides the inventory path).
+
+Exit codes: 0 success (an empty report is a success); 1 the inventory could not be read, or
+``renew`` was refused (unknown or revoked device, no running agent picked the request up);
 2 usage error (a bad ``--within``).
 """
 
@@ -10,16 +13,19 @@ import argparse
 import json
 import re
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from edge_core.clock import SystemClock
+from edge_core.lifecycle import CertState
+from edge_runtime.cli_support import resolve_config
+from gateway_agent.cli_lifecycle_config import CONFIG_NAME, add_config_arguments, lifecycle_paths
 from gateway_agent.inventory import SqliteInventory
 
-__all__ = ["DEFAULT_DB", "add_parser", "parse_duration"]
+__all__ = ["add_parser", "parse_duration"]
 
-DEFAULT_DB = Path("var/inventory.db")
 _DURATION_RE = re.compile(r"^(\d{1,6})([wdhm])$")
 _UNITS = {"w": timedelta(weeks=1), "d": timedelta(days=1), "h": timedelta(hours=1), "m": timedelta(minutes=1)}
 
@@ -36,33 +42,38 @@ def parse_duration(text: str) -> timedelta:
 
 
 def add_parser(sub: Any) -> None:
-    certs = sub.add_parser("certs", help="certificate inventory: expiry report, lifecycle history")
+    certs = sub.add_parser("certs", help="certificate inventory: expiry report, lifecycle history, renew now")
     verbs = certs.add_subparsers(dest="verb", required=True)
     expiring = verbs.add_parser("expiring",
                                 help="devices whose certificate expires within the window, soonest first")
     expiring.add_argument("--within", type=parse_duration, default=timedelta(days=90),
                           help="window such as 90d, 12w, 36h (default 90d)")
     expiring.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
-    expiring.add_argument("--db", type=Path, default=DEFAULT_DB,
-                          help=f"inventory file (default {DEFAULT_DB})")
+    add_config_arguments(expiring)
     expiring.set_defaults(func=_expiring)
     history = verbs.add_parser("history", help="every lifecycle transition of one device, oldest first")
     history.add_argument("device")
     history.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
-    history.add_argument("--db", type=Path, default=DEFAULT_DB,
-                         help=f"inventory file (default {DEFAULT_DB})")
+    add_config_arguments(history)
     history.set_defaults(func=_history)
     renew = verbs.add_parser("renew", help="ask the running agent to renew a device now (e.g. key exposure)",
                              description="Queues the request for the daemon (gateway-agent run), which runs "
-                                         "the whole rotation over the device's session. Exit 0 queued, "
-                                         "1 no lifecycle section in the config.")
+                                         "the whole rotation over the device's session, and waits until the "
+                                         "daemon picked it up. Exit 0 taken up, 1 refused: no lifecycle "
+                                         "section, unknown or revoked device, or no running agent.")
     renew.add_argument("device")
-    renew.add_argument("-c", "--config", type=Path, default=Path("configs/agent.yaml"))
+    renew.add_argument("--wait", type=float, default=10.0,
+                       help="seconds to wait for the agent to take the request (default 10)")
+    add_config_arguments(renew)
     renew.set_defaults(func=_renew)
 
 
+def _db(args: argparse.Namespace) -> Path:
+    return lifecycle_paths(args).need("inventory")
+
+
 def _expiring(args: argparse.Namespace) -> int:
-    with SqliteInventory(args.db, create=False) as inventory:
+    with SqliteInventory(_db(args), create=False) as inventory:
         rows = inventory.expiring(SystemClock().now(), args.within)
     if args.json:
         for row in rows:
@@ -79,7 +90,7 @@ def _expiring(args: argparse.Namespace) -> int:
 
 
 def _history(args: argparse.Namespace) -> int:
-    with SqliteInventory(args.db, create=False) as inventory:
+    with SqliteInventory(_db(args), create=False) as inventory:
         records = inventory.history(args.device)
     if args.json:
         for t in records:
@@ -102,10 +113,30 @@ def _renew(args: argparse.Namespace) -> int:
     from gateway_agent.agent_session import request_renewal
     from gateway_agent.settings import load_agent_settings
 
-    settings = load_agent_settings(args.config)
+    config = resolve_config(args.config, CONFIG_NAME)
+    settings = load_agent_settings(config)
     if settings.lifecycle is None:
-        print(f"error: {args.config} has no 'lifecycle' section, so no agent renews certificates", file=sys.stderr)
+        print(f"error: {config} has no 'lifecycle' section, so no agent renews certificates", file=sys.stderr)
+        return 1
+    with SqliteInventory(args.db or settings.lifecycle.inventory, create=False) as inventory:
+        device = inventory.get(args.device)
+    if device is None:
+        print(f"error: device {args.device} is not in the inventory; see `gateway-agent devices list`",
+              file=sys.stderr)
+        return 1
+    if device.current.state is CertState.REVOKED:
+        print(f"error: device {args.device} is revoked; a revoked device is never renewed "
+              f"(re-enrol it on purpose: `gateway-agent devices add|enroll ... --reinstate`)", file=sys.stderr)
         return 1
     path = request_renewal(settings.lifecycle, args.device)
-    print(f"renewal of {args.device} queued ({path}); follow it with `gateway-agent certs history {args.device}`")
+    deadline = time.monotonic() + args.wait
+    while path.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if path.exists():
+        path.unlink(missing_ok=True)
+        print(f"error: no running agent took the request within {args.wait:g} s; is `gateway-agent run` "
+              f"running with {config}?", file=sys.stderr)
+        return 1
+    print(f"renewal of {args.device} taken up by the agent; follow it with "
+          f"`gateway-agent certs history {args.device}`")
     return 0

@@ -1,14 +1,15 @@
-"""``gateway-agent crl``: CRL sync; and the ``pki revoke`` / ``pki crl`` verbs of the dev CA.
+"""``gateway-agent crl``: CRL sync; and the ``pki crl`` verb of the dev CA.
 
 ``crl sync [-c agent.yaml]`` runs one sync with the ``crl`` section of the agent config.
 Exit codes: 0 every source installed or confirmed the CRL in force, 1 a source failed or
 was refused (the last good CRL stays; the message says why), 4 the config is missing or
 invalid. ``--json`` prints one object per source.
 
-``pki revoke`` / ``pki crl`` work on the CA directory named by ``lifecycle.ca_dir`` in the
-agent config (``-c``), or ``--ca-dir``.
+``pki crl`` works on the CA directory named by ``lifecycle.ca_dir`` in the agent config
+(``-c``, default ``/etc/edge-gateway/agent.yaml``), or ``--ca-dir``.
 
-``add_pki_verbs(verbs)`` is called by ``cli_pki`` to add ``revoke`` and ``crl`` to ``pki``.
+``add_pki_verbs(verbs)`` is called by ``cli_pki`` to add ``crl`` to ``pki`` (``pki revoke``
+lives in ``cli_pki``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from edge_core.clock import SystemClock
 from edge_core.errors import ConfigError
 from edge_core.events import SecurityEvents
 from edge_runtime.cli_support import EXIT_OK, EXIT_REFUSED, add_config_argument, print_json, resolve_config
-from gateway_agent.crl_issue import REVOCATION_REASONS, crl_path, issue_crl, revoke
+from gateway_agent.crl_issue import crl_path, issue_crl
 from gateway_agent.crl_sync import CrlSyncer, parse_crl_settings
 from gateway_agent.pki import FileCA
 from gateway_agent.settings import load_agent_settings
@@ -43,11 +44,6 @@ def add_parser(sub: Any) -> None:
 
 
 def add_pki_verbs(verbs: Any) -> None:
-    rev = verbs.add_parser("revoke", help="revoke a device certificate (device id or serial) in the dev CA")
-    rev.add_argument("target", help="device id (devices/<id>.crt) or serial number (decimal or 0x hex)")
-    rev.add_argument("--reason", default="key_compromise", choices=REVOCATION_REASONS)
-    _ca_arguments(rev)
-    rev.set_defaults(func=_revoke)
     crl = verbs.add_parser("crl", help="issue a new CRL of the dev issuing CA")
     _ca_arguments(crl)
     crl.add_argument("--days", type=float, default=7.0, help="validity: nextUpdate - thisUpdate (default 7)")
@@ -70,25 +66,6 @@ def _ca_dir(args: argparse.Namespace) -> Path:
         raise ConfigError("has no 'lifecycle' section naming the CA directory (lifecycle.ca_dir)",
                           source=str(config), hint="pass --ca-dir DIR")
     return settings.lifecycle.ca_dir
-
-
-def _target(ca: FileCA, text: str) -> int | str:
-    """A device id if ``devices/<text>.crt`` exists, else a serial number."""
-    if ca.device_paths(text)[0].exists():
-        return text
-    try:
-        return int(text, 16) if text.lower().startswith("0x") else int(text, 10)
-    except ValueError as exc:
-        raise ConfigError(f"{text!r} is neither a device in {ca.dir / 'devices'} "
-                          "nor a serial number") from exc
-
-
-def _revoke(args: argparse.Namespace) -> int:
-    ca = FileCA(_ca_dir(args))
-    entry = revoke(ca, _target(ca, args.target), args.reason)
-    who = f"device {entry.device} " if entry.device else ""
-    print(f"revoked {who}serial {entry.serial:#x} ({entry.reason}); publish with `gateway-agent pki crl`")
-    return 0
 
 
 def _issue(args: argparse.Namespace) -> int:

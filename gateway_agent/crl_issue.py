@@ -30,7 +30,7 @@ import fcntl
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from edge_core.clock import as_utc
 from edge_core.errors import ConfigError, StateError
 from edge_core.files import atomic_write_bytes, atomic_write_text
-from gateway_agent.pki import FileCA, load_cert
+from gateway_agent.pki import FileCA
 
 __all__ = [
     "DEFAULT_CRL_VALIDITY",
@@ -51,6 +51,7 @@ __all__ = [
     "crl_path",
     "issue_crl",
     "revoke",
+    "revoke_device",
 ]
 
 DEFAULT_CRL_VALIDITY = timedelta(days=7)
@@ -96,6 +97,8 @@ class RevokedEntry:
 class _StoreState:
     last_crl_number: int
     revoked: tuple[RevokedEntry, ...]
+    #: devices revoked as devices: the CA issues nothing more for them until re-enrolled
+    devices: tuple[RevokedEntry, ...] = ()
 
 
 class RevocationStore:
@@ -131,11 +134,17 @@ class RevocationStore:
         if not isinstance(number, int) or number < 0 or not isinstance(revoked, list):
             raise ConfigError("revocation store needs last_crl_number >= 0 and a revoked list",
                               source=str(self.path))
-        return _StoreState(number, tuple(RevokedEntry.from_json(e, str(self.path)) for e in revoked))
+        devices = data.get("revoked_devices", [])
+        if not isinstance(devices, list):
+            raise ConfigError("revocation store: revoked_devices must be a list", source=str(self.path))
+        return _StoreState(number, tuple(RevokedEntry.from_json(e, str(self.path)) for e in revoked),
+                           tuple(RevokedEntry.from_json(e, str(self.path)) for e in devices))
 
     def write(self, state: _StoreState) -> None:
-        doc = {"version": _STORE_VERSION, "last_crl_number": state.last_crl_number,
-               "revoked": [e.to_json() for e in state.revoked]}
+        doc: dict[str, Any] = {"version": _STORE_VERSION, "last_crl_number": state.last_crl_number,
+                               "revoked": [e.to_json() for e in state.revoked]}
+        if state.devices:
+            doc["revoked_devices"] = [e.to_json() for e in state.devices]
         atomic_write_text(self.path, json.dumps(doc, indent=2) + "\n", mode=0o600)
 
     def entries(self) -> tuple[RevokedEntry, ...]:
@@ -144,32 +153,78 @@ class RevocationStore:
     def last_crl_number(self) -> int:
         return self.read().last_crl_number
 
+    def revoked_devices(self) -> dict[str, RevokedEntry]:
+        return {e.device: e for e in self.read().devices if e.device is not None}
 
-def _device_serial(ca: FileCA, device_id: str) -> int:
-    crt, _ = ca.device_paths(device_id)
-    if not crt.exists():
-        raise ConfigError(f"no certificate for device {device_id!r} in {crt.parent}",
-                          hint="give the serial number instead, or check the device id")
-    return load_cert(crt).serial_number
+    def reinstate(self, device_id: str) -> bool:
+        """Lift a device's revocation (an admin re-enrols it); its revoked serials stay revoked."""
+        with self.locked():
+            state = self.read()
+            kept = tuple(e for e in state.devices if e.device != device_id)
+            if len(kept) == len(state.devices):
+                return False
+            self.write(replace(state, devices=kept))
+        return True
 
 
 def revoke(ca: FileCA, target: int | str, reason: str = "unspecified") -> RevokedEntry:
     """Add a serial (``int``) or the current certificate of a device id (``str``) to the store.
 
-    Revoking an already revoked serial returns the existing entry unchanged. The CRL is
-    not reissued here: run ``issue_crl`` (``gateway-agent pki crl``) to publish.
+    Revoking an already revoked serial returns the existing entry unchanged. A device id
+    goes through ``revoke_device`` (its current certificate; the device is blocked). The
+    CRL is not reissued here: run ``issue_crl`` (``gateway-agent pki crl``) to publish.
     """
-    device = target if isinstance(target, str) else None
-    serial = _device_serial(ca, target) if isinstance(target, str) else target
-    entry = RevokedEntry(serial=serial, reason=reason, revoked_at=ca.clock.now(), device=device)
+    if isinstance(target, str):
+        return revoke_device(ca, target, reason)[0]
+    entry = RevokedEntry(serial=target, reason=reason, revoked_at=ca.clock.now())
     store = RevocationStore(ca)
     with store.locked():
         state = store.read()
         for existing in state.revoked:
-            if existing.serial == serial:
+            if existing.serial == target:
                 return existing
-        store.write(_StoreState(state.last_crl_number, (*state.revoked, entry)))
+        store.write(replace(state, revoked=(*state.revoked, entry)))
     return entry
+
+
+def revoke_device(ca: FileCA, device_id: str, reason: str = "unspecified", *, serial: int | None = None,
+                  all_certs: bool = False) -> tuple[RevokedEntry, ...]:
+    """Revoke a device: its current certificate (``serial``, as the inventory knows it, or the
+    newest the CA issued for it), or with ``all_certs`` every unexpired one; then block it.
+
+    A blocked device gets nothing more from this CA (``FileCA.issue_device``, renewals)
+    until an admin re-enrols it. Raises ``ConfigError`` when the CA never issued for it.
+    """
+    certs = ca.certificates_of(device_id)
+    now = ca.clock.now()
+    if serial is not None:
+        if serial not in {c.serial_number for c in certs} and certs:
+            raise ConfigError(f"serial {serial:#x} is not a certificate of device {device_id!r}")
+        targets = [serial]
+    elif all_certs:
+        targets = [c.serial_number for c in certs if c.not_valid_after_utc > now] or \
+                  [c.serial_number for c in certs[-1:]]
+    else:
+        targets = [c.serial_number for c in certs[-1:]]
+    if not targets:
+        raise ConfigError(f"the CA never issued a certificate for device {device_id!r}",
+                          hint="check the device id (`gateway-agent devices list`), or give the serial")
+    store = RevocationStore(ca)
+    entries: list[RevokedEntry] = []
+    with store.locked():
+        state = store.read()
+        known = {e.serial: e for e in state.revoked}
+        added: list[RevokedEntry] = []
+        for value in targets:
+            entry = known.get(value) or RevokedEntry(serial=value, reason=reason, revoked_at=now, device=device_id)
+            if value not in known:
+                added.append(entry)
+            entries.append(entry)
+        devices = state.devices
+        if device_id not in {e.device for e in devices}:
+            devices = (*devices, RevokedEntry(serial=targets[0], reason=reason, revoked_at=now, device=device_id))
+        store.write(replace(state, revoked=(*state.revoked, *added), devices=devices))
+    return tuple(entries)
 
 
 def issue_crl(ca: FileCA, *, validity: timedelta = DEFAULT_CRL_VALIDITY, out: Path | None = None) -> bytes:
@@ -206,6 +261,6 @@ def issue_crl(ca: FileCA, *, validity: timedelta = DEFAULT_CRL_VALIDITY, out: Pa
             builder = builder.add_revoked_certificate(revoked.build())
         crl = builder.sign(issuing.key, hashes.SHA256())
         der = crl.public_bytes(serialization.Encoding.DER)
-        store.write(_StoreState(number, state.revoked))
+        store.write(replace(state, last_crl_number=number))
         atomic_write_bytes(out if out is not None else crl_path(ca), der)
     return der

@@ -405,7 +405,8 @@ class CrlSyncer:
             raise ConfigError(f"CRL state must be a version {_STATE_VERSION} object with 'installed'",
                               source=str(self.state_path))
         try:
-            return {issuer: InstalledCrl.from_json(rec) for issuer, rec in doc["installed"].items()}
+            records = [InstalledCrl.from_json(rec) for rec in doc["installed"].values()]
+            return {record.issuer: record for record in records}
         except ValueError as exc:
             raise ConfigError(str(exc), source=str(self.state_path)) from exc
 

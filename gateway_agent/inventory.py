@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -51,8 +52,10 @@ from edge_core.lifecycle import (
     Step,
     Transition,
     enroll,
+    revoke_certificate,
 )
 from edge_core.registry import DeviceEntry, Registry, dump_registry, parse_registry
+from edge_core.registry_edit import apply_entries
 from gateway_agent.pki import load_cert
 
 __all__ = [
@@ -60,14 +63,20 @@ __all__ = [
     "CertRecord",
     "ImportReport",
     "Inventory",
+    "Reconciler",
     "SqliteInventory",
+    "apply_revocations",
     "export_registry",
     "import_from_registry",
     "iter_chunks",
     "write_registry",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Statements that bring an older schema to ``SCHEMA_VERSION`` (portable SQL), by the version they leave.
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    2: ("ALTER TABLE devices ADD COLUMN renew_forced INTEGER NOT NULL DEFAULT 0",),
+}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS inventory_meta (
@@ -99,6 +108,7 @@ CREATE TABLE IF NOT EXISTS devices (
     overlap_until          VARCHAR(32),
     last_error             VARCHAR(512),
     version                INTEGER      NOT NULL,
+    renew_forced           INTEGER      NOT NULL DEFAULT 0,
     CHECK (attempts >= 0),
     CHECK (version >= 1)
 );
@@ -140,7 +150,7 @@ _DEVICE_COLUMNS = (
     ["device_id"]
     + [f"{slot}_{part}" for slot in _SLOTS for part in ("serial", "pin", "not_before", "not_after", "state")]
     + ["renewal_state", "renewal_since", "attempts", "next_attempt_at", "overlap_until", "last_error",
-       "version"]
+       "version", "renew_forced"]
 )
 _SELECT_DEVICE = f"SELECT {', '.join(_DEVICE_COLUMNS)} FROM devices"  # noqa: S608 - fixed column list
 
@@ -186,6 +196,10 @@ class Inventory(Protocol):
     def overlap_due(self, now: datetime) -> list[DeviceLifecycle]: ...
 
     def in_progress(self) -> list[DeviceLifecycle]: ...
+
+    def forced_pending(self) -> list[DeviceLifecycle]:
+        """Devices with an operator's renewal that failed and waits for its retry."""
+        ...
 
     def history(self, device_id: str) -> list[Transition]: ...
 
@@ -238,7 +252,7 @@ def _device_from(row: Sequence[Any]) -> DeviceLifecycle:
         device_id=row[0], current=current, candidate=_cert_from(row, 6), retiring=_cert_from(row, 11),
         renewal=RenewalState(row[16]), renewal_since=_opt_dt(row[17]), attempts=row[18],
         next_attempt_at=_opt_dt(row[19]), overlap_until=_opt_dt(row[20]), last_error=row[21],
-        version=row[22],
+        version=row[22], forced=bool(row[23]),
     )
 
 
@@ -255,6 +269,7 @@ def _device_values(device: DeviceLifecycle, version: int) -> list[Any]:
         _opt_ts(device.overlap_until),
         device.last_error,
         version,
+        1 if device.forced else 0,
     ]
 
 
@@ -279,6 +294,16 @@ class SqliteInventory:
         self._db.execute("PRAGMA journal_mode = WAL")
         self._db.execute("PRAGMA synchronous = NORMAL")
         with self._tx():
+            existing = self._db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'inventory_meta'").fetchone()
+            found = None if existing is None else self._db.execute(
+                "SELECT value FROM inventory_meta WHERE name = 'schema_version'").fetchone()
+            if found is not None and found[0].isdigit() and int(found[0]) < SCHEMA_VERSION:
+                for version in range(int(found[0]) + 1, SCHEMA_VERSION + 1):
+                    for statement in MIGRATIONS.get(version, ()):
+                        self._db.execute(statement)
+                self._db.execute("UPDATE inventory_meta SET value = ? WHERE name = 'schema_version'",
+                                 (str(SCHEMA_VERSION),))
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     self._db.execute(statement)
@@ -359,6 +384,12 @@ class SqliteInventory:
         marks = ", ".join("?" * len(states))
         rows = self._db.execute(f"{_SELECT_DEVICE} WHERE renewal_state IN ({marks}) ORDER BY device_id",
                                 states)
+        return [_device_from(row) for row in rows]
+
+    def forced_pending(self) -> list[DeviceLifecycle]:
+        rows = self._db.execute(f"{_SELECT_DEVICE} WHERE renew_forced = 1 AND renewal_state IN (?, ?) "
+                                "ORDER BY next_attempt_at, device_id",
+                                (RenewalState.FAILED.value, RenewalState.ROLLED_BACK.value))
         return [_device_from(row) for row in rows]
 
     def history(self, device_id: str) -> list[Transition]:
@@ -485,7 +516,19 @@ def write_registry(inventory: Inventory, base: Registry, path: Path | str) -> Re
     Returns the registry as written, with the digest ``parse_registry`` will compute for the file.
     """
     registry = export_registry(inventory, base)
-    text = dump_registry(registry)
+    target = Path(path)
+    try:
+        current = target.read_text("utf-8")
+    except FileNotFoundError:
+        current = ""
+    if current:
+        # Round-trip: only the entries whose pins or enabled flag changed are touched; comments stay.
+        changed = {d: e for d, e in registry.devices.items() if base.devices.get(d) != e}
+        if not changed and base.digest == hashlib.sha256(current.encode("utf-8")).hexdigest():
+            return replace(registry, source=str(path), digest=base.digest)
+        text = apply_entries(current, changed, source=str(target))
+    else:
+        text = dump_registry(registry)
     atomic_write_text(path, text)
     return replace(registry, source=str(path), digest=hashlib.sha256(text.encode("utf-8")).hexdigest())
 
@@ -500,28 +543,49 @@ class ImportReport:
     skipped: tuple[tuple[str, str], ...] = field(default=())  # (file or device, why)
 
 
+def _cert_files(sources: Path | str | Sequence[Path | str]) -> list[Path]:
+    paths = [sources] if isinstance(sources, str | Path) else list(sources)
+    found: list[Path] = []
+    for source in map(Path, paths):
+        if source.is_dir():
+            found.extend(sorted(source.glob("*.crt")) + sorted(source.glob("*.pem")))
+        elif source.is_file():
+            found.append(source)
+    return found
+
+
 def import_from_registry(
     inventory: Inventory,
     registry_path: Path | str,
-    certs_dir: Path | str,
+    certs: Path | str | Sequence[Path | str],
     *,
     now: datetime,
     identity_policy: IdentityPolicy | None = None,
+    overlap: timedelta = timedelta(days=7),
 ) -> ImportReport:
-    """Bootstrap the inventory from the dev PKI layout (``devices/*.crt`` + ``registry.yaml``).
+    """Enrol every registry device that the inventory does not know yet, from certificate files.
 
-    A certificate is enrolled only if its identity is in the registry and its pin is one of the
-    device's registered pins; otherwise it is skipped with the reason. Devices already in the
-    inventory with the same certificate are left alone, so the import can run again.
+    ``certs`` is a directory (``devices/*.crt``, the CA's ``issued/`` ledger), a file, or several.
+    A certificate counts only if its identity is in the registry and its pin is one of the
+    device's registered pins; the others are skipped with the reason. A device may hold
+    several (mid-rotation): the newest becomes current, the one before it stays pinned as
+    retiring for ``overlap``, so no registered pin is lost on the agent's first registry write.
+    Devices already in the inventory are left alone, so this runs on every scan (reconcile).
+    Registry devices with no usable certificate are reported as ``no_certificate``.
     """
     policy = identity_policy or IdentityPolicy()
+    now = as_utc(now)
     reg_path = Path(registry_path)
     registry = parse_registry(reg_path.read_bytes(), source=str(reg_path))
     enrolled: list[str] = []
     unchanged: list[str] = []
     skipped: list[tuple[str, str]] = []
-    steps: list[Step] = []
-    for crt in sorted(Path(certs_dir).glob("*.crt")):
+    by_device: dict[str, dict[int, tuple[CertRef, str]]] = {}
+    unpinned: set[str] = set()
+    missing = {d for d in registry.devices if inventory.get(d) is None}
+    if not missing:  # the common case on a daily reconcile: nothing to read
+        return ImportReport((), tuple(sorted(registry.devices)), ())
+    for crt in _cert_files(certs):
         try:
             cert = load_cert(crt)
             identity = policy.extract(cert)
@@ -529,25 +593,108 @@ def import_from_registry(
             skipped.append((crt.name, exc.reason))
             continue
         entry = registry.get(identity)
-        ref = CertRef.from_certificate(cert, CertState.ACTIVE)
         if entry is None:
             skipped.append((identity, "not_in_registry"))
             continue
+        ref = CertRef.from_certificate(cert, CertState.ACTIVE)
         if not entry.pinned(ref.pin):
-            skipped.append((identity, "pin_not_registered"))
+            unpinned.add(identity)  # an older certificate of the device, or not yet registered
             continue
+        by_device.setdefault(identity, {})[ref.serial] = (ref, crt.name)
+    steps: list[Step] = []
+    for identity in sorted(registry.devices):
+        held = by_device.get(identity)
         existing = inventory.get(identity)
         if existing is not None:
-            held = (existing.current, existing.candidate, existing.retiring)
-            if ref.serial in {c.serial for c in held if c is not None}:
-                unchanged.append(identity)
-            else:
-                skipped.append((identity, "inventory_holds_other_cert"))
+            unchanged.append(identity)
             continue
-        steps.append(enroll(identity, ref, now=now, cause=f"import:{crt.name}"))
+        if not held:
+            if registry.devices[identity].enabled:
+                skipped.append((identity, "pin_not_registered" if identity in unpinned else "no_certificate"))
+            continue
+        newest = sorted(held.values(), key=lambda item: (item[0].not_before, item[0].serial), reverse=True)
+        current, name = newest[0]
+        if now >= current.not_after:
+            current = replace(current, state=CertState.EXPIRED)
+        retiring = newest[1][0] if len(newest) > 1 else None
+        steps.append(enroll(identity, current, now=now, cause=f"import:{name}", retiring=retiring,
+                            overlap_until=None if retiring is None else now + overlap))
         enrolled.append(identity)
+        skipped.extend((identity, "too_many_certificates") for _ in newest[2:])
     inventory.apply_many(steps)
     return ImportReport(tuple(enrolled), tuple(unchanged), tuple(skipped))
+
+
+class _CrlReasons(Mapping[int, str]):
+    """A CRL's serial set seen as serial -> "crl" (the reason is in the CRL, not needed here)."""
+
+    def __init__(self, serials: AbstractSet[int]) -> None:
+        self._serials = serials
+
+    def __getitem__(self, serial: int) -> str:
+        if serial not in self._serials:
+            raise KeyError(serial)
+        return "crl"
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._serials)
+
+    def __len__(self) -> int:
+        return len(self._serials)
+
+    def __contains__(self, serial: object) -> bool:
+        return serial in self._serials
+
+
+class Reconciler:
+    """``import_from_registry`` on every scan, skipped while neither the registry nor the
+    certificate files changed (registry clients without a certificate here, such as
+    operators, would otherwise make every scan read every certificate again)."""
+
+    def __init__(self, inventory: Inventory, registry_path: Path, certs: Sequence[Path], *,
+                 overlap: timedelta = timedelta(days=7)) -> None:
+        self.inventory = inventory
+        self.registry_path = Path(registry_path)
+        self.certs = [Path(p) for p in certs]
+        self.overlap = overlap
+        self._seen: tuple[str, tuple[str, ...]] | None = None
+
+    def __call__(self, now: datetime) -> ImportReport:
+        files = tuple(sorted(str(p) for p in _cert_files(self.certs)))
+        key = (hashlib.sha256(self.registry_path.read_bytes()).hexdigest(), files)
+        if key == self._seen:
+            return ImportReport()
+        report = import_from_registry(self.inventory, self.registry_path, self.certs, now=now, overlap=self.overlap)
+        self._seen = key
+        return report
+
+
+def apply_revocations(inventory: Inventory, revoked: Mapping[int, str] | AbstractSet[int], *,
+                      now: datetime) -> list[str]:
+    """Record the CA's revocations in the inventory; returns the devices changed.
+
+    ``revoked`` maps serial -> reason (the CA's revocation store) or is a set of serials
+    (an accepted CRL's entries). So a device revoked at the CA is REVOKED here too: it
+    leaves ``certs expiring`` and is never renewed again.
+    """
+    if not isinstance(revoked, Mapping):
+        serials = revoked
+        revoked = _CrlReasons(serials)
+    changed: list[str] = []
+    if not revoked:
+        return changed
+    for found in list(inventory.devices()):
+        device: DeviceLifecycle | None = found
+        while device is not None:
+            hit = next((c for c in (device.current, device.candidate, device.retiring)
+                        if c is not None and c.state is not CertState.REVOKED and c.serial in revoked), None)
+            if hit is None:
+                break
+            step = revoke_certificate(device, hit.serial, now=now, cause=f"ca_revoked:{revoked[hit.serial]}")
+            device = inventory.apply(step) if step.transitions else None
+            if device is not None and device.device_id not in changed:
+                changed.append(device.device_id)
+    return changed
 
 
 def iter_chunks(items: Iterable[Step], size: int) -> Iterator[list[Step]]:

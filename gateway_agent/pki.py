@@ -35,7 +35,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from edge_core.clock import Clock, SystemClock
 from edge_core.errors import ConfigError, CredentialError
 from edge_core.files import atomic_write_bytes, atomic_write_text
-from edge_core.identity import check_identity, spki_pin
+from edge_core.identity import IdentityPolicy, check_identity, spki_pin
 from edge_core.registry import DeviceEntry, Registry, dump_registry
 
 __all__ = [
@@ -165,8 +165,13 @@ def issue_leaf(
     server_names: Iterable[str] = (),
     client: bool = True,
     serial: int | None = None,
+    issuer_name: x509.Name | None = None,
 ) -> Issued:
-    """Issue an end-entity certificate. Without ``public_key`` a fresh key is generated."""
+    """Issue an end-entity certificate. Without ``public_key`` a fresh key is generated.
+
+    ``issuer_name`` overrides the issuer field (default: the CA's subject, byte for byte);
+    tests use it for an issuer spelled in another letter case, as some CAs encode it.
+    """
     key = None
     if public_key is None:
         key = new_key()
@@ -184,7 +189,7 @@ def issue_leaf(
     builder = (
         x509.CertificateBuilder()
         .subject_name(_name(identity))
-        .issuer_name(ca.cert.subject)
+        .issuer_name(issuer_name if issuer_name is not None else ca.cert.subject)
         .public_key(public_key)
         .serial_number(serial if serial is not None else x509.random_serial_number())
         .not_valid_before(start)
@@ -226,6 +231,41 @@ class FileCA:
     def device_paths(self, identity: str) -> tuple[Path, Path]:
         return self.dir / "devices" / f"{identity}.crt", self.dir / "devices" / f"{identity}.key"
 
+    @property
+    def issued_dir(self) -> Path:
+        """The issuance ledger: ``issued/<serial hex>.crt``, every certificate this CA signed."""
+        return self.dir / "issued"
+
+    def record_issued(self, cert: x509.Certificate) -> None:
+        atomic_write_bytes(self.issued_dir / f"{cert.serial_number:x}.crt", cert_pem(cert))
+
+    def certificates_of(self, identity: str, policy: IdentityPolicy | None = None) -> list[x509.Certificate]:
+        """Every certificate the CA issued for ``identity``, oldest first (ledger and ``devices/``)."""
+        policy = policy or IdentityPolicy()
+        found: dict[int, x509.Certificate] = {}
+        files = sorted(self.issued_dir.glob("*.crt")) if self.issued_dir.is_dir() else []
+        crt, _ = self.device_paths(identity)
+        for path in [*files, *([crt] if crt.exists() else [])]:
+            try:
+                cert = load_cert(path)
+                if policy.extract(cert) == identity:
+                    found[cert.serial_number] = cert
+            except CredentialError:
+                continue
+        return sorted(found.values(), key=lambda c: (c.not_valid_before_utc, c.serial_number))
+
+    def issuance_refusal(self, identity: str) -> CredentialError | None:
+        """Why this CA must not issue for ``identity`` now (revoked as a device), or None."""
+        from gateway_agent.crl_issue import RevocationStore
+
+        blocked = RevocationStore(self).revoked_devices().get(identity)
+        if blocked is None:
+            return None
+        return CredentialError("device_revoked", f"device {identity} was revoked ({blocked.reason}, "
+                               f"{blocked.revoked_at:%Y-%m-%d}); the CA issues nothing for it",
+                               hint=f"re-enrol it on purpose: `gateway-agent devices enroll {identity} "
+                                    "--csr ... --reinstate`")
+
     # loading ---------------------------------------------------------------
     def issuing(self) -> IssuingCA:
         try:
@@ -237,10 +277,19 @@ class FileCA:
 
     # issuing ---------------------------------------------------------------
     def issue_device(self, identity: str, *, lifetime: timedelta = DEFAULT_DEVICE_LIFETIME,
-                     write: bool = True) -> Issued:
+                     write: bool = True, public_key: ec.EllipticCurvePublicKey | None = None) -> Issued:
+        """Issue a device certificate (a fresh key, or ``public_key`` from a checked CSR).
+
+        Refuses with ``CredentialError("device_revoked")`` for a device revoked as a device.
+        """
         check_identity(identity)
-        issued = issue_leaf(self.issuing(), identity=identity, now=self.clock.now(), lifetime=lifetime)
-        if write:
+        refusal = self.issuance_refusal(identity)
+        if refusal is not None:
+            raise refusal
+        issued = issue_leaf(self.issuing(), identity=identity, now=self.clock.now(), lifetime=lifetime,
+                            public_key=public_key)
+        self.record_issued(issued.cert)
+        if write and issued.key is not None:
             crt, key = self.device_paths(identity)
             assert issued.key is not None
             atomic_write_bytes(key, key_pem(issued.key), mode=0o600)
@@ -267,6 +316,15 @@ def init_dev(
         raise ConfigError(
             f"{out_dir} already holds a CA", hint="pass --force to replace it (all existing certificates die)"
         )
+    if force:
+        # A new CA starts with no revocations, no issuance ledger and CRL number 1.
+        for stale in ("revoked.json", "crl", "issued"):
+            path = out_dir / stale
+            if path.is_file():
+                path.unlink()
+            elif path.is_dir():
+                for child in path.iterdir():
+                    child.unlink()
     now = clock.now()
     root = new_root("Edge Dev Root CA", now)
     issuing = new_intermediate(root, "Edge Dev Issuing CA", now)

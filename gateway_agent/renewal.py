@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Protocol, TypeVar
 
 from cryptography.hazmat.primitives import serialization
@@ -63,8 +65,10 @@ from edge_core.lifecycle import (
     switch_unconfirmed,
     switched,
 )
+from edge_core.registry import parse_registry
+from gateway_agent.crl_issue import RevocationStore
 from gateway_agent.crl_issue import revoke as crl_revoke
-from gateway_agent.inventory import Inventory
+from gateway_agent.inventory import ImportReport, Inventory, apply_revocations
 from gateway_agent.pki import FileCA, IssuingCA, issue_leaf
 
 __all__ = [
@@ -137,6 +141,10 @@ class CertificateAuthorityBackend(Protocol):
         ``superseded``); must be idempotent (a retried step revokes again)."""
         ...
 
+    async def revoked_serials(self) -> Mapping[int, str]:
+        """Every serial the CA has revoked, with its reason: the inventory is fed from it."""
+        ...
+
 
 class FileCABackend:
     """``CertificateAuthorityBackend`` over the development CA on disk (``gateway_agent.pki.FileCA``).
@@ -162,17 +170,36 @@ class FileCABackend:
             # and map HTTP 4xx to CredentialError and transport errors to FetchError.
     """
 
-    def __init__(self, ca: FileCA, *, clock: Clock) -> None:
+    def __init__(self, ca: FileCA, *, clock: Clock, registry: Path | None = None) -> None:
         self._ca = ca
         self._issuing: IssuingCA = ca.issuing()
         self._chain = ca.chain_path.read_bytes()
         self._clock = clock
+        self._registry = registry
         self.revoked: dict[int, str] = {}
 
+    def _refusal(self, identity: str) -> CredentialError | None:
+        refusal = self._ca.issuance_refusal(identity)
+        if refusal is not None or self._registry is None:
+            return refusal
+        entry = parse_registry(self._registry.read_bytes(), source=str(self._registry)).get(identity)
+        if entry is None:
+            return CredentialError("device_unknown", f"device {identity} is not in the registry {self._registry}")
+        if not entry.enabled:
+            return CredentialError("device_disabled", f"device {identity} is disabled in the registry",
+                                   hint=f"enable it in {self._registry} first")
+        return None
+
     async def issue(self, csr: CheckedCsr, identity: str, lifetime: timedelta) -> IssuedCertificate:
+        """Issue for a checked CSR; refuses a revoked (``device_revoked``), unregistered
+        (``device_unknown``) or disabled (``device_disabled``) device."""
         check_identity(identity)
+        refusal = self._refusal(identity)
+        if refusal is not None:
+            raise refusal
         issued = issue_leaf(self._issuing, identity=identity, now=self._clock.now(), lifetime=lifetime,
                             public_key=csr.public_key)
+        self._ca.record_issued(issued.cert)
         pem = issued.cert.public_bytes(serialization.Encoding.PEM)
         return IssuedCertificate(pem, self._chain, CertRef.from_certificate(issued.cert, CertState.ISSUED))
 
@@ -180,11 +207,14 @@ class FileCABackend:
         crl_revoke(self._ca, serial, reason)  # idempotent: an existing entry is kept
         self.revoked.setdefault(serial, reason)
 
+    async def revoked_serials(self) -> Mapping[int, str]:
+        return {e.serial: e.reason for e in RevocationStore(self._ca).entries()}
+
 
 @dataclass(frozen=True)
 class RenewalOutcome:
     device_id: str
-    result: str  # switched, failed, rolled_back, csr_rejected, switch_unconfirmed, skipped, busy, error
+    result: str  # switched, failed, rolled_back, csr_rejected, switch_unconfirmed, skipped, busy, refused, error
     detail: str = ""
 
 
@@ -219,6 +249,7 @@ class RenewalOrchestrator:
         lifetime: timedelta | None = None,
         rand: Callable[[], float] | None = None,
         on_pins_changed: Callable[[str], None] | None = None,
+        reconcile: Callable[[datetime], ImportReport] | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -234,6 +265,7 @@ class RenewalOrchestrator:
         self.lifetime = lifetime  # None: same lifetime as the certificate being replaced
         self._rand = rand or secrets.SystemRandom().random
         self._on_pins_changed = on_pins_changed
+        self._reconcile = reconcile
         self._semaphore = asyncio.Semaphore(concurrency)
         self._active: set[str] = set()
         self.in_flight = 0
@@ -285,6 +317,8 @@ class RenewalOrchestrator:
         """The daily job: expiry query, state refresh, overlap ends, alarms, renewals."""
         now = as_utc(now) if now is not None else self.clock.now()
         await self.recover()
+        self.reconcile(now)
+        await self.sync_revocations(now)
         window = self.inventory.expiring_devices(now + self.policy.renew_before)
         changes = 0
         devices: list[DeviceLifecycle] = []
@@ -299,6 +333,8 @@ class RenewalOrchestrator:
                         self.events.emit(f"cert.{t.to_state}", device=t.device_id, serial=f"{t.serial:x}",
                                          level="warning" if t.to_state == CertState.EXPIRED else "info")
             devices.append(device)
+        seen = {d.device_id for d in devices}
+        devices.extend(d for d in self.inventory.forced_pending() if d.device_id not in seen)
         ended = await self.end_due_overlaps(now)
         rows = scan_expiring(devices, now, self.policy.renew_before)
         plans = plan_renewals(devices, now, self.policy)
@@ -313,6 +349,40 @@ class RenewalOrchestrator:
                          renewals=len(plans), switched=sum(1 for o in outcomes if o.result == "switched"),
                          alarms=len(alarms))
         return ScanReport(now, len(rows), changes, ended, alarms, tuple(outcomes))
+
+    def reconcile(self, now: datetime) -> ImportReport | None:
+        """Enrol registry devices the inventory does not know yet (added after the first start)."""
+        if self._reconcile is None:
+            return None
+        report = self._reconcile(now)
+        for device_id in report.enrolled:
+            self.events.emit("lifecycle.enrolled", "reconcile", device=device_id)
+        for device_id, why in report.skipped:
+            if why == "no_certificate":
+                self.events.emit("lifecycle.unenrolled", why, level="error", device=device_id,
+                                 detail="in the registry but no certificate of it is known; it will expire unseen")
+        if report.enrolled:
+            self._pins_changed(report.enrolled[0])
+        return report
+
+    async def sync_revocations(self, now: datetime | None = None,
+                               revoked: Mapping[int, str] | AbstractSet[int] | None = None) -> list[str]:
+        """Feed the CA's revocations (or an accepted CRL's serials) into the inventory."""
+        now = as_utc(now) if now is not None else self.clock.now()
+        serials = revoked if revoked is not None else await self.ca.revoked_serials()
+        changed = apply_revocations(self.inventory, serials, now=now)
+        for device_id in changed:
+            self.events.emit("cert.revoked", "ca_revoked", device=device_id)
+        if changed:
+            self._pins_changed(changed[0])
+        return changed
+
+    async def retry_forced(self, now: datetime | None = None) -> list[RenewalOutcome]:
+        """Retry operators' renewals whose backoff has passed (cheap; the runner calls it often)."""
+        now = as_utc(now) if now is not None else self.clock.now()
+        due = [d.device_id for d in self.inventory.forced_pending()
+               if renewal_due(d, now, self.policy) is not None]
+        return await self.renew_many(due)
 
     async def end_due_overlaps(self, now: datetime | None = None) -> int:
         """Revoke the old certificate of every device whose overlap has ended (cheap; run often)."""
@@ -340,6 +410,12 @@ class RenewalOrchestrator:
         if device is None:
             return RenewalOutcome(device_id, "skipped", "not in inventory")
         now = self.clock.now()
+        revoked = await self.ca.revoked_serials()
+        if device.current.serial in revoked:  # the inventory may not have heard yet: tell it, renew nothing
+            await self.sync_revocations(now, {device.current.serial: revoked[device.current.serial]})
+            self.events.emit("renewal.refused", "device_revoked", level="warning", device=device_id,
+                             serial=f"{device.current.serial:x}")
+            return RenewalOutcome(device_id, "refused", "device_revoked")
         reason = renewal_due(device, now, self.policy, ignore_backoff=ignore_backoff)
         if (reason is None and force and device.renewal is RenewalState.IDLE
                 and device.current.state in (CertState.ACTIVE, CertState.EXPIRING) and now < device.current.not_after):

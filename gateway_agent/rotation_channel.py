@@ -97,6 +97,8 @@ class MqttDeviceChannel:
         self.client = client
         self.timeout = timeout
         self.pins_ready = pins_ready
+        #: called with the device id when a device announces it is connected (``type: online``)
+        self.on_online: Callable[[str], None] | None = None
         self.events = events or SecurityEvents("gateway_agent.rotation")
         self._pending: dict[tuple[str, str], _Pending] = {}
         self._reader: asyncio.Task[None] | None = None
@@ -180,6 +182,12 @@ class MqttDeviceChannel:
         request_id = body.get("id") if isinstance(body, dict) else None
         if not isinstance(body, dict) or not isinstance(request_id, str) or body.get("v") != PROTOCOL_VERSION:
             self._drop("malformed", device_id)
+            return True
+        if body.get("type") == "online" and (device_id, request_id) not in self._pending:
+            # The device's connect event: a renewal that waited for it (offline, backoff) runs now.
+            self.events.emit("device.online", device=device_id, serial=str(body.get("serial_in_use"))[:40])
+            if self.on_online is not None:
+                self.on_online(device_id)
             return True
         pending = self._pending.pop((device_id, request_id), None)
         if pending is None or pending.future.done():

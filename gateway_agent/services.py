@@ -43,11 +43,14 @@ async def _session(agent: Agent) -> AgentService | None:
         validator = ValidationService(
             endpoint, gateway_id=s.agent_id, signing_key=load_validation_key(s.validation.signing_key),
             issuers=load_issuers(s.crl.issuers) if s.crl is not None else [], current_index=current_index,
+            anchors=load_issuers([link.ca]),
             staleness=s.crl.staleness if s.crl is not None else None, clock=agent.clock, events=agent.events,
             limiter=RateLimiter(rate=s.validation.rate_per_minute / 60.0, burst=5),
         )
     lifecycle = None
     if s.lifecycle is not None:
+        crl_state = agent.crl
         lifecycle = LifecycleRunner(s.lifecycle, clock=agent.clock, events=agent.events,
-                                    broker_status_url=s.lifecycle.broker_status_url)
+                                    broker_status_url=s.lifecycle.broker_status_url,
+                                    current_index=(lambda: crl_state.index) if crl_state is not None else None)
     return AgentSession(endpoint, s.agent_id, agent.events, validator=validator, lifecycle=lifecycle)

@@ -171,8 +171,9 @@ class ValidationService:
     ``current_index`` is called for every request and returns the revocation index in
     force (``RevocationIndex`` holds the installed CRL records too, so nothing else is
     needed). The daemon passes a function that reads whatever its CRL sync last swapped in.
-    ``issuers`` are the CA certificates the CRL sync trusts; ``staleness`` is the same
-    policy the broker applies.
+    ``issuers`` are the CA certificates the CRL sync trusts and ``anchors`` the trust
+    bundle they chain to (the broker's ``client_ca``): every answer vouches for the whole
+    path. ``staleness`` is the same policy the broker applies.
     """
 
     def __init__(
@@ -183,6 +184,7 @@ class ValidationService:
         signing_key: ec.EllipticCurvePrivateKey,
         issuers: IssuerSet | Sequence[x509.Certificate],
         current_index: Callable[[], RevocationIndex],
+        anchors: Sequence[x509.Certificate] = (),
         staleness: StalenessPolicy | None = None,
         clock: Clock | None = None,
         events: SecurityEvents | None = None,
@@ -197,7 +199,7 @@ class ValidationService:
         self.endpoint = endpoint
         self.signing_key = signing_key
         self.kid = gateway_key_id(signing_key.public_key())
-        self.issuers = issuers if isinstance(issuers, IssuerSet) else IssuerSet.from_certificates(issuers)
+        self.issuers = issuers if isinstance(issuers, IssuerSet) else IssuerSet.from_certificates(issuers, anchors)
         self.current_index = current_index
         self.staleness = staleness or StalenessPolicy()
         self.clock = clock or SystemClock()

@@ -28,6 +28,10 @@ __all__ = ["CommandGuardPlugin"]
 
 
 class CommandGuardPlugin(BasePlugin[Any]):
+    #: A will carrying a command is verified once, when it fires: verifying it at CONNECT
+    #: would record its nonce as seen and refuse it as ``replayed`` when it fires.
+    checks_wills_when_fired = True
+
     @dataclass
     class Config:
         runtime: Any = None

@@ -1,7 +1,10 @@
 """Revocation at CONNECT: a revoked certificate, or a stale CRL under ``fail_closed``, is refused.
 
-Runs after ``DeviceAuthPlugin`` (which admitted the identity and pins). Reasons:
-``auth.rejected reason=revoked`` and ``reason=crl_stale`` (with the freshness state). A
+Runs after ``DeviceAuthPlugin`` (which admitted the identity and pins). The decision is
+``RevocationState.verdict`` (``edge_core.admission.session_verdict``), the same one the
+broker re-runs for live sessions. Reasons: ``auth.rejected reason=revoked`` (the device's
+certificate or a CA on its path), ``reason=crl_stale`` (with the freshness state) and
+``reason=path_crl_signer_invalid``. A
 stale CRL under ``fail_open_alarm`` admits the device; the alarm is raised by the broker's
 periodic freshness check, not once per connection.
 """
@@ -36,15 +39,13 @@ class RevocationCheckPlugin(BaseAuthPlugin):
                                 client_id=session.client_id)
             return False
         cert = admitted.cert
-        if state.index.is_revoked(cert.issuer, cert.serial):
-            session.attributes[REFUSAL] = "revoked"
-            runtime.events.emit("auth.rejected", "revoked", level="warning", device=admitted.identity,
-                                serial=f"{cert.serial:x}", issuer=cert.issuer)
-            return False
-        freshness = state.freshness(cert.issuer, runtime.clock.now())
-        if not freshness.admit:
-            session.attributes[REFUSAL] = "crl_stale"
-            runtime.events.emit("auth.rejected", "crl_stale", level="warning", device=admitted.identity,
-                                state=freshness.state, detail=freshness.message)
-            return False
-        return True
+        now = runtime.clock.now()
+        reason = state.verdict(admitted, now)
+        if reason is None:
+            return True
+        session.attributes[REFUSAL] = reason
+        detail = state.freshness(cert.issuer, now) if reason == "crl_stale" else None
+        runtime.events.emit("auth.rejected", reason, level="warning", device=admitted.identity,
+                            serial=f"{cert.serial:x}", issuer=cert.issuer,
+                            state=detail.state if detail else None, detail=detail.message if detail else None)
+        return False

@@ -11,10 +11,10 @@ import pytest
 from cryptography import x509
 
 from edge_core.clock import ManualClock
-from edge_core.errors import ConfigError
+from edge_core.errors import ConfigError, CredentialError
 from edge_core.revocation import accept_crl
-from gateway_agent import cli_crl
-from gateway_agent.crl_issue import RevocationStore, crl_path, issue_crl, revoke
+from gateway_agent import cli_pki
+from gateway_agent.crl_issue import RevocationStore, crl_path, issue_crl, revoke, revoke_device
 from gateway_agent.pki import FileCA, init_dev, load_cert
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
@@ -34,10 +34,38 @@ def test_revoke_device_by_id_uses_its_certificate_serial(ca: FileCA) -> None:
     serial = load_cert(ca.device_paths("pump-17")[0]).serial_number
     assert entry.serial == serial and entry.device == "pump-17" and entry.revoked_at == NOW
     doc = json.loads((ca.dir / "revoked.json").read_text())
-    assert doc == {"version": 1, "last_crl_number": 0, "revoked": [
-        {"serial": f"{serial:x}", "device": "pump-17", "reason": "key_compromise",
-         "revoked_at": NOW.isoformat()}]}
+    record = {"serial": f"{serial:x}", "device": "pump-17", "reason": "key_compromise",
+              "revoked_at": NOW.isoformat()}
+    assert doc == {"version": 1, "last_crl_number": 0, "revoked": [record], "revoked_devices": [record]}
     assert (ca.dir / "revoked.json").stat().st_mode & 0o777 == 0o600
+
+
+def test_revoke_device_after_a_renewal_revokes_the_certificate_in_use(ca: FileCA) -> None:
+    """``devices/<id>.crt`` is the first certificate; the CA's ledger knows the newer one."""
+    first = load_cert(ca.device_paths("pump-17")[0])
+    ca.clock.advance(timedelta(days=20))  # type: ignore[attr-defined]
+    renewed = ca.issue_device("pump-17", write=False)
+    entry = revoke(ca, "pump-17", "key_compromise")
+    assert entry.serial == renewed.cert.serial_number != first.serial_number
+    assert {e.serial for e in RevocationStore(ca).entries()} == {renewed.cert.serial_number}
+
+
+def test_revoke_device_all_revokes_every_unexpired_certificate(ca: FileCA) -> None:
+    first = load_cert(ca.device_paths("pump-18")[0])
+    renewed = ca.issue_device("pump-18", write=False)
+    entries = revoke_device(ca, "pump-18", "key_compromise", all_certs=True)
+    assert {e.serial for e in entries} == {first.serial_number, renewed.cert.serial_number}
+
+
+def test_revoked_device_gets_no_certificate_until_reinstated(ca: FileCA) -> None:
+    revoke(ca, "pump-17", "key_compromise")
+    with pytest.raises(CredentialError) as info:
+        ca.issue_device("pump-17", write=False)
+    assert info.value.reason == "device_revoked"
+    assert ca.issue_device("pump-18", write=False).cert  # others are unaffected
+    assert RevocationStore(ca).reinstate("pump-17")
+    assert ca.issue_device("pump-17", write=False).cert
+    assert {e.serial for e in RevocationStore(ca).entries()}  # the revoked serial stays revoked
 
 
 def test_revoke_is_idempotent_and_accepts_serials(ca: FileCA) -> None:
@@ -48,7 +76,7 @@ def test_revoke_is_idempotent_and_accepts_serials(ca: FileCA) -> None:
 
 
 def test_revoke_refuses_unknown_device_and_bad_reason(ca: FileCA) -> None:
-    with pytest.raises(ConfigError, match="no certificate for device"):
+    with pytest.raises(ConfigError, match="never issued a certificate for device 'ghost'"):
         revoke(ca, "ghost")
     with pytest.raises(ConfigError, match="revocation reason"):
         revoke(ca, 5, "because")
@@ -96,8 +124,10 @@ def test_issue_without_ca_explains(tmp_path: Path) -> None:
 
 def _pki_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser()
-    cli_crl.add_pki_verbs(parser.add_subparsers(dest="verb", required=True))
-    return parser
+    cli_pki.add_parser(parser.add_subparsers(dest="group", required=True))
+    sub = parser._subparsers._group_actions[0].choices["pki"]  # type: ignore[union-attr]
+    assert isinstance(sub, argparse.ArgumentParser)
+    return sub
 
 
 def test_pki_verbs_revoke_and_crl(ca: FileCA, capsys: pytest.CaptureFixture[str]) -> None:
@@ -115,3 +145,14 @@ def test_pki_verbs_revoke_and_crl(ca: FileCA, capsys: pytest.CaptureFixture[str]
     args = parser.parse_args(["revoke", "not-a-device", "--ca-dir", str(ca.dir)])
     with pytest.raises(ConfigError, match="neither a device"):
         args.func(args)
+
+
+def test_init_dev_force_starts_a_new_ca_without_old_revocations(tmp_path: Path) -> None:
+    """A revoked device of the old dev CA used to make `init-dev --force` stop half-way."""
+    ca = init_dev(tmp_path / "certs-dev", device_ids=["pump-17"], clock=ManualClock(NOW))
+    revoke(ca, "pump-17", "key_compromise")
+    issue_crl(ca)
+    again = init_dev(tmp_path / "certs-dev", device_ids=["pump-17"], force=True, clock=ManualClock(NOW))
+    assert RevocationStore(again).entries() == ()
+    assert [c.serial_number for c in again.certificates_of("pump-17")] == [
+        load_cert(again.device_paths("pump-17")[0]).serial_number]

@@ -287,6 +287,8 @@ def test_import_from_dev_pki(tmp_path: Path, inv: SqliteInventory) -> None:
     assert report.enrolled == ("device-002", "device-003")
     assert dict(report.skipped) == {
         "device-001": "pin_not_registered", "device-009": "not_in_registry", "junk.crt": "cert_unparseable",
+        # registry clients whose certificates live elsewhere are reported, never silently absent
+        "alice": "no_certificate", "gateway-agent": "no_certificate",
     }
 
 

@@ -369,8 +369,15 @@ async def test_offline_device_times_out_then_renews_when_it_comes_online(
     assert (await world.orchestrator.renew(DEVICE)).result == "skipped"  # backoff
 
     world.channel.timeout = WAIT
+    # The device announces its connection over the broker; that alone starts the due renewal
+    # (the agent used to wait out the backoff: device_online was never called).
+    came_back: asyncio.Queue[asyncio.Task[Any]] = asyncio.Queue()
+    world.channel.on_online = lambda device_id: came_back.put_nowait(
+        asyncio.create_task(world.orchestrator.device_online(device_id)))
     device = await world.start_device()
-    back = await world.orchestrator.device_online(DEVICE)
+    async with asyncio.timeout(WAIT):
+        back = await (await came_back.get())
+    assert next(e for e in _logs if e["event"] == "device.online")["device"] == DEVICE
 
     assert back is not None and back.result == "switched", back
     async with asyncio.timeout(WAIT):

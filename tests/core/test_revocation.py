@@ -93,7 +93,7 @@ def test_valid_crl_is_accepted_with_state_and_serials(ca: IssuingCA) -> None:
     update = accept(ca, der)
     assert update.changed
     assert update.installed.crl_number == 7
-    assert update.installed.issuer == ca.cert.subject.rfc4514_string()
+    assert update.installed.issuer == issuer_key(ca.cert.subject) == "CN=test issuing ca,O=edge gateway dev pki"
     assert update.installed.count == 2
     assert update.installed.this_update == NOW - timedelta(hours=1)
     assert update.revoked is not None and set(update.revoked) == {1001, 2**158 + 5}
@@ -221,15 +221,24 @@ def test_crl_without_number_is_refused(ca: IssuingCA) -> None:
 def test_older_crl_number_is_rollback_with_a_clear_message(ca: IssuingCA) -> None:
     installed = accept(ca, build_crl(ca, number=5)).installed
     err = refused(ca, build_crl(ca, number=3), "crl_rollback", installed=installed)
-    assert "new CRL number 3 must be > installed 5" in str(err)
+    assert "new CRL number 3 must be >= installed 5" in str(err)
 
 
-def test_equal_crl_number_is_a_no_op(ca: IssuingCA) -> None:
-    installed = accept(ca, build_crl(ca, number=5)).installed
-    update = accept(ca, build_crl(ca, number=5), installed)
+def test_the_same_crl_again_is_a_no_op(ca: IssuingCA) -> None:
+    der = build_crl(ca, number=5)
+    installed = accept(ca, der).installed
+    update = accept(ca, der, installed)
     assert not update.changed
     assert update.installed == installed
     assert update.revoked is None
+
+
+def test_other_crl_with_the_installed_number_is_equivocation(ca: IssuingCA) -> None:
+    installed = accept(ca, build_crl(ca, number=5, serials=(1, 2))).installed
+    # Same number, one serial fewer: swapping it in would un-revoke serial 2.
+    err = refused(ca, build_crl(ca, number=5, serials=(1,)), "crl_equivocation", installed=installed)
+    assert "CRL number 5" in str(err) and "other content" in str(err)
+    assert "crl_equivocation" in REASONS
 
 
 def test_newer_crl_number_replaces(ca: IssuingCA) -> None:
@@ -241,7 +250,7 @@ def test_newer_crl_number_replaces(ca: IssuingCA) -> None:
 def test_installed_by_issuer_mapping_picks_the_right_record(ca: IssuingCA) -> None:
     installed = accept(ca, build_crl(ca, number=5)).installed
     other = InstalledCrl("CN=Someone Else", 99, NOW, NOW + timedelta(days=1), "00", 0)
-    with pytest.raises(CredentialError, match="must be > installed 5"):
+    with pytest.raises(CredentialError, match="must be >= installed 5"):
         accept_crl(build_crl(ca, number=4), issuers=[ca.cert], now=NOW,
                    installed={installed.issuer: installed, other.issuer: other})
     with pytest.raises(ValueError, match="installed CRL is for"):
@@ -371,7 +380,7 @@ def test_index_updates_build_new_objects(ca: IssuingCA) -> None:
     assert index1.is_revoked(key, 5) and not index1.is_revoked(key, 6)
     assert index2.is_revoked(key, 6) and not index2.is_revoked(key, 5)
     assert index2.installed[key].crl_number == 2
-    same = accept(ca, build_crl(ca, number=2, serials=(6,)), second.installed)
+    same = accept(ca, second.der, second.installed)
     assert index2.with_update(same) is index2
     with pytest.raises(ValueError, match="accept with installed=None"):
         RevocationIndex().with_update(same)
@@ -514,7 +523,7 @@ def test_openssl_generated_crl_pem_and_der(tmp_path: Path) -> None:
     with pytest.raises(CredentialError) as info:
         accept_crl(der_path.read_bytes(), issuers=[ca.cert], installed=newer.installed, now=now)
     assert info.value.reason == "crl_rollback"
-    assert "new CRL number 42 must be > installed 43" in str(info.value)
+    assert "new CRL number 42 must be >= installed 43" in str(info.value)
 
 
 @needs_openssl

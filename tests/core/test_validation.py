@@ -68,6 +68,7 @@ class World:
 
     def __init__(self) -> None:
         root = new_root("Validation Root", NOW - timedelta(days=1))
+        self.root = root
         self.ca = new_intermediate(root, "Validation Issuing", NOW - timedelta(days=1))
         self.good = issue_leaf(self.ca, identity="good-1", now=NOW).cert
         self.revoked = issue_leaf(self.ca, identity="revoked-1", now=NOW).cert
@@ -714,6 +715,62 @@ def test_certificate_and_request_vectors() -> None:
 
 
 # --------------------------------------------------------------------------- coverage of the code sets
+
+
+# --------------------------------------------------------------------------- the whole path
+
+
+def _root_crl(world: World, serials: list[int]) -> RevocationIndex:
+    builder = (x509.CertificateRevocationListBuilder().issuer_name(world.root.cert.subject)
+               .last_update(NOW - timedelta(minutes=5)).next_update(NOW + timedelta(days=7))
+               .add_extension(x509.CRLNumber(1), critical=False))
+    for serial in serials:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(NOW - timedelta(hours=1)).build())
+    root_der = builder.sign(world.root.key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+    update = accept_crl(root_der, issuers=[world.root.cert], installed=None, now=NOW)
+    return world.index.with_update(update)
+
+
+def test_a_revoked_issuing_ca_makes_its_devices_unknown(world: World) -> None:
+    """The issuing CA itself is on the root's CRL: nothing it issued is vouched for."""
+    issuers = IssuerSet.from_certificates([world.ca.cert, world.root.cert], anchors=[world.root.cert])
+    index = _root_crl(world, [world.ca.cert.serial_number])
+    for request in (cert_request(world.good), hash_request(world.hash, world.good.serial_number)):
+        answer = answer_for(world, request, index=index, issuers=issuers)
+        assert (answer.status, answer.reason) == ("unknown", "chain_revoked")
+    fine = answer_for(world, cert_request(world.good), index=_root_crl(world, []), issuers=issuers)
+    assert fine.status == "good"
+
+
+def test_an_expired_issuing_ca_is_not_vouched_for(world: World) -> None:
+    """The configured CA's own validity counts (PKITS 4.2.5), not only the device's."""
+    later = world.ca.cert.not_valid_after_utc + timedelta(days=1)
+    issuers = IssuerSet.from_certificates([world.ca.cert], anchors=[world.root.cert])
+    answer = answer_for(world, hash_request(world.hash, world.good.serial_number), issuers=issuers, now=later)
+    assert answer.status == "unknown" and answer.reason != "cert_expired"
+
+
+def test_an_issuing_ca_not_signed_by_the_anchor_is_not_vouched_for(world: World) -> None:
+    """A configured CA whose signature does not verify under the anchor (PKITS 4.1.2)."""
+    impostor_root = new_root("Validation Root", NOW - timedelta(days=1))  # same name, other key
+    issuers = IssuerSet.from_certificates([world.ca.cert], anchors=[impostor_root.cert])
+    answer = answer_for(world, cert_request(world.good), issuers=issuers)
+    assert (answer.status, answer.reason) == ("unknown", "chain_invalid")
+
+
+def test_issuer_hash_reader_refuses_non_minimal_der_lengths(world: World) -> None:
+    """The firmware-side reader used to accept a long-form length where the short form fits."""
+    raw = der(world.good)
+    assert raw[1] == 0x82 and raw[5] == 0x82  # Certificate and tbsCertificate with 2-byte lengths
+    outer, tbs = int.from_bytes(raw[2:4], "big"), int.from_bytes(raw[6:8], "big")
+    pos = 8 + 5  # past [0] version (a0 03 02 01 02): the serialNumber INTEGER
+    assert raw[pos] == 0x02 and raw[pos + 1] < 0x80
+    # The serial's length in long form (81 nn): the same value, one byte longer, not DER.
+    tampered = (raw[:2] + (outer + 1).to_bytes(2, "big") + raw[4:6] + (tbs + 1).to_bytes(2, "big")
+                + raw[8:pos + 1] + bytes([0x81, raw[pos + 1]]) + raw[pos + 2:])
+    with pytest.raises(ValueError, match="non-minimal length"):
+        issuer_hash_of_certificate(tampered)
 
 
 def test_zz_every_reason_code_is_exercised() -> None:

@@ -40,6 +40,9 @@ def write_settings(directory: Path, *, registry: Path, chain: Path, server_dir: 
     if limits:
         lines.append("limits:")
         lines.extend(f"  {k}: {v}" for k, v in limits.items())
+    if "commands:" not in extra:
+        # The test ACLs open command topics; tests without operator keys say so explicitly.
+        lines.append("commands: disabled")
     path = directory / "broker.yaml"
     path.write_text("\n".join(lines) + "\n" + extra)
     return path
