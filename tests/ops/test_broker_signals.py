@@ -76,7 +76,7 @@ class BrokerProcess:
         self.config.write_text(
             f"listener:\n  bind: 127.0.0.1:{self.port}\n  certfile: tls/broker.crt\n  keyfile: tls/broker.key\n"
             f"  client_ca: {pki.chain}\nregistry: {registry}\nacl: acl.yaml\nreload_interval: 2.0\n"
-            f"status:\n  bind: 127.0.0.1:{self.status_port}\nevent_loop: asyncio\n"
+            f"status:\n  bind: 127.0.0.1:{self.status_port}\nevent_loop: asyncio\ncommands: disabled\n"
         )
         self.log = tmp_path / "broker.log"
         with self.log.open("w") as err:
@@ -111,7 +111,8 @@ class BrokerProcess:
 def broker_process(tmp_path: Path, pki: DevPki, registry_file: Path) -> Iterator[BrokerProcess]:
     broker = BrokerProcess(tmp_path, pki, registry_file)
     try:
-        wait_for(broker.ready, 20)
+        wait_for(lambda: broker.ready() or broker.proc.poll() is not None, 20)
+        assert broker.proc.poll() is None, f"the broker exited: {broker.log.read_text()[-2000:]}"
         yield broker
     finally:
         if broker.proc.poll() is None:
