@@ -342,23 +342,30 @@ def run_demo() -> None:
             if proc is not None:
                 proc.terminate()
                 proc.wait(15)
-    step("Logs: every stderr line of this run is one JSON object")
+    step("Logs: every line the daemons wrote to stderr is one JSON object")
     say(check_json_lines())
     print("\ndemo complete")
 
 
 def check_json_lines() -> str:
-    """The daemons' logs and every CLI call's stderr must be JSON lines (`journalctl -o cat | jq` works)."""
+    """Every line the daemons wrote to stderr is one JSON object (`journalctl -o cat | jq` works);
+    a one-shot command's stderr holds JSON events, or its one documented human line
+    (`error: ...`, `note: ...`), which the demo shows above when it demonstrates a refusal."""
     counts = {}
     for log in ("demo-broker.log", "demo-agent.log", "demo-uplink.log"):
         lines = (ROOT / log).read_text().splitlines() if (ROOT / log).exists() else []
         counts[log] = len(lines)
         for number, line in enumerate(lines, 1):
             _must_be_json(line, f"{log}:{number}")
+    human = 0
     for where, line in STDERR_LINES:
-        _must_be_json(line, where)
-    return (f"{counts['demo-broker.log']} broker, {counts['demo-agent.log']} agent, {counts['demo-uplink.log']} "
-            f"uplink and {len(STDERR_LINES)} CLI stderr lines: all parse as JSON")
+        if line.startswith(("error: ", "note: ")):
+            human += 1
+        else:
+            _must_be_json(line, where)
+    return (f"daemons: {counts['demo-broker.log']} broker, {counts['demo-agent.log']} agent and "
+            f"{counts['demo-uplink.log']} uplink lines, all JSON; commands: {len(STDERR_LINES) - human} JSON "
+            f"events and {human} one-line errors")
 
 
 def _must_be_json(line: str, where: str) -> None:
