@@ -12,18 +12,16 @@ drain and stop. Other signals keep their default.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import errno
 import sys
 from collections.abc import Sequence
 
 from broker_plugins.settings import BrokerSettings, load_settings
 from edge_runtime.cli_support import (
     EXIT_CODES_HELP,
-    Unavailable,
     add_config_argument,
     add_version_argument,
     print_status,
+    run_daemon,
     run_handler,
 )
 
@@ -67,19 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
-    try:
-        if settings.event_loop == "uvloop":
-            import uvloop
-
-            uvloop.run(_serve(settings))
-        else:
-            asyncio.run(_serve(settings))
-    except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            raise Unavailable(" ".join(str(exc).split()),
-                              hint="another process holds that port (another broker, mosquitto?): stop it "
-                                   f"or change the bind in {args.config}") from exc
-        raise
+    run_daemon(_serve(settings), config=args.config, use_uvloop=settings.event_loop == "uvloop")
     return 0
 
 

@@ -31,6 +31,7 @@ working directory.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import errno
 import json
 import os
@@ -38,6 +39,7 @@ import ssl
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, Final
 
@@ -67,6 +69,7 @@ __all__ = [
     "print_status",
     "report",
     "resolve_config",
+    "run_daemon",
     "run_handler",
 ]
 
@@ -193,6 +196,23 @@ def run_handler(args: argparse.Namespace) -> int:
             raise
         return report(f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}",
                       code=EXIT_INTERNAL, hint="rerun with -v for the traceback and report it")
+
+
+def run_daemon(main: Coroutine[Any, Any, None], *, config: Path, use_uvloop: bool = False) -> None:
+    """Run a daemon's main coroutine to its end; a port already in use becomes ``Unavailable`` (exit 5)."""
+    try:
+        if use_uvloop:
+            import uvloop
+
+            uvloop.run(main)
+        else:
+            asyncio.run(main)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise Unavailable(" ".join(str(exc).split()),
+                              hint="another process holds that port (another broker, mosquitto?): stop it or "
+                                   f"change the bind (listener.bind, status.bind, ...) in {config}") from exc
+        raise
 
 
 def _closed_stdout() -> int:

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from edge_core import yamlsrc
+from edge_core import binds, yamlsrc
+from edge_core.binds import is_loopback
 from edge_core.errors import ConfigError
 
 __all__ = [
@@ -55,26 +56,13 @@ ReadinessCheck = Callable[[], None]
 
 
 def split_bind(value: str, *, source: str, line: int | None) -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port`` to (host, port)."""
-    host, sep, port_text = value.rpartition(":")
-    if not sep or not port_text.isdigit():
+    """``host:port`` or ``[v6]:port`` to (host, port), or a ``ConfigError`` naming the file and line."""
+    host, port = binds.split_bind(value)
+    if port is None:
         raise ConfigError(f"bind {value!r} must be host:port", source=source, line=line)
-    host = host.strip("[]")
-    port = int(port_text)
     if not 0 <= port <= 65535:
         raise ConfigError(f"bind {value!r}: port out of range", source=source, line=line)
     return host, port
-
-
-def is_loopback(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass(frozen=True)

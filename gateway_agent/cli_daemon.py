@@ -12,11 +12,9 @@ exits 4, a port in use 5 (the table in ``edge_runtime.cli_support``).
 from __future__ import annotations
 
 import argparse
-import asyncio
-import errno
 from typing import Any
 
-from edge_runtime.cli_support import Unavailable, add_config_argument, print_status
+from edge_runtime.cli_support import add_config_argument, print_status, run_daemon
 from edge_runtime.sd_notify import Notifier
 from gateway_agent.settings import load_agent_settings
 
@@ -49,21 +47,9 @@ def _run(args: argparse.Namespace) -> int:
         notify = Notifier()
         async with Agent(settings, extra_services=service_factories(settings)) as agent:
             agent.install_signal_handlers(notify)
-            notify.ready(f"running: {', '.join(s.name for s in agent.services) or 'no services'}")
-            notify.start_watchdog()
-            try:
-                await agent.wait_stopped()
-            finally:
-                await notify.stop_watchdog()
+            await agent.serve(notify, f"running: {', '.join(s.name for s in agent.services) or 'no services'}")
 
-    try:
-        asyncio.run(main())
-    except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            raise Unavailable(" ".join(str(exc).split()),
-                              hint=f"another process holds the status port: stop it or change status.bind in "
-                                   f"{args.config}") from exc
-        raise
+    run_daemon(main(), config=args.config)
     return 0
 
 

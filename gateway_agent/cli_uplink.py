@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import errno
 import signal
 from typing import Any
 
 from edge_core.uplink_rules import UplinkConfig, load_uplink_config
-from edge_runtime.cli_support import Unavailable, add_config_argument, print_status
+from edge_runtime.cli_support import add_config_argument, print_status, run_daemon
 from edge_runtime.sd_notify import Notifier
 from edge_runtime.status_http import StatusSettings
 
@@ -79,20 +78,9 @@ def _run(args: argparse.Namespace) -> int:
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, hup)
             agent.events.emit("uplink.running", cloud=f"{config.cloud.host}:{config.cloud.port}",
                               forward=len(config.forward), downlink=len(config.downlink))
-            notify.ready(f"uplink to {config.cloud.host}:{config.cloud.port}")
-            notify.start_watchdog()
-            try:
-                await agent.wait_stopped()
-            finally:
-                await notify.stop_watchdog()
+            await agent.serve(notify, f"uplink to {config.cloud.host}:{config.cloud.port}")
 
-    try:
-        asyncio.run(main())
-    except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            raise Unavailable(" ".join(str(exc).split()),
-                              hint=f"the status port is taken: change status.bind in {args.config}") from exc
-        raise
+    run_daemon(main(), config=args.config)
     return 0
 
 

@@ -218,6 +218,15 @@ class Agent:
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
 
+    async def serve(self, notify: Notifier, status: str) -> None:
+        """Tell systemd we are ready, feed its watchdog, and run until a stop signal."""
+        notify.ready(status)
+        notify.start_watchdog()
+        try:
+            await self.wait_stopped()
+        finally:
+            await notify.stop_watchdog()
+
     def stop(self) -> None:
         self._stopped.set()
 
