@@ -19,6 +19,7 @@ from broker_plugins.settings import BrokerSettings, load_settings
 from edge_runtime.cli_support import (
     EXIT_CODES_HELP,
     add_config_argument,
+    add_status_arguments,
     add_version_argument,
     print_status,
     run_daemon,
@@ -44,14 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                             description="JSON status by default. Exit 0 when the endpoint answers 200, 1 when "
                                         "it answers not ready (--ready), 5 when unreachable.")
     add_config_argument(status, CONFIG_NAME, what="broker settings")
-    what = status.add_mutually_exclusive_group()
-    what.add_argument("--metrics", action="store_const", dest="path", const="/metrics",
-                      help="Prometheus text (/metrics)")
-    what.add_argument("--ready", action="store_const", dest="path", const="/readyz",
-                      help="readiness with every check (/readyz); exit 1 when not ready")
-    what.add_argument("--health", action="store_const", dest="path", const="/healthz",
-                      help="liveness (/healthz), for container health checks")
-    status.set_defaults(func=_status, path="/status")
+    add_status_arguments(status)
+    status.set_defaults(func=_status)
     from broker_plugins import cli_acl
 
     cli_acl.add_parser(sub)

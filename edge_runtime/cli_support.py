@@ -64,6 +64,7 @@ __all__ = [
     "EXIT_WARNINGS",
     "Unavailable",
     "add_config_argument",
+    "add_status_arguments",
     "add_version_argument",
     "print_json",
     "print_status",
@@ -109,6 +110,18 @@ def add_config_argument(parser: argparse.ArgumentParser, name: str, *, what: str
         help=f"{what} (default: ${CONFIG_DIR_ENV}/{name}, else {CONFIG_DIR / name})",
     )
     parser.set_defaults(config_name=name)
+
+
+def add_status_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--metrics`` / ``--ready`` / ``--health`` for a ``status`` verb (``args.path``, default ``/status``)."""
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument("--metrics", action="store_const", dest="path", const="/metrics",
+                      help="Prometheus text (/metrics)")
+    what.add_argument("--ready", action="store_const", dest="path", const="/readyz",
+                      help="readiness with every check (/readyz); exit 1 when not ready")
+    what.add_argument("--health", action="store_const", dest="path", const="/healthz",
+                      help="liveness (/healthz), for container health checks")
+    parser.set_defaults(path="/status")
 
 
 def resolve_config(given: Path | None, name: str) -> Path:

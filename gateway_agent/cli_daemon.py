@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from edge_runtime.cli_support import add_config_argument, print_status, run_daemon
+from edge_runtime.cli_support import add_config_argument, add_status_arguments, print_status, run_daemon
 from edge_runtime.sd_notify import Notifier
 from gateway_agent.settings import load_agent_settings
 
@@ -29,12 +29,8 @@ def add_parser(sub: Any) -> None:
                             description="JSON status by default. Exit 0 when the endpoint answers 200, 1 when "
                                         "it answers not ready (--ready), 5 when unreachable.")
     add_config_argument(status, CONFIG_NAME, what="agent settings")
-    what = status.add_mutually_exclusive_group()
-    what.add_argument("--metrics", action="store_const", dest="path", const="/metrics", help="Prometheus text")
-    what.add_argument("--ready", action="store_const", dest="path", const="/readyz",
-                      help="readiness with every check; exit 1 when not ready")
-    what.add_argument("--health", action="store_const", dest="path", const="/healthz", help="liveness")
-    status.set_defaults(func=_status, path="/status")
+    add_status_arguments(status)
+    status.set_defaults(func=_status)
 
 
 def _run(args: argparse.Namespace) -> int:

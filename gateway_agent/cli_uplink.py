@@ -19,7 +19,7 @@ import signal
 from typing import Any
 
 from edge_core.uplink_rules import UplinkConfig, load_uplink_config
-from edge_runtime.cli_support import add_config_argument, print_status, run_daemon
+from edge_runtime.cli_support import add_config_argument, add_status_arguments, print_status, run_daemon
 from edge_runtime.sd_notify import Notifier
 from edge_runtime.status_http import StatusSettings
 
@@ -37,12 +37,8 @@ def add_parser(sub: Any) -> None:
     check.set_defaults(func=_check)
     status = cmds.add_parser("status", help="print the running uplink's status (loopback endpoint)")
     add_config_argument(status, CONFIG_NAME, what="uplink settings")
-    what = status.add_mutually_exclusive_group()
-    what.add_argument("--metrics", action="store_const", dest="path", const="/metrics", help="Prometheus text")
-    what.add_argument("--ready", action="store_const", dest="path", const="/readyz",
-                      help="readiness with every check; exit 1 when not ready")
-    what.add_argument("--health", action="store_const", dest="path", const="/healthz", help="liveness")
-    status.set_defaults(func=_status, path="/status")
+    add_status_arguments(status)
+    status.set_defaults(func=_status)
 
 
 def _status_settings(config: UplinkConfig) -> StatusSettings | None:
