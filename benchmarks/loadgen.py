@@ -171,3 +171,33 @@ async def throughput(pub: tuple[Endpoint, str], sub: tuple[Endpoint, str], *, to
         writer.close()
     elapsed = (last or time.perf_counter()) - started
     return received, elapsed
+
+
+async def hold_connections(endpoints: list[tuple[Endpoint, str]], *, concurrency: int = 100,
+                           limit_s: float = 300.0) -> tuple[list[asyncio.StreamWriter], int]:
+    """Connect every (endpoint, client id) and keep the sessions open; returns (writers, failures).
+
+    The client side skips verifying the broker's certificate (the broker still verifies each
+    device's): building a verifying context per device would cost the client more than the broker.
+    """
+    writers: list[asyncio.StreamWriter] = []
+    failures = 0
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(ep: Endpoint, client_id: str) -> None:
+        nonlocal failures
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx.load_cert_chain(ep.cert, ep.key)
+        async with gate:
+            try:
+                _reader, writer = await asyncio.wait_for(open_session(ep, ctx, client_id), 30)
+            except (OSError, ConnectionError, asyncio.IncompleteReadError, ssl.SSLError, TimeoutError):
+                failures += 1
+                return
+        writers.append(writer)
+
+    await asyncio.wait_for(asyncio.gather(*(one(ep, cid) for ep, cid in endpoints)), limit_s)
+    return writers, failures

@@ -1,14 +1,13 @@
-"""The device listener we own: TCP accept, connection cap, TLS 1.3 handshake, framing guard.
+"""The device listener: TCP accept, connection cap, TLS 1.3 handshake, then the engine's protocol.
 
-amqtt's own TCP listener waits on a semaphore when ``max_connections`` is reached (so
-extra clients queue instead of being refused), and asyncio's ``start_server(ssl=...)``
-handles handshake failures out of our sight. We accept raw sockets ourselves
-(``sock_accept``: nothing is read yet), refuse at once over the cap, then let
-``connect_accepted_socket(ssl=...)`` run the TLS 1.3 handshake under a timeout, which
-raises any handshake failure to us on asyncio and uvloop alike. (Upgrading an already
-reading transport with ``start_tls`` loses the ClientHello on uvloop.) The stream is
-handed to amqtt as an "external" listener connection. Every refusal is a
-``conn.rejected`` or ``tls.rejected`` event with a reason code.
+asyncio's ``start_server(ssl=...)`` handles handshake failures out of our sight and
+cannot refuse over a cap before the handshake. We accept raw sockets ourselves
+(``sock_accept``: nothing is read yet) and refuse at once over the cap (RST). The TCP
+transport then belongs to one ``MqttConnection`` of the engine, which runs the TLS 1.3
+handshake in memory under ``tls_handshake_timeout`` (so that flow control can pause TCP
+itself: an SSL transport drops decrypted but unread bytes when the peer closes) and
+enforces the packet size limit from the header. Every refusal is a ``conn.rejected`` or
+``tls.rejected`` event with a reason code.
 """
 
 from __future__ import annotations
@@ -18,13 +17,10 @@ import contextlib
 import socket
 import ssl
 import struct
-from typing import Any
+from collections.abc import Callable
 
-from amqtt.adapters import StreamWriterAdapter
-
-from broker_plugins.framing import FramingGuardReader, FramingViolation
+from broker_plugins.engine.protocol import MqttConnection
 from broker_plugins.settings import Limits
-from broker_plugins.tls import classify_tls_error
 from edge_core.events import SecurityEvents
 from edge_runtime.logsetup import bind_connection
 
@@ -34,7 +30,7 @@ __all__ = ["DeviceListener"]
 class DeviceListener:
     def __init__(
         self,
-        broker: Any,
+        protocol_factory: Callable[[], MqttConnection],
         *,
         host: str,
         port: int,
@@ -43,7 +39,7 @@ class DeviceListener:
         events: SecurityEvents,
         listener_name: str = "default",
     ) -> None:
-        self._broker = broker
+        self._factory = protocol_factory
         self.host = host
         self.port = port
         self._ssl = ssl_context
@@ -107,52 +103,38 @@ class DeviceListener:
     async def _serve(self, conn: socket.socket, peer: str) -> None:
         bind_connection(peer=peer, listener=self._name)  # every line logged for this connection names it
         loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=2**16)
-        protocol = asyncio.StreamReaderProtocol(reader)
-        transport: asyncio.Transport | None = None
+        protocol = self._factory()
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.active -= 1
+                if protocol.transport is not None:
+                    self._transports.discard(protocol.transport)
+
+        protocol.on_lost = release
         try:
             transport = await self._open(loop, conn, protocol, peer)
-            if transport is None:
-                return
-            self._transports.add(transport)
-            writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-
-            def on_violation(violation: FramingViolation) -> None:
-                self._events.emit("conn.rejected", violation.reason, level="warning", peer=peer,
-                                  detail=str(violation))
-
-            guarded = FramingGuardReader(reader, max_packet_size=self._limits.max_packet_size,
-                                         on_violation=on_violation)
-            await self._broker.external_connected(guarded, StreamWriterAdapter(writer), self._name)
         except asyncio.CancelledError:
+            release()
+            conn.close()
             raise
         except Exception as exc:  # noqa: BLE001 - the listener must outlive any one connection
-            # amqtt lets some errors escape its connection handler; never let them kill the listener
             self._events.emit("conn.error", type(exc).__name__, level="warning", peer=peer, detail=str(exc))
-        finally:
-            self.active -= 1
-            if transport is not None:
-                self._transports.discard(transport)
-                if not transport.is_closing():
-                    transport.abort()
-            else:
-                conn.close()
+            transport = None
+        if transport is None:
+            release()
+            conn.close()
+            return
+        if not released:
+            self._transports.add(transport)
 
     async def _open(self, loop: asyncio.AbstractEventLoop, conn: socket.socket,
-                    protocol: asyncio.StreamReaderProtocol, peer: str) -> asyncio.Transport | None:
-        """Wrap the accepted socket; with TLS, complete the handshake or report why not."""
-        if self._ssl is None:
-            transport, _ = await loop.connect_accepted_socket(lambda: protocol, conn)
-            return transport
-        timeout = self._limits.tls_handshake_timeout
-        try:
-            transport, _ = await asyncio.wait_for(
-                loop.connect_accepted_socket(lambda: protocol, conn, ssl=self._ssl,
-                                             ssl_handshake_timeout=timeout),
-                timeout=timeout + 1.0,
-            )
-        except (ssl.SSLError, TimeoutError, ConnectionError, OSError, EOFError) as exc:
-            reason, detail = classify_tls_error(exc)
-            self._events.emit("tls.rejected", reason, level="warning", peer=peer, detail=detail)
-            return None
+                    protocol: MqttConnection, peer: str) -> asyncio.Transport | None:
+        """Wrap the accepted socket; the connection runs the TLS handshake itself, under its timeout."""
+        if self._ssl is not None:
+            protocol.use_tls(self._ssl, self._limits.tls_handshake_timeout)
+        transport, _ = await loop.connect_accepted_socket(lambda: protocol, conn)
         return transport

@@ -30,6 +30,9 @@ def install_observability(edge: EdgeBroker, server: StatusServer, metrics: Metri
     metrics.gauge("connections", lambda: _connections(edge))
     metrics.gauge("sessions", lambda: _sessions(edge))
     metrics.gauge("queue_depth", lambda: _queue_depths(edge))
+    metrics.gauge("retained_messages", lambda: _retained(edge))
+    metrics.counter("messages", lambda: _messages(edge),
+                    documentation="PUBLISH messages received from clients and sent to them", labels=("direction",))
     metrics.gauge("crl_next_update_timestamp_seconds", lambda: _crl_next_update(edge))
     metrics.gauge("crl_this_update_timestamp_seconds", lambda: _crl_this_update(edge))
     metrics.gauge("crl_fresh", lambda: _crl_fresh(edge))
@@ -67,23 +70,29 @@ def _connections(edge: EdgeBroker) -> dict[str, float] | None:
 
 
 def _sessions(edge: EdgeBroker) -> dict[str, float] | None:
-    broker = edge.broker
-    if broker is None:
+    if edge.broker is None:
         return None
-    return {"connected": float(len(broker.connected_sessions())), "known": float(len(broker.sessions))}
+    engine = edge.broker.engine
+    return {"connected": float(len(engine.connected_sessions())), "known": float(len(engine.sessions))}
 
 
 def _queue_depths(edge: EdgeBroker) -> dict[str, float] | None:
-    broker = edge.broker
-    if broker is None:
+    if edge.broker is None:
         return None
-    offline = 0
-    for entry in list(broker.sessions.values()):
-        session = entry[0] if isinstance(entry, tuple) else entry
-        queue = getattr(session, "retained_messages", None)
-        if queue is not None:
-            offline += queue.qsize()
-    return {"offline": float(offline)}
+    sessions = list(edge.broker.engine.sessions.values())
+    return {"outbound": float(sum(len(s.queue) for s in sessions if s.connection is not None)),
+            "offline": float(sum(len(s.queue) for s in sessions if s.connection is None))}
+
+
+def _retained(edge: EdgeBroker) -> float | None:
+    return float(len(edge.broker.engine.retained)) if edge.broker is not None else None
+
+
+def _messages(edge: EdgeBroker) -> dict[str, float] | None:
+    if edge.broker is None:
+        return None
+    engine = edge.broker.engine
+    return {"received": float(engine.messages_in), "sent": float(engine.messages_out)}
 
 
 def _crl_next_update(edge: EdgeBroker) -> dict[str, float] | None:

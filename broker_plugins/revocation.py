@@ -5,20 +5,24 @@ file for that: it runs the same acceptance rules (``edge_core.revocation.accept_
 against its configured issuer CAs, so a tampered or rolled-back file is refused and the
 last good index stays in force. Parsing a large CRL runs in a worker thread and the new
 index is swapped in with one assignment; then live sessions holding a now-revoked
-certificate are cut. A file reload is all-or-nothing: one bad block refuses the file.
+certificate are cut (``RevocationConcern``). A file reload is all-or-nothing: one bad
+block refuses the file.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 
+from broker_plugins.watched import FileWatches
 from edge_core.admission import Admitted, RevocationView, session_verdict
 from edge_core.chain import PathRefused, TrustStore, ValidPath, build_path
 from edge_core.errors import CredentialError
@@ -35,7 +39,11 @@ from edge_core.revocation import (
 )
 from edge_runtime.pemfiles import load_ca_certificates
 
-__all__ = ["RevocationSettings", "RevocationState", "load_issuer_certs"]
+if TYPE_CHECKING:
+    from broker_plugins.engine.core import Engine
+    from broker_plugins.runtime import BrokerRuntime
+
+__all__ = ["RevocationConcern", "RevocationSettings", "RevocationState", "load_issuer_certs"]
 
 _PATH_CACHE = 100_000  # built paths kept (one per live certificate); cleared when full
 
@@ -136,3 +144,131 @@ class RevocationState:
                 if previous is not None or fresh.alarm:  # a fresh CRL at start-up is no news
                     changed.append((issuer, fresh))
         return changed
+
+
+class RevocationConcern:
+    """Revocation in the broker: the CRL files, the state in the runtime, reload, alarms and cuts.
+
+    Each concern owns its settings, state, reload and enforcement; this one is started
+    before the listener (an unreadable or refused CRL at start-up follows the staleness
+    policy) and cuts live sessions when a reload revokes their certificate.
+    """
+
+    def __init__(self, settings: RevocationSettings, runtime: BrokerRuntime, *, settle: Callable[[], None]) -> None:
+        self.settings = settings
+        self.runtime = runtime
+        self.events = runtime.events
+        self.clock = runtime.clock
+        self.engine: Engine | None = None
+        self._settle = settle
+        self._watches = FileWatches(runtime.events)
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> RevocationState:
+        state = RevocationState(self.settings, load_issuer_certs(self.settings.issuers))
+        self.runtime.revocation = state
+        await self._reload_crl(b"")
+        return state
+
+    def watch(self, interval: float) -> None:
+        state = self.state
+        for crl_file in self.settings.crl_files:
+            # start from the bytes already loaded: no second parse of a large CRL at start-up
+            self._watches.watch(crl_file, self._reload_crl, state.file_digests.get(str(crl_file), ""),
+                                interval=interval)
+        self._task = asyncio.create_task(self._freshness_loop(self.settings.check_interval), name="crl-freshness")
+
+    async def reload(self) -> bool:
+        """Re-read the CRL files now (SIGHUP); True if a new version was loaded."""
+        return await self._watches.check_now()
+
+    async def stop(self) -> None:
+        await self._watches.stop()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    @property
+    def state(self) -> RevocationState:
+        state = self.runtime.revocation
+        assert state is not None
+        return state
+
+    async def _reload_crl(self, _changed: bytes) -> None:
+        """Re-read every configured CRL file (any one changed); all-or-nothing, then enforce."""
+        state = self.state
+        started = time.monotonic()
+        try:
+            index = await state.reload(self.clock.now())
+        except CredentialError as exc:
+            self.events.emit("crl.reload_failed", exc.reason, level="error", detail=str(exc)[:300],
+                             kept=sorted(f"{i}#{c.crl_number}" for i, c in state.index.installed.items()))
+            return
+        if index.installed == state.index.installed:
+            return
+        state.index = index
+        self._settle()
+        for issuer, installed in index.installed.items():
+            self.events.emit("crl.loaded", issuer=issuer, crl_number=installed.crl_number, revoked=installed.count,
+                             next_update=installed.next_update.isoformat(),
+                             load_ms=round((time.monotonic() - started) * 1000, 1))
+        await self.enforce_revocation()
+
+    async def enforce_revocation(self) -> int:
+        """Cut live sessions whose certificate is revoked (or, under fail_closed, whose CRL is stale)."""
+        state = self.runtime.revocation
+        if state is None or self.engine is None:
+            return 0  # at start-up there are no sessions yet
+        from broker_plugins.runtime import admitted_of  # runtime imports this module's state type
+
+        now = self.clock.now()
+        cut = 0
+        for session in self.engine.connected_sessions():
+            admitted = admitted_of(session)
+            if admitted is None or session.client_id is None:
+                continue
+            reason = state.verdict(admitted, now)
+            if reason is not None:
+                self.engine.cut_session(session.client_id, reason, serial=f"{admitted.cert.serial:x}",
+                                        drop_state=reason != "crl_stale")
+                cut += 1
+        return cut
+
+    async def _freshness_loop(self, interval: float) -> None:
+        state = self.state
+        while True:
+            self.check_freshness()
+            if state.settings.staleness.mode == "fail_closed":
+                await self.enforce_revocation()
+            await asyncio.sleep(interval)
+
+    def check_freshness(self) -> None:
+        """Raise ``crl.alarm`` when an issuer's CRL freshness changes (and ``crl.recovered``)."""
+        state = self.runtime.revocation
+        if state is None:
+            return
+        for issuer, fresh in state.alarm_changes(self.clock.now()):
+            if fresh.alarm:
+                self.events.emit("crl.alarm", fresh.state, level="error" if not fresh.admit else "warning",
+                                 issuer=issuer, admit=fresh.admit, detail=fresh.message,
+                                 policy=state.settings.staleness.mode)
+            else:
+                self.events.emit("crl.recovered", fresh.state, issuer=issuer, detail=fresh.message)
+
+    def status(self) -> dict[str, object]:
+        state = self.state
+        now = self.clock.now()
+        return {
+            "policy": state.settings.staleness.mode,
+            "issuers": {
+                issuer: {
+                    "state": (fresh := state.freshness(issuer, now)).state,
+                    "admit": fresh.admit,
+                    "crl_number": (inst := state.index.installed.get(issuer)) and inst.crl_number,
+                    "revoked": inst.count if inst else None,
+                    "next_update": inst.next_update.isoformat() if inst else None,
+                }
+                for issuer in state.issuer_names
+            },
+        }

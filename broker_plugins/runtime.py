@@ -2,14 +2,16 @@
 
 One ``BrokerRuntime`` per broker. Reloads replace whole frozen objects (registry,
 ACL policy, ...) with one assignment, so a decision sees either the old or the new
-state, never a mix. Plugins get the runtime through their amqtt ``Config``.
+state, never a mix. Plugins get the runtime through their ``Config`` dataclass.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from broker_plugins.commands import CommandState
+from broker_plugins.revocation import RevocationState
 from broker_plugins.settings import BrokerSettings
 from edge_core.acl import Policy, Subject
 from edge_core.admission import Admitted
@@ -18,7 +20,7 @@ from edge_core.events import SecurityEvents
 from edge_core.registry import Registry
 
 if TYPE_CHECKING:
-    from amqtt.session import Session
+    from broker_plugins.engine.session import Session
 
 __all__ = ["ADMITTED", "REFUSAL", "BrokerRuntime", "admitted_of"]
 
@@ -37,8 +39,8 @@ class BrokerRuntime:
     clock: Clock = field(default_factory=SystemClock)
     events: SecurityEvents = field(default_factory=lambda: SecurityEvents("edge-broker"))
     acl: Policy | None = None
-    commands: Any = None  # broker_plugins.commands.CommandState when commands are configured
-    revocation: Any = None  # broker_plugins.revocation.RevocationState when revocation is configured
+    commands: CommandState | None = None  # when commands are configured
+    revocation: RevocationState | None = None  # when revocation is configured
     _subjects: dict[str, Subject] = field(default_factory=dict, repr=False)
     _subjects_of: Registry | None = field(default=None, repr=False)
 

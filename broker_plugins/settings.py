@@ -8,17 +8,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Literal
 
 from broker_plugins.revocation import RevocationSettings
 from edge_core import yamlsrc
+from edge_core.binds import is_loopback
 from edge_core.errors import ConfigError
 from edge_core.firmware_trust import FirmwareGuardSettings, parse_firmware_guard_settings
 from edge_core.identity import IdentityPolicy
 from edge_core.revocation import StalenessPolicy, parse_staleness
-from edge_runtime.status_http import StatusSettings, is_loopback, parse_status_section, split_bind
+from edge_runtime.status_http import StatusSettings, parse_status_section, split_bind
 
 __all__ = [
-    "BrokerSettings", "CommandSettings", "Limits", "ListenerSettings", "load_settings", "parse_settings", "split_bind",
+    "BrokerSettings", "CommandSettings", "Limits", "ListenerSettings", "PersistenceSettings", "load_settings",
+    "parse_settings", "split_bind",
 ]
 
 
@@ -33,11 +36,33 @@ class ListenerSettings:
 
 @dataclass(frozen=True)
 class Limits:
+    """Per-client bounds of the engine; every refusal is an event with a reason code (README)."""
+
     tls_handshake_timeout: float = 5.0
     connect_timeout: float = 5.0
     max_connections: int = 1000
     max_packet_size: int = 256 * 1024
-    max_offline_queue: int = 1000
+    outbound_queue_messages: int = 1000
+    outbound_queue_bytes: int = 8 * 1024 * 1024
+    write_timeout: float = 10.0
+    max_subscriptions_per_client: int = 1000
+    max_topic_length: int = 1024
+    max_topic_levels: int = 32
+    max_retained_per_device: int = 1000
+    max_retained_total: int = 100_000
+    decision_cache_bytes: int = 16 * 1024 * 1024
+    max_inflight: int = 100
+
+
+_FLOAT_LIMITS = ("tls_handshake_timeout", "connect_timeout", "write_timeout")
+
+
+@dataclass(frozen=True)
+class PersistenceSettings:
+    """``persistence:``; without it the broker keeps sessions in memory only (``broker.no_persistence``)."""
+
+    path: Path
+    synchronous: Literal["full", "normal"] = "full"
 
 
 @dataclass(frozen=True)
@@ -62,6 +87,7 @@ class BrokerSettings:
     #: ``commands: disabled``: command topics are forwarded unverified, on the operator's word
     commands_disabled: bool = False
     revocation: RevocationSettings | None = None
+    persistence: PersistenceSettings | None = None
     firmware: FirmwareGuardSettings | None = None
     source: str = "<settings>"
 
@@ -107,20 +133,29 @@ def parse_settings(text: str | bytes, *, source: str, base_dir: Path) -> BrokerS
     limits = Limits()
     limsec = top.sub("limits")
     if limsec is not None:
-        limits = Limits(
-            tls_handshake_timeout=limsec.take("tls_handshake_timeout", float, limits.tls_handshake_timeout),
-            connect_timeout=limsec.take("connect_timeout", float, limits.connect_timeout),
-            max_connections=limsec.take("max_connections", int, limits.max_connections),
-            max_packet_size=limsec.take("max_packet_size", int, limits.max_packet_size),
-            max_offline_queue=limsec.take("max_offline_queue", int, limits.max_offline_queue),
-        )
-        for name in ("tls_handshake_timeout", "connect_timeout", "max_connections", "max_packet_size",
-                     "max_offline_queue"):
-            if getattr(limits, name) <= 0:
+        values: dict[str, float | int] = {}
+        for name in Limits.__dataclass_fields__:
+            kind: type = float if name in _FLOAT_LIMITS else int
+            values[name] = limsec.take(name, kind, getattr(limits, name))
+            if values[name] <= 0:
                 raise limsec.error(name, f"limits.{name} must be positive")
+        limits = Limits(**values)  # type: ignore[arg-type]
         if limits.max_packet_size > 268_435_455:
             raise limsec.error("max_packet_size", "limits.max_packet_size exceeds the MQTT maximum 268435455")
+        if limits.max_topic_length > 65535:
+            raise limsec.error("max_topic_length", "limits.max_topic_length exceeds the MQTT maximum 65535")
+        if limits.max_inflight > 65535:
+            raise limsec.error("max_inflight", "limits.max_inflight exceeds the 65535 MQTT packet identifiers")
         limsec.done()
+
+    persistence = None
+    persec = top.sub("persistence")
+    if persec is not None:
+        sync = persec.take("synchronous", str, "full")
+        if sync not in ("full", "normal"):
+            raise persec.error("synchronous", "persistence.synchronous must be 'full' or 'normal'")
+        persistence = PersistenceSettings(path=path_of(persec, "path"), synchronous=sync)  # type: ignore[arg-type]
+        persec.done()
 
     identity = IdentityPolicy()
     isec = top.sub("identity")
@@ -214,6 +249,7 @@ def parse_settings(text: str | bytes, *, source: str, base_dir: Path) -> BrokerS
         commands=commands,
         commands_disabled=commands_disabled,
         revocation=revocation,
+        persistence=persistence,
         firmware=firmware,
         source=source,
     )

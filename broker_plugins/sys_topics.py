@@ -15,6 +15,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Final
 
+from broker_plugins.engine.session import Message
 from edge_runtime.version import version
 
 if TYPE_CHECKING:
@@ -31,6 +32,8 @@ SYS_TOPICS: Final[Mapping[str, str]] = {
     "clients_total": "$SYS/broker/clients/total",
     "clients_maximum": "$SYS/broker/clients/maximum",
     "messages_stored": "$SYS/broker/store/messages/count",
+    "messages_received": "$SYS/broker/messages/received",
+    "messages_sent": "$SYS/broker/messages/sent",
     "retained_count": "$SYS/broker/retained messages/count",
     "subscriptions_count": "$SYS/broker/subscriptions/count",
     "publish_dropped": "$SYS/broker/publish/messages/dropped",
@@ -71,33 +74,29 @@ class SysTopicPublisher:
 
 
 def broker_snapshot(edge: EdgeBroker) -> dict[str, int | str]:
-    broker = edge.broker
-    if broker is None:
+    if edge.broker is None:
         return {}
-    sessions = [entry[0] for entry in list(broker._sessions.values())]
-    connected = sum(1 for s in sessions if s.transitions.is_connected())
-    stored = sum(s.retained_messages.qsize() for s in sessions)
-    subscriptions = sum(len(subs) for subs in list(broker._subscriptions.values()))
-    dropped = edge.events.count("delivery.dropped")
+    engine = edge.broker.engine
+    sessions = list(engine.sessions.values())
+    connected = sum(1 for s in sessions if s.connection is not None)
     return {
         "version": f"edge-broker {version()}",
         "uptime": f"{int(edge.uptime())} seconds",
         "clients_connected": connected,
         "clients_disconnected": len(sessions) - connected,
         "clients_total": len(sessions),
-        "messages_stored": stored,
-        "retained_count": len(broker._retained_messages),
-        "subscriptions_count": subscriptions,
-        "publish_dropped": dropped,
+        "messages_stored": sum(len(s.queue) for s in sessions),
+        "messages_received": engine.messages_in,
+        "messages_sent": engine.messages_out,
+        "retained_count": len(engine.retained),
+        "subscriptions_count": sum(len(s.subscriptions) for s in sessions),
+        "publish_dropped": edge.events.count("delivery.dropped"),
     }
 
 
 def publish_via(edge: EdgeBroker) -> Callable[[str, bytes], Awaitable[None]]:
     async def publish(topic: str, payload: bytes) -> None:
-        broker = edge.broker
-        if broker is None:
-            return
-        await broker.retain_message(None, topic, payload)
-        await broker.internal_message_broadcast(topic, payload)
+        if edge.broker is not None:
+            edge.broker.engine.route(None, Message(topic, payload, 0, True))
 
     return publish

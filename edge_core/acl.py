@@ -415,82 +415,32 @@ def _match_topic(
 
 
 def _find_cover(
-    node: _Node, levels: list[str], index: int, bindings: Mapping[str, str], best: _Hit | None
+    node: _Node, levels: list[str], index: int, bindings: Mapping[str, str], best: _Hit | None,
+    deny: bool = False,
 ) -> _Hit | None:
-    """Earliest allow whose filter matches every topic the subscription filter matches."""
+    """Earliest allow (or, with ``deny``, deny) whose filter matches every topic the subscription filter matches."""
+    if deny and not node.deny_below:
+        return best
     dollar_first = index == 0 and levels[0].startswith("$")
-    if node.hash_allow is not None and not dollar_first:
-        best = _earlier(best, node.hash_allow)
+    hash_hit = node.hash_deny if deny else node.hash_allow
+    if hash_hit is not None and not dollar_first:
+        best = _earlier(best, hash_hit)
     if index == len(levels):
-        return _earlier(best, node.end_allow)
+        return _earlier(best, node.end_deny if deny else node.end_allow)
     level = levels[index]
     if level == topics.MULTI_LEVEL:
-        return best  # only a '#' grant, checked above, covers a '#'
+        return best  # only a '#' rule, checked above, covers a '#'
     if level == topics.SINGLE_LEVEL:
         # only '+' covers '+'; literals and variables are single values
-        return best if node.plus is None else _find_cover(node.plus, levels, index + 1, bindings, best)
+        return best if node.plus is None else _find_cover(node.plus, levels, index + 1, bindings, best, deny)
     child = node.literal.get(level)
     if child is not None:
-        best = _find_cover(child, levels, index + 1, bindings, best)
+        best = _find_cover(child, levels, index + 1, bindings, best, deny)
     for name, variable_child in node.variables:
         if bindings.get(name) == level:
-            best = _find_cover(variable_child, levels, index + 1, bindings, best)
+            best = _find_cover(variable_child, levels, index + 1, bindings, best, deny)
     if node.plus is not None and not dollar_first:
-        best = _find_cover(node.plus, levels, index + 1, bindings, best)
-    return best
-
-
-def _children(node: _Node, bindings: Mapping[str, str], *, skip_dollar: bool) -> Iterator[_Node]:
-    """Every child that some topic level can reach for this subject."""
-    for level, child in node.literal.items():
-        if not (skip_dollar and level.startswith("$")):
-            yield child
-    if node.plus is not None:
-        yield node.plus
-    for name, child in node.variables:
-        if name in bindings:
-            yield child
-
-
-def _earliest_deny_below(node: _Node, bindings: Mapping[str, str], best: _Hit | None) -> _Hit | None:
-    if not node.deny_below:
-        return best
-    best = _earlier(_earlier(best, node.end_deny), node.hash_deny)
-    for child in _children(node, bindings, skip_dollar=False):
-        best = _earliest_deny_below(child, bindings, best)
-    return best
-
-
-def _find_overlap(
-    node: _Node, levels: list[str], index: int, bindings: Mapping[str, str], best: _Hit | None
-) -> _Hit | None:
-    """Earliest deny whose filter matches at least one topic the subscription filter matches."""
-    if not node.deny_below:
-        return best
-    dollar_first = index == 0 and levels[0].startswith("$")
-    if node.hash_deny is not None and not dollar_first:
-        best = _earlier(best, node.hash_deny)
-    if index == len(levels):
-        return _earlier(best, node.end_deny)
-    level = levels[index]
-    if level == topics.MULTI_LEVEL:
-        # the subscription reaches this node's parent topic and everything beneath it
-        best = _earlier(best, node.end_deny)
-        for reachable in _children(node, bindings, skip_dollar=index == 0):
-            best = _earliest_deny_below(reachable, bindings, best)
-        return best
-    if level == topics.SINGLE_LEVEL:
-        for reachable in _children(node, bindings, skip_dollar=index == 0):
-            best = _find_overlap(reachable, levels, index + 1, bindings, best)
-        return best
-    child = node.literal.get(level)
-    if child is not None:
-        best = _find_overlap(child, levels, index + 1, bindings, best)
-    for name, variable_child in node.variables:
-        if bindings.get(name) == level:
-            best = _find_overlap(variable_child, levels, index + 1, bindings, best)
-    if node.plus is not None and not dollar_first:
-        best = _find_overlap(node.plus, levels, index + 1, bindings, best)
+        best = _find_cover(node.plus, levels, index + 1, bindings, best, deny)
     return best
 
 
@@ -522,6 +472,10 @@ class Explanation:
     def render(self) -> str:
         lines = [f"device {self.subject.device} {self.action} {self.topic!r}: {self.decision}"]
         lines.extend(f"  {matched}" for matched in self.matched)
+        if self.action == "subscribe" and self.decision.allowed and any(
+            m.relation == "overlaps" and m.rule.effect == "deny" for m in self.matched
+        ):
+            lines.append("  granted; messages on topics an overlapping deny matches are withheld at delivery")
         if not self.matched:
             lines.append("  no rule of this device, its roles or 'everyone' takes part")
         return "\n".join(lines)
@@ -592,8 +546,10 @@ class Policy:
         return self._check_topic(subject, topic, _SUBSCRIBE)
 
     def check_subscribe(self, subject: Subject, topic_filter: str) -> Decision:
-        """May ``subject`` subscribe to ``topic_filter``? Only if it may receive every topic
-        the filter can match: one allow rule must cover the filter and no deny may overlap it."""
+        """May ``subject`` subscribe to ``topic_filter``? Granted when an allow rule covers the
+        filter (matches every topic it can match) and no deny rule covers it. A deny that
+        covers only part of a granted filter does not refuse it: the broker withholds those
+        messages at delivery (``check_receive``), as ``overlapping_denies`` lists."""
         if not isinstance(topic_filter, str) or topics.topic_filter_problem(topic_filter) is not None:
             return _INVALID_TOPIC
         levels = topic_filter.split(topics.SEPARATOR)
@@ -601,7 +557,7 @@ class Policy:
         roots = self._roots(subject, _SUBSCRIBE)
         deny: _Hit | None = None
         for root in roots:
-            deny = _find_overlap(root, levels, 0, bindings, deny)
+            deny = _find_cover(root, levels, 0, bindings, deny, deny=True)
         if deny is not None:
             return deny.decision
         allow: _Hit | None = None
@@ -610,6 +566,19 @@ class Policy:
         if allow is not None:
             return allow.decision
         return _DOLLAR_TOPIC if topic_filter.startswith("$") else _NO_GRANT
+
+    def overlapping_denies(self, subject: Subject, topic_filter: str) -> tuple[Rule, ...]:
+        """Deny rules that withhold part of what ``topic_filter`` matches (enforced per delivery)."""
+        if topics.topic_filter_problem(topic_filter) is not None:
+            return ()
+        target = topic_filter.split(topics.SEPARATOR)
+        found = []
+        for rule in self.rules_for(subject):
+            resolved = rule.resolve(subject)
+            if rule.effect == "deny" and "subscribe" in rule.permissions and resolved is not None \
+                    and topics.filters_overlap(resolved, target) and not topics.filter_covers(resolved, target):
+                found.append(rule)
+        return tuple(found)
 
     def check(self, subject: Subject, action: Action, topic: str) -> Decision:
         if action == "publish":
@@ -638,9 +607,10 @@ class Policy:
                 if action != "subscribe":
                     if topics.filter_matches(resolved, target):
                         matched.append(MatchedRule(rule, "matches"))
-                elif rule.effect == "allow" and topics.filter_covers(resolved, target):
+                elif topics.filter_covers(resolved, target):
                     matched.append(MatchedRule(rule, "covers"))
                 elif topics.filters_overlap(resolved, target):
+                    # an overlapping deny withholds those messages at delivery; it does not refuse
                     matched.append(MatchedRule(rule, "overlaps"))
         rank = {"deny": 0, "allow": 1}
         matched.sort(key=lambda m: (rank[m.rule.effect], m.relation == "overlaps", m.rule.order))

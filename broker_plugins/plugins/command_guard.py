@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from amqtt.plugins.base import BasePlugin
-from amqtt.session import Session
 
 from broker_plugins.commands import CommandState
+from broker_plugins.engine.session import Session
 from broker_plugins.runtime import BrokerRuntime, admitted_of
 from edge_core.envelope import CommandRefused, acceptance_notice, rejection_notice, verify_envelope
 

@@ -8,15 +8,21 @@ certificate's key. Every decision is one event: ``auth.accepted`` or
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 from amqtt.plugins.base import BaseAuthPlugin
-from amqtt.session import Session
 
+from broker_plugins.engine.session import Session
 from broker_plugins.runtime import ADMITTED, REFUSAL, BrokerRuntime
-from edge_core.admission import AdmissionRefused, admit
+from edge_core.admission import AdmissionRefused, Admitted, admit
+from edge_core.registry import Registry
 from edge_runtime.logsetup import bind_connection
+
+#: Admissions remembered (a reconnect storm of a whole fleet parses each certificate once).
+_ADMISSION_CACHE = 16384
 
 __all__ = ["DeviceAuthPlugin"]
 
@@ -25,6 +31,36 @@ class DeviceAuthPlugin(BaseAuthPlugin):
     @dataclass
     class Config:
         runtime: Any = None
+
+    def __init__(self, context: Any) -> None:
+        super().__init__(context)
+        self._admitted: OrderedDict[tuple[bytes, str | None], Admitted] = OrderedDict()
+        self._admitted_for: Registry | None = None
+
+    def _admit(self, der: bytes | None, client_id: str | None, rt: BrokerRuntime) -> Admitted:
+        """``admit``, remembered by certificate digest and client id for the current registry object.
+
+        An admission depends on the certificate, the client id, the registry entry (a reload
+        swaps the registry object, which empties this cache) and the time, which is checked
+        again against the certificate's validity on every hit. Refusals are never remembered.
+        """
+        now = rt.clock.now()
+        if self._admitted_for is not rt.registry:
+            self._admitted = OrderedDict()
+            self._admitted_for = rt.registry
+        key = (hashlib.sha256(der).digest(), client_id) if der else None
+        if key is not None:
+            hit = self._admitted.get(key)
+            if hit is not None and hit.cert.not_before <= now < hit.cert.not_after:
+                self._admitted.move_to_end(key)
+                return hit
+        admitted = admit(cert_der=der, client_id=client_id, registry=rt.registry, policy=rt.settings.identity,
+                         now=now)
+        if key is not None:
+            self._admitted[key] = admitted
+            if len(self._admitted) > _ADMISSION_CACHE:
+                self._admitted.popitem(last=False)
+        return admitted
 
     @property
     def runtime(self) -> BrokerRuntime:
@@ -39,13 +75,7 @@ class DeviceAuthPlugin(BaseAuthPlugin):
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
         peer = f"{session.remote_address}:{session.remote_port}"
         try:
-            admitted = admit(
-                cert_der=der,
-                client_id=session.client_id,
-                registry=rt.registry,
-                policy=rt.settings.identity,
-                now=rt.clock.now(),
-            )
+            admitted = self._admit(der, session.client_id, rt)
         except AdmissionRefused as exc:
             session.attributes[REFUSAL] = exc.reason
             rt.events.emit(

@@ -21,8 +21,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from amqtt.plugins.base import BasePlugin
-from amqtt.session import Session
 
+from broker_plugins.engine.session import Session
 from broker_plugins.runtime import BrokerRuntime, admitted_of
 from edge_core.errors import ConfigError
 from edge_core.files import atomic_write_bytes

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from amqtt.plugins.base import BaseAuthPlugin
-from amqtt.session import Session
 
+from broker_plugins.engine.session import Session
 from broker_plugins.revocation import RevocationState
 from broker_plugins.runtime import REFUSAL, BrokerRuntime, admitted_of
 

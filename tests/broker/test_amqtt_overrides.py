@@ -1,80 +1,67 @@
-"""Pin the amqtt internals that HardenedBroker overrides or relies on.
+"""Pin the amqtt pieces the broker still uses: its plugin interface, nothing else.
 
-We subclass amqtt 0.12.1 rather than patch it. If an upgrade renames, removes or
-changes the signature of any of these, the override would silently stop applying;
-this file makes that a test failure instead. The behavioural tests in
-test_session_safety.py prove that each override also changes behaviour.
+The data plane (codec, sessions, router, persistence) is ``broker_plugins.engine``; no
+amqtt broker, handler, codec or session class is used or overridden any more. What
+remains is the plugin interface our security plugins are written against:
+``BasePlugin`` (``context`` and ``config`` from ``context.config``), ``BaseAuthPlugin``,
+``BaseTopicPlugin`` and the ``Action`` values. Each test below fails if an upgrade
+changes one of them.
 """
 
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from importlib.metadata import version
+from typing import Any
 
-import pytest
-from amqtt.broker import Broker
-from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
-from amqtt.plugins.manager import PluginManager
-from amqtt.session import Session
+from amqtt.contexts import Action
+from amqtt.plugins.base import BaseAuthPlugin, BasePlugin, BaseTopicPlugin
 
-from broker_plugins.broker import HardenedBroker
-
-OVERRIDDEN = {
-    "_initialize_client_session": ["self", "reader", "writer", "remote_address", "remote_port"],
-    "_handle_client_session": ["self", "reader", "writer", "client_session", "handler", "server", "listener_name"],
-    "_authenticate": ["self", "session", "_"],
-    "_topic_filtering": ["self", "session", "topic", "action"],
-    "_handle_disconnect": ["self", "client_session", "handler", "disconnect_waiter"],
-    "_handle_message_delivery": ["self", "client_session", "handler", "wait_deliver"],
-    "_publish_retained_messages_for_subscription": ["self", "subscription", "session"],
-    "_publish_session_retained_messages": ["self", "session"],
-    "_retain_broadcast_message": ["self", "broadcast", "qos", "target_session"],
-    "add_subscription": ["self", "subscription", "session"],
-}
-
-USED = [
-    "external_connected", "_client_connected", "_client_message_loop", "_broadcast_message", "retain_message",
-    "_delete_session", "_cleanup_session", "_del_subscription", "_matches", "_get_handler", "_stop_handler",
-    "start", "shutdown",
-]
+import broker_plugins
+from broker_plugins.broker import PluginContext
 
 
 def test_amqtt_is_the_pinned_version() -> None:
-    assert version("amqtt") == "0.12.1", "HardenedBroker overrides amqtt 0.12.1 internals; re-audit before upgrading"
+    assert version("amqtt") == "0.12.1", "the plugin interface is pinned to amqtt 0.12.1; re-audit before upgrading"
 
 
-@pytest.mark.parametrize(("name", "params"), sorted(OVERRIDDEN.items()))
-def test_overridden_method_still_exists_with_the_same_signature(name: str, params: list[str]) -> None:
-    base = getattr(Broker, name)
-    assert list(inspect.signature(base).parameters) == params, f"amqtt changed Broker.{name}"
-    assert getattr(HardenedBroker, name) is not base, f"HardenedBroker no longer overrides {name}"
-    assert inspect.iscoroutinefunction(getattr(HardenedBroker, name))
+def test_plugin_base_takes_config_from_the_context() -> None:
+    @dataclass
+    class Config:
+        runtime: Any = None
+
+    marker = object()
+    for base in (BasePlugin, BaseAuthPlugin, BaseTopicPlugin):
+        plugin = base(PluginContext(Config(runtime=marker), None))
+        assert plugin.config.runtime is marker
+        assert isinstance(plugin.context, PluginContext)
 
 
-@pytest.mark.parametrize("name", USED)
-def test_internals_we_call_exist(name: str) -> None:
-    assert callable(getattr(Broker, name))
+def test_hook_signatures_we_call() -> None:
+    assert list(inspect.signature(BaseAuthPlugin.authenticate).parameters) == ["self", "session"]
+    assert inspect.signature(BaseAuthPlugin.authenticate).parameters["session"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert list(inspect.signature(BaseTopicPlugin.topic_filtering).parameters) == ["self", "session", "topic",
+                                                                                   "action"]
+    assert inspect.iscoroutinefunction(BasePlugin.close)
 
 
-def test_internal_state_and_plugin_lists_we_read_exist() -> None:
-    source = inspect.getsource(Broker.__init__)
-    for attribute in ("self._sessions", "self._subscriptions", "self._retained_messages", "self.plugins_manager"):
-        assert attribute in source
-    manager_source = inspect.getsource(PluginManager.__init__)
-    assert "self._auth_plugins" in manager_source and "self._topic_plugins" in manager_source
-    assert "attributes" in inspect.getsource(Session.__init__)
-    assert list(inspect.signature(BrokerProtocolHandler.init_from_connect).parameters)[:3] == [
-        "reader", "writer", "plugins_manager"
-    ]
+def test_action_values_we_map() -> None:
+    assert {a.value for a in (Action.PUBLISH, Action.SUBSCRIBE, Action.RECEIVE)} == {"publish", "subscribe",
+                                                                                     "receive"}
 
 
-def test_amqtt_still_has_the_gaps_we_close() -> None:
-    """If amqtt fixes a gap upstream, revisit the override rather than carry dead code."""
-    init_source = inspect.getsource(Broker._initialize_client_session)
-    # amqtt deletes the stored session before authentication happens
-    assert "_delete_session" in init_source and "_authenticate" not in init_source
-    assert "CERT_OPTIONAL" in inspect.getsource(Broker._create_ssl_context)
-    disconnect_source = inspect.getsource(Broker._handle_disconnect)
-    assert "_topic_filtering" not in disconnect_source  # wills bypass the publish check
-    retained_source = inspect.getsource(Broker._publish_retained_messages_for_subscription)
-    assert "_topic_filtering" not in retained_source  # retained messages bypass the receive check
+def test_no_amqtt_broker_internals_are_imported() -> None:
+    """Only the plugin interface: no amqtt broker, handler, codec, session or adapter module."""
+    root = inspect.getfile(broker_plugins).rsplit("/", 1)[0]
+    import pathlib
+
+    allowed = {"from amqtt.contexts import Action", "from amqtt.contexts import Action as AmqttAction",
+               "from amqtt.plugins.base import BaseAuthPlugin, BasePlugin, BaseTopicPlugin",
+               "from amqtt.plugins.base import BaseAuthPlugin", "from amqtt.plugins.base import BasePlugin",
+               "from amqtt.plugins.base import BaseTopicPlugin"}
+    for path in pathlib.Path(root).rglob("*.py"):
+        for line in path.read_text().splitlines():
+            stripped = line.strip()
+            if stripped.startswith(("from amqtt", "import amqtt")):
+                assert stripped in allowed, f"{path.name}: {stripped}"

@@ -11,7 +11,7 @@ from edge_core.clock import ManualClock
 from tests.conftest import StartBroker
 from tests.support.mqtt import Device
 from tests.support.pki import DevPki
-from tests.support.raw import try_connect
+from tests.support.raw import connect_packet, recv_exactly, tls_socket, try_connect
 
 pytestmark = pytest.mark.integration
 
@@ -65,6 +65,18 @@ def test_expiry_is_also_checked_by_the_broker_clock(start_broker: StartBroker, p
     broker.wait_event("auth.rejected", "cert_expired")
 
 
+def test_a_remembered_admission_still_expires_with_the_certificate(start_broker: StartBroker, pki: DevPki) -> None:
+    """Admissions are cached by certificate digest for connect rate; the validity is checked on every hit."""
+    clock = ManualClock()
+    broker = start_broker(clock=clock)
+    assert try_connect(broker.port, pki.chain, pki.device("pump-17"), "pump-17") == ACCEPTED
+    assert try_connect(broker.port, pki.chain, pki.device("pump-17"), "pump-17") == ACCEPTED
+    assert try_connect(broker.port, pki.chain, pki.device("pump-17"), "pump-18") == IDENTIFIER_REJECTED
+    clock.advance(timedelta(days=31))
+    assert try_connect(broker.port, pki.chain, pki.device("pump-17"), "pump-17") == NOT_AUTHORIZED
+    broker.wait_event("auth.rejected", "cert_expired")
+
+
 def test_same_device_id_with_new_unpinned_key_is_refused(start_broker: StartBroker, pki: DevPki) -> None:
     broker = start_broker()
     cred = pki.issue("unpinned-pump-17", "pump-17")  # right CA, right identity, a key nobody pinned
@@ -81,10 +93,21 @@ def test_client_id_differing_from_certificate_identity_is_refused(start_broker: 
     assert event["device"] == "pump-18" and event["client_id"] == "pump-17"
 
 
-def test_empty_client_id_is_refused(start_broker: StartBroker, pki: DevPki) -> None:
+def test_empty_client_id_with_clean_session_gets_the_certificate_identity(
+    start_broker: StartBroker, pki: DevPki
+) -> None:
     broker = start_broker()
-    assert try_connect(broker.port, pki.chain, pki.device("pump-17"), "") == IDENTIFIER_REJECTED
-    broker.wait_event("auth.rejected", "client_id_mismatch")
+    assert try_connect(broker.port, pki.chain, pki.device("pump-17"), "") == 0
+    assert broker.wait_event("auth.accepted")[0]["device"] == "pump-17"
+
+
+def test_empty_client_id_without_clean_session_is_refused(start_broker: StartBroker, pki: DevPki) -> None:
+    broker = start_broker()
+    with tls_socket(broker.port, pki.chain, pki.device("pump-17")) as sock:
+        sock.sendall(connect_packet("", clean=False))
+        assert recv_exactly(sock, 4) == b"\x20\x02\x00\x02"  # CONNACK identifier rejected
+    broker.wait_event("conn.rejected", "empty_client_id")
+    assert broker.events.count("auth.accepted") == 0
 
 
 def test_username_is_never_the_identity(start_broker: StartBroker, pki: DevPki) -> None:
@@ -149,4 +172,4 @@ def test_cert_test_endpoint_checks_a_certificate_and_opens_no_session(
     unpinned = pki.issue("unpinned-test-17", "pump-17")
     assert try_connect(port, pki.chain, unpinned, "pump-17") == NOT_AUTHORIZED
     broker.wait_event("cert_test.failed", "pin_mismatch")
-    assert broker.sync(lambda: len(broker.edge.broker.sessions)) == 0  # type: ignore[union-attr]
+    assert broker.sync(lambda: len(broker.edge.broker.engine.sessions)) == 0  # type: ignore[union-attr]

@@ -328,15 +328,19 @@ def test_explain_matches_the_documented_example(run: RunCli, deployment: Path) -
     deny_line = line_of(DEPLOYED_ACL, "- deny subscribe sites/{site}/admin/#")
     allow_line = line_of(DEPLOYED_ACL, "- allow subscribe sites/{site}/#")
     result = run("acl", "explain", "--device", "op-1", "--subscribe", "sites/plant-a/#", "-c", deployment)
-    assert result.code == 1
+    assert result.code == 0
     assert result.lines == [
-        f"device op-1 subscribe 'sites/plant-a/#': deny: rule at configs/acl.yaml:{deny_line} "
-        "`deny subscribe sites/{site}/admin/#`",
+        f"device op-1 subscribe 'sites/plant-a/#': allow: rule at configs/acl.yaml:{allow_line} "
+        "`allow subscribe sites/{site}/#`",
         f"  overlaps deny  rule at configs/acl.yaml:{deny_line} `deny subscribe sites/{{site}}/admin/#` "
         "(role operator)",
         f"  covers   allow rule at configs/acl.yaml:{allow_line} `allow subscribe sites/{{site}}/#` (role operator)",
+        "  granted; messages on topics an overlapping deny matches are withheld at delivery",
         "subject: device op-1; roles: operator; attributes: site=plant-a (from configs/registry.yaml)",
     ]
+    receive = run("acl", "explain", "--device", "op-1", "--receive", "sites/plant-a/admin/users", "-c", deployment)
+    assert receive.code == 1
+    assert receive.lines[0].startswith("device op-1 receive 'sites/plant-a/admin/users': deny: ")
 
 
 # The worked example of docs/acl.md: device, action, topic, exit code, and the deciding rule's
@@ -474,14 +478,14 @@ def test_explain_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None
 
 
 def test_explain_json(run: RunCli, deployment: Path) -> None:
-    result = run("acl", "explain", "--device", "op-1", "--subscribe", "sites/plant-a/#", "--json")
+    result = run("acl", "explain", "--device", "op-1", "--subscribe", "sites/plant-a/admin/#", "--json")
     assert result.code == 1
     report = json.loads(result.out)
     deny_line = line_of(DEPLOYED_ACL, "- deny subscribe sites/{site}/admin/#")
     assert report["device"] == "op-1"
     assert report["roles"] == ["operator"]
     assert report["attributes"] == {"site": "plant-a"}
-    assert (report["action"], report["topic"]) == ("subscribe", "sites/plant-a/#")
+    assert (report["action"], report["topic"]) == ("subscribe", "sites/plant-a/admin/#")
     assert (report["verdict"], report["allowed"], report["reason"]) == ("deny", False, "denied_by_rule")
     assert report["rule"] == {
         "source": "configs/acl.yaml",
@@ -489,7 +493,7 @@ def test_explain_json(run: RunCli, deployment: Path) -> None:
         "text": "deny subscribe sites/{site}/admin/#",
         "owner": "role operator",
     }
-    assert [(m["relation"], m["effect"]) for m in report["matched"]] == [("overlaps", "deny"), ("covers", "allow")]
+    assert [(m["relation"], m["effect"]) for m in report["matched"]] == [("covers", "deny"), ("covers", "allow")]
     assert len(report["acl"]["digest"]) == 64
     assert report["registry"]["source"] == "configs/registry.yaml"
 

@@ -10,6 +10,7 @@ import pytest
 from edge_core.registry import dump_registry, parse_registry
 from tests.broker.acl_fixture import TEST_ACL, replace_file, write_acl
 from tests.conftest import StartBroker
+from tests.support.broker import BrokerThread, write_settings
 from tests.support.mqtt import Device
 from tests.support.pki import DevPki
 
@@ -89,4 +90,28 @@ def test_broken_acl_is_refused_and_the_last_good_policy_stays(
     pump = Device(broker.port, pki.chain, pki.device("pump-17"), "pump-17")
     assert pump.connect() == 0
     assert pump.subscribe("devices/pump-17/cmd/#") == [1]
+    pump.close()
+
+
+def test_reload_entry_point_applies_every_changed_file_at_once(
+    request: pytest.FixtureRequest, pki: DevPki, registry_file: Path, tmp_path: Path
+) -> None:
+    """``EdgeBroker.reload()`` (what a SIGHUP handler calls) re-reads every concern's file now."""
+    settings = write_settings(tmp_path, registry=registry_file, chain=pki.chain, server_dir=pki.root,
+                              acl=write_acl(tmp_path))
+    settings.write_text(settings.read_text().replace("reload_interval: 0.1", "reload_interval: 2.0"))
+    broker = BrokerThread(settings).start()
+    request.addfinalizer(broker.stop)
+    assert broker.edge is not None
+    edge = broker.edge
+    assert broker.call(edge.reload) == {"registry": False, "acl": False}
+    pump = Device(broker.port, pki.chain, pki.device("pump-17"), "pump-17")
+    assert pump.connect() == 0
+    assert pump.subscribe("devices/+/status") == [1]
+    replace_file(tmp_path / "acl.yaml", TEST_ACL.replace("    - allow subscribe devices/+/status\n", ""))
+    replace_file(registry_file, _without_device(registry_file, "sensor-02"))
+    assert broker.call(edge.reload) == {"registry": True, "acl": True}
+    assert broker.events.count("subscription.removed", "acl_reload") == 1
+    assert broker.events.count("config.reloaded") == 2
+    assert broker.call(edge.reload) == {"registry": False, "acl": False}  # unchanged files are not reloaded
     pump.close()

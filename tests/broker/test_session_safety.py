@@ -32,17 +32,16 @@ def device(broker: BrokerThread, pki: DevPki, name: str, client_id: str | None =
 def session_state(broker: BrokerThread, client_id: str) -> dict[str, object]:
     def read() -> dict[str, object]:
         assert broker.edge is not None and broker.edge.broker is not None
-        hb = broker.edge.broker
-        entry = hb.sessions.get(client_id)
-        if entry is None:
+        engine = broker.edge.broker.engine
+        session = engine.sessions.get(client_id)
+        if session is None:
             return {"exists": False}
-        session = entry[0]
         return {
             "exists": True,
-            "state": session.transitions.state,
-            "subscriptions": sorted(hb.subscriptions_of(session)),
-            "will_topic": session.will_topic,
-            "queued": session.retained_messages.qsize(),
+            "state": "connected" if session.connected else "disconnected",
+            "subscriptions": sorted(session.subscriptions.items()),
+            "will_topic": session.will.topic if session.will else None,
+            "queued": len(session.queue) + len(session.inflight),
             "identity": session.attributes["edge.admitted"].identity,
         }
     return broker.sync(read)

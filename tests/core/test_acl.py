@@ -234,7 +234,7 @@ def test_subscribe_is_granted_only_if_one_grant_covers_every_topic(topic_filter:
     assert decision.reason == ("allowed" if allowed else "no_grant")
 
 
-def test_subscribe_is_refused_when_any_deny_overlaps() -> None:
+def test_subscribe_is_granted_when_an_allow_covers_it_and_overlapping_denies_withhold_deliveries() -> None:
     policy = policy_of(
         """
         roles:
@@ -244,30 +244,30 @@ def test_subscribe_is_refused_when_any_deny_overlaps() -> None:
             - deny subscribe sites/+/vault/secret
         """
     )
-    assert policy.check_subscribe(OPERATOR, "sites/plant-a/lines/#").allowed
-    assert policy.check_subscribe(OPERATOR, "sites/plant-a/lines/+").allowed
-    for topic_filter in (
-        "sites/plant-a/#",
-        "sites/plant-a/+/#",
-        "sites/plant-a/admin",
-        "sites/plant-a/+/secret",
-        "sites/plant-a/vault/+",
-        "+/+/vault/#",
-    ):
-        decision = policy.check_subscribe(OPERATOR, topic_filter)
-        assert decision.reason == "denied_by_rule", topic_filter
-    # the deny of another site's admin area does not overlap this operator's own filters
-    assert policy.check_subscribe(OPERATOR, "sites/plant-a/line/+").allowed
+    for topic_filter in ("sites/plant-a/#", "sites/plant-a/+/#", "sites/plant-a/lines/#", "sites/plant-a/+/secret",
+                         "sites/plant-a/vault/+"):
+        assert policy.check_subscribe(OPERATOR, topic_filter).allowed, topic_filter
+    # ... and the denied part is withheld message by message
+    assert not policy.check_receive(OPERATOR, "sites/plant-a/admin/users").allowed
+    assert not policy.check_receive(OPERATOR, "sites/plant-a/vault/secret").allowed
+    assert policy.check_receive(OPERATOR, "sites/plant-a/lines/l1").allowed
+    assert [r.pattern for r in policy.overlapping_denies(OPERATOR, "sites/plant-a/#")] == [
+        "sites/{site}/admin/#", "sites/+/vault/secret"]
+    # a deny that covers the whole filter refuses it: nothing could ever be delivered
+    for topic_filter in ("sites/plant-a/admin", "sites/plant-a/admin/#", "sites/plant-a/vault/secret"):
+        assert policy.check_subscribe(OPERATOR, topic_filter).reason == "denied_by_rule", topic_filter
+    assert policy.check_subscribe(OPERATOR, "+/+/vault/#").reason == "no_grant"
 
 
 def test_dollar_levels_below_the_first_are_ordinary_for_overlap() -> None:
     policy = policy_of('devices:\n  pump-17: ["allow subscribe a/#", "deny subscribe a/b/$x"]\n')
-    assert policy.check_subscribe(PUMP, "a/#").reason == "denied_by_rule"
-    assert policy.check_subscribe(PUMP, "a/+/#").reason == "denied_by_rule"
+    assert policy.check_subscribe(PUMP, "a/#").allowed
+    assert not policy.check_receive(PUMP, "a/b/$x").allowed
+    assert policy.check_subscribe(PUMP, "a/b/$x").reason == "denied_by_rule"
     assert policy.check_subscribe(PUMP, "a/c/#").allowed
 
 
-def test_deny_with_a_missing_attribute_does_not_refuse_subscriptions() -> None:
+def test_deny_with_a_missing_attribute_withholds_nothing() -> None:
     policy = policy_of(
         """
         roles:
@@ -277,9 +277,11 @@ def test_deny_with_a_missing_attribute_does_not_refuse_subscriptions() -> None:
         """
     )
     assert policy.check_subscribe(OPERATOR, "plant/#").allowed  # OPERATOR has no 'line'
+    assert policy.check_receive(OPERATOR, "plant/l1/private").allowed
     with_line = Subject("op-2", frozenset({"operator"}), {"line": "l1"})
-    assert policy.check_subscribe(with_line, "plant/#").reason == "denied_by_rule"
-    assert policy.check_subscribe(with_line, "plant/l2/#").allowed
+    assert policy.check_subscribe(with_line, "plant/#").allowed
+    assert not policy.check_receive(with_line, "plant/l1/private").allowed
+    assert policy.check_subscribe(with_line, "plant/l1/private").reason == "denied_by_rule"
 
 
 def test_invalid_topics_and_filters_are_decisions_not_exceptions() -> None:
@@ -329,9 +331,12 @@ def test_dollar_topics_need_an_explicit_dollar_first_level() -> None:
     gateway = Subject("gw-1", frozenset({"gateway"}))
     assert policy.check_receive(gateway, "$SYS/broker/clients/connected").allowed
     assert policy.check_subscribe(gateway, "$SYS/broker/clients/connected/#").allowed
-    for overlapping in ("$SYS/broker/clients/#", "$SYS/broker/clients/+", "$SYS/+/clients/secret"):
-        assert policy.check_subscribe(gateway, overlapping).reason == "denied_by_rule"
-    assert policy.check_subscribe(gateway, "$SYS/broker/#").reason == "denied_by_rule"
+    for overlapping in ("$SYS/broker/clients/#", "$SYS/broker/clients/+"):
+        assert policy.check_subscribe(gateway, overlapping).allowed  # .../secret is withheld at delivery
+    assert not policy.check_receive(gateway, "$SYS/broker/clients/secret").allowed
+    assert policy.check_subscribe(gateway, "$SYS/broker/clients/secret").reason == "denied_by_rule"
+    assert policy.check_subscribe(gateway, "$SYS/+/clients/secret").reason == "dollar_topic"  # no allow covers
+    assert policy.check_subscribe(gateway, "$SYS/broker/#").reason == "dollar_topic"
     assert policy.check_subscribe(gateway, "$SYS/load/#").reason == "dollar_topic"
     assert not policy.check_receive(gateway, "$SYS/broker/load").allowed
     # '+/#' is not refused by the $SYS deny: the two can never match the same topic
@@ -399,7 +404,8 @@ def test_example_config_teaches_what_the_docs_claim() -> None:
     assert policy.check_subscribe(PUMP, "devices/pump-17/cmd/#").allowed
     assert policy.check_publish(PUMP, "devices/pump-17/telemetry/flow").allowed
     assert policy.check_publish(PUMP, "devices/pump-17/telemetry/debug/x").reason == "denied_by_rule"
-    assert policy.check_subscribe(OPERATOR, "sites/plant-a/#").reason == "denied_by_rule"
+    assert policy.check_subscribe(OPERATOR, "sites/plant-a/#").allowed  # the admin deny withholds deliveries
+    assert not policy.check_receive(OPERATOR, "sites/plant-a/admin/x").allowed
     assert policy.check_subscribe(OPERATOR, "sites/plant-a/lines/#").allowed
     gateway = Subject("gw-1", frozenset({"gateway"}))
     assert policy.check_subscribe(gateway, "$SYS/broker/clients/#").allowed

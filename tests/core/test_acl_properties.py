@@ -94,11 +94,8 @@ def naive_decision(policy: Policy, subject: Subject, action: str, topic: str) ->
         if resolved is None:
             continue
         if action == "subscribe":
-            hit = (
-                topics.filters_overlap(resolved, target)
-                if rule.effect == "deny"
-                else topics.filter_covers(resolved, target)
-            )
+            # granted when an allow covers the filter; refused only when a deny covers it too
+            hit = topics.filter_covers(resolved, target)
         else:
             hit = topics.filter_matches(resolved, target)
         if hit:
@@ -146,8 +143,10 @@ def test_explain_agrees_with_the_decision(drawn: list[Rule], subject: Subject, t
 
 @settings(max_examples=300, deadline=None)
 @given(subjects(), plain_filters())
-def test_a_granted_subscription_only_delivers_receivable_topics(subject: Subject, topic_filter: str) -> None:
-    """The promise the broker relies on: SUBACK granted => every delivery would pass."""
+def test_a_granted_subscription_delivers_exactly_the_receivable_topics(subject: Subject, topic_filter: str) -> None:
+    """The promise the broker relies on: SUBACK granted => every topic the filter matches is
+    either receivable or matched by an overlapping deny (withheld at delivery); refused =>
+    no topic the filter matches would be delivered through an allow that covers it."""
     policy = build(
         [
             Rule("allow", frozenset({"subscribe"}), "a/#", "everyone", "", RuleRef("x", 1, "t", "e"), 1),
@@ -157,12 +156,14 @@ def test_a_granted_subscription_only_delivers_receivable_topics(subject: Subject
             ),
         ]
     )
+    levels = topic_filter.split("/")
+    matched = [t for t in universe(levels, levels, extra=[subject.device]) if topics.filter_matches(levels, t)]
     if not policy.check_subscribe(subject, topic_filter).allowed:
         return
-    levels = topic_filter.split("/")
-    for topic in universe(levels, levels, extra=[subject.device]):
-        if topics.filter_matches(levels, topic):
-            assert policy.check_receive(subject, "/".join(topic)).allowed, topic
+    denies = [r.levels for r in policy.overlapping_denies(subject, topic_filter)]
+    for topic in matched:
+        withheld = any(topics.filter_matches(deny, topic) for deny in denies)
+        assert policy.check_receive(subject, "/".join(topic)).allowed is not withheld, topic
 
 
 def universe(first: Sequence[str], second: Sequence[str], extra: Sequence[str] = ()) -> list[list[str]]:

@@ -33,6 +33,16 @@ class DevPki:
         crt, key = self.ca.device_paths(identity)
         return Credential(crt, key)
 
+    def operator(self, identity: str) -> Credential:
+        """An operator's TLS client credential (``alice`` in the dev PKI)."""
+        directory = self.ca.dir / "operators"
+        return Credential(directory / f"{identity}.crt", directory / f"{identity}.key")
+
+    def client(self, identity: str) -> Credential:
+        """A device's or an operator's credential, whichever the dev PKI holds."""
+        cred = self.device(identity)
+        return cred if cred.cert.exists() else self.operator(identity)
+
     def write(self, name: str, issued: Issued, *, extra_chain: bytes = b"") -> Credential:
         out = self.root / "extra"
         out.mkdir(exist_ok=True)

@@ -137,8 +137,6 @@ async def test_ack_only_after_disk_against_a_conformant_local_broker(
         local.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="the current broker engine does not re-send unacknowledged QoS 1 messages "
-                                       "when a persistent session resumes (MQTT 3.1.1 4.4); see docs/uplink.md")
 async def test_ack_only_after_disk_against_our_broker(
     local_broker: BrokerThread, cloud: MosquittoCloud, pki: DevPki, tmp_path: Path,
 ) -> None:
