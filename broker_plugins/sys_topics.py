@@ -1,12 +1,14 @@
 """``$SYS/broker/...`` topics, in mosquitto's names, for the counters that have one there.
 
-Published retained, every ``interval`` seconds (mosquitto's ``sys_interval``), and only
-the values that changed. They reach nobody by default: a `$` topic is matched only by an
-ACL rule whose first level is that `$` level (``allow subscribe $SYS/broker/clients/#``),
-and every delivery passes the broker's receive check like any other message.
+Published every ``interval`` seconds (mosquitto's ``sys_interval``), every value each
+time, as live messages: not retained, so they take nothing from the retained-message
+limits that bound the devices (a subscriber has every value within one interval).
+They reach nobody by default: a `$` topic is matched only by an ACL rule whose first
+level is that `$` level (``allow subscribe $SYS/broker/clients/#``), and every delivery
+passes the broker's receive check like any other message.
 
 The publisher knows nothing of the broker: it takes a snapshot function and a publish
-callback, so it moves with the engine unchanged.
+callback.
 """
 
 from __future__ import annotations
@@ -46,11 +48,10 @@ class SysTopicPublisher:
         self._snapshot = snapshot
         self._publish = publish
         self.interval = interval
-        self._last: dict[str, bytes] = {}
         self._maximum = 0
 
     async def publish_once(self) -> list[str]:
-        """Publish every changed value; returns the topics published."""
+        """Publish every value; returns the topics published."""
         values = dict(self._snapshot())
         connected = values.get("clients_connected")
         if isinstance(connected, int):
@@ -60,11 +61,8 @@ class SysTopicPublisher:
         for key, topic in SYS_TOPICS.items():
             if key not in values:
                 continue
-            payload = str(values[key]).encode()
-            if self._last.get(topic) != payload:
-                await self._publish(topic, payload)
-                self._last[topic] = payload
-                sent.append(topic)
+            await self._publish(topic, str(values[key]).encode())
+            sent.append(topic)
         return sent
 
     async def run(self) -> None:
@@ -97,6 +95,6 @@ def broker_snapshot(edge: EdgeBroker) -> dict[str, int | str]:
 def publish_via(edge: EdgeBroker) -> Callable[[str, bytes], Awaitable[None]]:
     async def publish(topic: str, payload: bytes) -> None:
         if edge.broker is not None:
-            edge.broker.engine.route(None, Message(topic, payload, 0, True))
+            edge.broker.engine.route(None, Message(topic, payload, 0, False))
 
     return publish
