@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 for bench in bench_broker bench_command_latency bench_acl bench_commands bench_crl bench_lifecycle bench_firmware \
-    bench_uplink; do
+    bench_uplink bench_scale; do
   echo "== $bench"
   "$PY" "benchmarks/$bench.py" "$@"
 done

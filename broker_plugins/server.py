@@ -300,6 +300,8 @@ class EdgeBroker:
             await self.status_server.close()
         if self.broker is not None:
             await self.broker.close()
+        if self.commands is not None:
+            self.commands.close()  # the replay store's connection, once no command can arrive
         self._closed.set()
 
     async def wait_closed(self) -> None:

@@ -69,6 +69,10 @@ class PersistenceSettings:
 class CommandSettings:
     operators_path: Path
     replay_capacity: int = 1_000_000
+    #: ``memory`` (this process only) or a Redis URL shared by every broker of the site
+    replay_store: str = "memory"
+    replay_prefix: str = "edge:replay"
+    replay_timeout: float = 0.25
 
 
 @dataclass(frozen=True)
@@ -203,9 +207,20 @@ def parse_settings(text: str | bytes, *, source: str, base_dir: Path) -> BrokerS
         commands = CommandSettings(
             operators_path=path_of(csec, "operators"),
             replay_capacity=csec.take("replay_capacity", int, 1_000_000),
+            replay_store=csec.take("replay_store", str, "memory"),
+            replay_prefix=csec.take("replay_prefix", str, "edge:replay"),
+            replay_timeout=csec.take("replay_timeout", float, 0.25),
         )
         if not 1000 <= commands.replay_capacity <= 50_000_000:
             raise csec.error("replay_capacity", "commands.replay_capacity must be 1000 .. 50000000")
+        if commands.replay_store != "memory" and not commands.replay_store.startswith(
+                ("redis://", "rediss://", "unix://")):
+            raise csec.error("replay_store", "commands.replay_store must be 'memory' or a redis://, rediss:// "
+                                             "or unix:// URL shared by the site's brokers")
+        if not commands.replay_prefix or "{" in commands.replay_prefix or "}" in commands.replay_prefix:
+            raise csec.error("replay_prefix", "commands.replay_prefix must be non-empty, without braces")
+        if not 0.01 <= commands.replay_timeout <= 5.0:
+            raise csec.error("replay_timeout", "commands.replay_timeout must be 0.01 .. 5 seconds")
         csec.done()
 
     revocation = None

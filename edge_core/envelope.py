@@ -22,7 +22,8 @@ in a fixed order, which the published test vectors pin:
 6. ``audience_mismatch``, ``issuer_not_authorized``: who may command whom;
 7. ``ttl_too_long``, ``issued_in_future``, ``expired``, ``issued_before_restart``: when;
 8. ``replayed``, ``replay_cache_full``: the nonce is recorded last, only when every other
-   check passed, so refused envelopes never fill the cache.
+   check passed, so refused envelopes never fill the cache; ``replay_store_unavailable``:
+   a shared replay store could not answer, so the command is refused (fail closed).
 
 Time rules, with ``skew = policy.max_skew``: accepted iff
 ``iat - skew <= now <= exp + skew``, ``0 < exp - iat <= max_ttl`` and
@@ -54,7 +55,7 @@ from edge_core.clock import as_utc
 from edge_core.errors import EnvelopeError
 from edge_core.identity import check_identity
 from edge_core.operators import EnvelopePolicy, OperatorKeys
-from edge_core.replay import ReplayCache, ReplayVerdict, replay_key
+from edge_core.replay import ReplayCache, ReplayStoreUnavailable, ReplayVerdict, replay_key
 
 __all__ = [
     "ACCEPTANCE_TOPIC",
@@ -63,6 +64,7 @@ __all__ = [
     "DEFAULT_TYP",
     "REASONS",
     "REJECTION_TOPIC",
+    "STORE_REASONS",
     "CommandRefused",
     "VerifiedCommand",
     "acceptance_notice",
@@ -97,6 +99,9 @@ REASONS = (
     "replayed",
     "replay_cache_full",
 )
+#: Refusals only a shared replay store causes (a broker's Redis, never a device's own cache),
+#: so they are not in the published test vectors.
+STORE_REASONS = ("replay_store_unavailable",)
 
 _HEADER_PARAMS = frozenset({"alg", "typ", "kid"})
 _B64URL = re.compile(rb"[A-Za-z0-9_-]*")
@@ -108,7 +113,7 @@ _JWS = PyJWS(algorithms=[ALGORITHM])
 
 
 class CommandRefused(EnvelopeError):
-    """A command envelope was refused; ``reason`` is one of ``REASONS``.
+    """A command envelope was refused; ``reason`` is one of ``REASONS`` (or ``STORE_REASONS``).
 
     ``operator`` and ``jti`` are set only once the signature verified, so a rejection
     notice never goes to an operator on the word of a forger.
@@ -215,10 +220,13 @@ def verify_envelope(
         refuse("audience_mismatch", f"envelope is for {aud!r:.80} but was published for {topic_device!r}")
     if not keys.may_command(operator, topic_device):
         refuse("issuer_not_authorized", f"operator {operator!r} may not command {topic_device!r}")
-    _check_time(iat, exp, policy=policy, now=now, not_before=replay.not_before, refuse=refuse)
-    # The nonce is recorded last, so refused envelopes never take room in the cache.
-    keep_until = datetime.fromtimestamp(exp + int(policy.max_skew.total_seconds()), UTC)
-    verdict = replay.remember(replay_key(operator, jti), keep_until=keep_until, now=now)
+    try:
+        _check_time(iat, exp, policy=policy, now=now, not_before=replay.not_before, refuse=refuse)
+        # The nonce is recorded last, so refused envelopes never take room in the cache.
+        keep_until = datetime.fromtimestamp(exp + int(policy.max_skew.total_seconds()), UTC)
+        verdict = replay.remember(replay_key(operator, jti), keep_until=keep_until, now=now)
+    except ReplayStoreUnavailable as exc:
+        refuse("replay_store_unavailable", f"{exc}; refusing (fail closed)")
     if verdict is ReplayVerdict.REPLAYED:
         refuse("replayed", f"jti {jti} from {operator} was already used")
     if verdict is ReplayVerdict.FULL:

@@ -6,8 +6,11 @@ pass the freshness checks, that is until ``exp + max_skew``. After that moment t
 time checks alone refuse the token, so the entry can go.
 
 ``ReplayCache`` is the small interface the verifier needs, so that several brokers can
-later share one store (a Redis ``SET key NX EXAT``, a SQL unique index). ``remember``
-must be an atomic check-and-insert.
+share one store (``broker_plugins.replay_redis``: a Redis ``SET key NX PX`` inside a
+Lua script). ``remember`` must be an atomic check-and-insert. A shared store that cannot
+answer raises ``ReplayStoreUnavailable``; the verifier turns that into the refusal
+``replay_store_unavailable`` (fail closed: a store that cannot say "seen" never means
+"not seen").
 
 ``MemoryReplayCache`` is the in-process store. Its rules:
 
@@ -39,8 +42,11 @@ from datetime import datetime
 from typing import Protocol
 
 from edge_core.clock import as_utc
+from edge_core.errors import FetchError
 
-__all__ = ["KEY_SIZE", "MemoryReplayCache", "ReplayCache", "ReplayVerdict", "replay_key"]
+__all__ = [
+    "KEY_SIZE", "MemoryReplayCache", "ReplayCache", "ReplayStoreUnavailable", "ReplayVerdict", "replay_key",
+]
 
 #: Bytes per stored key: 128 bits keep accidental collisions negligible at any capacity.
 KEY_SIZE = 16
@@ -52,16 +58,31 @@ class ReplayVerdict(enum.Enum):
     FULL = "full"  # not seen, but no room without evicting a live entry
 
 
+class ReplayStoreUnavailable(FetchError):
+    """The shared replay store could not answer (down, timed out, reset); commands are refused."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("replay_store_unavailable", message,
+                         hint="check that the replay store (commands.replay_store) is reachable; "
+                              "commands are refused until it answers")
+
+
 class ReplayCache(Protocol):
     """What the envelope verifier needs from a nonce store."""
 
     @property
     def not_before(self) -> datetime | None:
-        """Earliest moment this store vouches for; ``None`` if it survives restarts."""
+        """Earliest moment this store vouches for; ``None`` if it never forgets.
+
+        May raise ``ReplayStoreUnavailable`` (a shared store that has not been reached yet).
+        """
         ...
 
     def remember(self, key: bytes, *, keep_until: datetime, now: datetime) -> ReplayVerdict:
-        """Atomically: if ``key`` is live answer ``REPLAYED``, else store it until ``keep_until``."""
+        """Atomically: if ``key`` is live answer ``REPLAYED``, else store it until ``keep_until``.
+
+        Raises ``ReplayStoreUnavailable`` when the answer is unknown; never guesses.
+        """
         ...
 
 

@@ -25,7 +25,8 @@ from typing import Any
 import aiomqtt
 
 from edge_core.clock import Clock
-from edge_core.errors import ConfigError, FetchError
+from edge_core.dsn import redact
+from edge_core.errors import ConfigError, FetchError, StateError
 from edge_core.events import SecurityEvents
 from edge_core.identity import check_identity
 from edge_core.registry import parse_registry
@@ -33,9 +34,11 @@ from edge_core.revocation import RevocationIndex
 from edge_core.validation import REQUEST_FILTER
 from edge_runtime.mqtt import suback_refused
 from gateway_agent.commanding import BrokerEndpoint
-from gateway_agent.inventory import ImportReport, Reconciler, SqliteInventory, write_registry
+from gateway_agent.inventory import ImportReport, Reconciler, open_inventory, write_registry
+from gateway_agent.inventory_pg import PostgresInventory
+from gateway_agent.leadership import DatabaseClaims, LeaderLease, holder_id
 from gateway_agent.pki import FileCA
-from gateway_agent.renewal import FileCABackend, RenewalOrchestrator, ScanReport
+from gateway_agent.renewal import DeviceChannel, FileCABackend, RenewalOrchestrator, ScanReport
 from gateway_agent.rotation_channel import MqttDeviceChannel
 from gateway_agent.settings import LifecycleSettings
 from gateway_agent.validation_service import ValidationService
@@ -48,7 +51,7 @@ _SPOOL_POLL = 1.0
 def request_renewal(settings: LifecycleSettings, device_id: str) -> Path:
     """Queue a "renew now" for the running daemon (``gateway-agent certs renew``); returns the request file."""
     check_identity(device_id)
-    spool = settings.inventory.parent / "renew-requests"
+    spool = settings.spool_dir
     spool.mkdir(parents=True, exist_ok=True)
     path = spool / device_id
     tmp = spool / f".{device_id}.tmp"
@@ -61,7 +64,7 @@ class LifecycleRunner:
     """Daily scan, queued renewal requests and overlap ends, over the agent's session."""
 
     def __init__(self, settings: LifecycleSettings, *, clock: Clock, events: SecurityEvents,
-                 broker_status_url: str | None,
+                 broker_status_url: str | None, agent_id: str = "gateway-agent",
                  current_index: Callable[[], RevocationIndex] | None = None) -> None:
         self.settings = settings
         #: the CRLs the agent's sync accepted: every revoked serial in them reaches the inventory
@@ -70,17 +73,28 @@ class LifecycleRunner:
         self.clock = clock
         self.events = events
         self.broker_status_url = broker_status_url
-        self.inventory = SqliteInventory(settings.inventory)
-        self.spool = settings.inventory.parent / "renew-requests"
+        self.inventory = open_inventory(settings.inventory)
+        self.spool = settings.spool_dir
         self.last_scan: ScanReport | None = None
         self._expected_digest: str | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: several agents on one PostgreSQL inventory: only the lease holder scans and renews
+        self.lease: LeaderLease | None = None
+        if isinstance(self.inventory, PostgresInventory):
+            self.lease = LeaderLease(settings.inventory, holder=holder_id(agent_id), ttl=settings.leader_lease,
+                                     events=events)
         ca = FileCA(settings.ca_dir)
         self._reconciler = Reconciler(self.inventory, settings.registry, [ca.issued_dir, ca.dir / "devices"],
                                       overlap=settings.policy.overlap)
         if self.inventory.count() == 0:
-            report = self._reconcile(clock.now())
-            events.emit("lifecycle.imported", enrolled=len(report.enrolled), skipped=len(report.skipped))
+            try:
+                report = self._reconcile(clock.now())
+            except StateError as exc:
+                if exc.reason != "device_exists":
+                    raise
+                events.emit("lifecycle.import_skipped", "imported_by_another_agent")  # HA agents starting together
+            else:
+                events.emit("lifecycle.imported", enrolled=len(report.enrolled), skipped=len(report.skipped))
 
     def _reconcile(self, now: datetime) -> ImportReport:
         """Enrol registry devices the inventory lacks, from the CA's ledger and ``devices/`` (every scan)."""
@@ -109,40 +123,97 @@ class LifecycleRunner:
 
     # -- the loop -----------------------------------------------------------------------
 
-    async def run(self, channel: MqttDeviceChannel) -> None:
+    async def run(self, channel: DeviceChannel) -> None:
+        """Lead the lifecycle (alone on SQLite; while holding the lease on PostgreSQL)."""
+        if isinstance(channel, MqttDeviceChannel):
+            channel.pins_ready = self._pins_ready
+        if self.lease is None:
+            await self._lead(channel)
+            return
+        lease_task = asyncio.create_task(self.lease.run(), name="leader-lease")
+        try:
+            while True:
+                if lease_task.done():
+                    lease_task.result()  # surface a failure of the lease loop
+                if not self.lease.is_leader:
+                    await self.lease.wait_changed(self.lease.interval)
+                    continue
+                leading = asyncio.create_task(self._lead(channel), name="lifecycle-leader")
+                while self.lease.is_leader:  # validity is a deadline, not an event: look often
+                    done, _ = await asyncio.wait({leading}, timeout=min(_SPOOL_POLL, self.lease.interval / 2))
+                    if done:
+                        break
+                if not leading.done():  # leadership lost: stop touching devices at once
+                    leading.cancel()
+                    self.events.emit("lifecycle.standby", "leadership_lost", level="warning")
+                try:
+                    await leading
+                except asyncio.CancelledError:
+                    if not leading.cancelled():
+                        raise  # we are being cancelled ourselves
+                except StateError as exc:
+                    if exc.reason != "not_leader":
+                        raise
+                    self.events.emit("lifecycle.standby", "not_leader", level="warning", detail=str(exc))
+        finally:
+            lease_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await lease_task
+            await self._cancel_tasks()
+            await self.lease.release()
+
+    async def _lead(self, channel: DeviceChannel) -> None:
         ca = FileCA(self.settings.ca_dir)
+        claims = None
+        if self.lease is not None and isinstance(self.inventory, PostgresInventory):
+            self.inventory.fence = self.lease.fence  # writes from here on prove the lease is still ours
+            claims = DatabaseClaims(self.inventory, self.lease)
         orchestrator = RenewalOrchestrator(
             self.inventory, channel, FileCABackend(ca, clock=ca.clock, registry=self.settings.registry),
             clock=self.clock, events=self.events, policy=self.settings.policy, concurrency=self.settings.concurrency,
             lifetime=self.settings.lifetime, on_pins_changed=self._pins_changed, reconcile=self._reconcile,
+            claims=claims,
         )
-        channel.pins_ready = self._pins_ready
 
         def online(device_id: str) -> None:
             task = asyncio.create_task(orchestrator.device_online(device_id), name=f"online-{device_id}")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-        channel.on_online = online
+        if isinstance(channel, MqttDeviceChannel):
+            channel.on_online = online  # the leader's only: a standby ignores devices coming online
         next_scan = self.clock.now()
-        while True:
-            now = self.clock.now()
-            if now >= next_scan:
-                self.last_scan = await orchestrator.daily_scan(now)
-                next_scan = now + self.settings.scan_interval
-            else:
-                await orchestrator.end_due_overlaps(now)
-                await orchestrator.retry_forced(now)
-            await self._feed_crl(orchestrator, now)
-            for request in sorted(self.spool.glob("*")) if self.spool.is_dir() else []:
-                if request.name.startswith("."):
-                    continue
-                request.unlink(missing_ok=True)
-                self.events.emit("renewal.requested", device=request.name)
-                task = asyncio.create_task(orchestrator.renew(request.name, ignore_backoff=True, force=True))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-            await asyncio.sleep(_SPOOL_POLL)
+        try:
+            while True:
+                now = self.clock.now()
+                if now >= next_scan:
+                    self.last_scan = await orchestrator.daily_scan(now)
+                    next_scan = now + self.settings.scan_interval
+                else:
+                    await orchestrator.end_due_overlaps(now)
+                    await orchestrator.retry_forced(now)
+                await self._feed_crl(orchestrator, now)
+                for request in sorted(self.spool.glob("*")) if self.spool.is_dir() else []:
+                    if request.name.startswith("."):
+                        continue
+                    request.unlink(missing_ok=True)
+                    self.events.emit("renewal.requested", device=request.name)
+                    task = asyncio.create_task(orchestrator.renew(request.name, ignore_backoff=True, force=True))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+                await asyncio.sleep(_SPOOL_POLL)
+        finally:
+            if isinstance(channel, MqttDeviceChannel) and channel.on_online is online:
+                channel.on_online = None  # leadership lost or stopping: this orchestrator starts nothing more
+            await self._cancel_tasks()
+            if isinstance(self.inventory, PostgresInventory):
+                self.inventory.fence = None
+
+    async def _cancel_tasks(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _feed_crl(self, orchestrator: RenewalOrchestrator, now: datetime) -> None:
         """Each newly accepted CRL: its revoked serials go into the inventory."""
@@ -156,6 +227,8 @@ class LifecycleRunner:
     def status(self) -> dict[str, Any]:
         scan = self.last_scan
         return {
+            "inventory": redact(self.settings.inventory),
+            "leadership": None if self.lease is None else self.lease.status(),
             "devices": self.inventory.count(),
             "in_progress": [d.device_id for d in self.inventory.in_progress()],
             "last_scan": None if scan is None else {

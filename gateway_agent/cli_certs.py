@@ -1,6 +1,6 @@
 """``gateway-agent certs``: the certificate inventory (expiry report, lifecycle history, renew now).
 
-Every verb reads ``-c/--config`` (the agent's YAML; ``--db`` overrides the inventory path).
+Every verb reads ``-c/--config`` (the agent's YAML; ``--db`` overrides the inventory file or URL).
 
 Exit codes: 0 success (an empty report is a success); 1 the inventory could not be read, or
 ``renew`` was refused (unknown or revoked device, no running agent picked the request up);
@@ -15,14 +15,13 @@ import re
 import sys
 import time
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 from edge_core.clock import SystemClock
 from edge_core.lifecycle import CertState
 from edge_runtime.cli_support import resolve_config
 from gateway_agent.cli_lifecycle_config import CONFIG_NAME, add_config_arguments, lifecycle_paths
-from gateway_agent.inventory import SqliteInventory
+from gateway_agent.inventory import open_inventory
 
 __all__ = ["add_parser", "parse_duration"]
 
@@ -68,12 +67,8 @@ def add_parser(sub: Any) -> None:
     renew.set_defaults(func=_renew)
 
 
-def _db(args: argparse.Namespace) -> Path:
-    return lifecycle_paths(args).need("inventory")
-
-
 def _expiring(args: argparse.Namespace) -> int:
-    with SqliteInventory(_db(args), create=False) as inventory:
+    with lifecycle_paths(args).open_inventory(create=False) as inventory:
         rows = inventory.expiring(SystemClock().now(), args.within)
     if args.json:
         for row in rows:
@@ -90,7 +85,7 @@ def _expiring(args: argparse.Namespace) -> int:
 
 
 def _history(args: argparse.Namespace) -> int:
-    with SqliteInventory(_db(args), create=False) as inventory:
+    with lifecycle_paths(args).open_inventory(create=False) as inventory:
         records = inventory.history(args.device)
     if args.json:
         for t in records:
@@ -118,7 +113,7 @@ def _renew(args: argparse.Namespace) -> int:
     if settings.lifecycle is None:
         print(f"error: {config} has no 'lifecycle' section, so no agent renews certificates", file=sys.stderr)
         return 1
-    with SqliteInventory(args.db or settings.lifecycle.inventory, create=False) as inventory:
+    with open_inventory(str(args.db or settings.lifecycle.inventory), create=False) as inventory:
         device = inventory.get(args.device)
     if device is None:
         print(f"error: device {args.device} is not in the inventory; see `gateway-agent devices list`",

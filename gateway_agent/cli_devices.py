@@ -37,7 +37,7 @@ from edge_core.registry import MAX_ACTIVE_PINS, DeviceEntry, Registry, parse_reg
 from edge_core.registry_edit import apply_entries
 from gateway_agent.cli_lifecycle_config import add_config_arguments, lifecycle_paths
 from gateway_agent.crl_issue import RevocationStore
-from gateway_agent.inventory import SqliteInventory, import_from_registry
+from gateway_agent.inventory import import_from_registry
 from gateway_agent.pki import FileCA, Issued, cert_pem
 
 __all__ = ["add_parser"]
@@ -95,7 +95,7 @@ class _Context:
         paths = lifecycle_paths(args)
         self.ca = FileCA(paths.need("ca_dir"))
         self.registry_path = paths.need("registry")
-        self.inventory = SqliteInventory(paths.need("inventory"))
+        self.inventory = paths.open_inventory()
 
     def registry(self) -> Registry:
         return parse_registry(self.registry_path.read_bytes(), source=str(self.registry_path))

@@ -22,9 +22,9 @@ from typing import Any
 
 from edge_core.errors import ConfigError
 from edge_core.identity import spki_pin
-from gateway_agent.cli_lifecycle_config import add_config_arguments, lifecycle_paths
+from gateway_agent.cli_lifecycle_config import LifecyclePaths, add_config_arguments, lifecycle_paths
 from gateway_agent.crl_issue import REVOCATION_REASONS, crl_path, issue_crl, revoke, revoke_device
-from gateway_agent.inventory import SqliteInventory, apply_revocations
+from gateway_agent.inventory import apply_revocations
 from gateway_agent.pki import FileCA, init_dev, load_cert
 from gateway_agent.validation_service import make_validation_key
 
@@ -85,8 +85,9 @@ def _serial(text: str) -> int | None:
 def _revoke(args: argparse.Namespace) -> int:
     paths = lifecycle_paths(args) if args.config or not args.ca_dir else None
     ca = FileCA(args.ca_dir or (paths.need("ca_dir") if paths else Path("certs-dev")))
-    inventory_path = args.db or (paths.inventory if paths else None)
-    inventory = SqliteInventory(inventory_path, create=False) if inventory_path and inventory_path.exists() else None
+    if paths is None and args.db is not None:
+        paths = LifecyclePaths(str(args.db), None, None, "--db")
+    inventory = paths.open_existing_inventory() if paths is not None else None
     try:
         serial = _serial(args.target)
         device_id = None if args.serial else args.target

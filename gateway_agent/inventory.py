@@ -36,7 +36,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from edge_core.clock import as_utc
 from edge_core.errors import ConfigError, CredentialError, StateError
@@ -58,6 +58,9 @@ from edge_core.registry import DeviceEntry, Registry, dump_registry, parse_regis
 from edge_core.registry_edit import apply_entries
 from gateway_agent.pki import load_cert
 
+if TYPE_CHECKING:
+    from gateway_agent.inventory_pg import PostgresInventory
+
 __all__ = [
     "SCHEMA",
     "CertRecord",
@@ -65,10 +68,13 @@ __all__ = [
     "Inventory",
     "Reconciler",
     "SqliteInventory",
+    "StepWriter",
     "apply_revocations",
+    "apply_step",
     "export_registry",
     "import_from_registry",
     "iter_chunks",
+    "open_inventory",
     "write_registry",
 ]
 
@@ -219,11 +225,14 @@ def _opt_ts(value: datetime | None) -> str | None:
     return None if value is None else _ts(value)
 
 
-def _dt(value: str) -> datetime:
+def _dt(value: str | datetime) -> datetime:
+    # SQLite hands back ISO text; PostgreSQL (timestamptz) a datetime already.
+    if isinstance(value, datetime):
+        return as_utc(value)
     return datetime.fromisoformat(value).astimezone(UTC)
 
 
-def _opt_dt(value: str | None) -> datetime | None:
+def _opt_dt(value: str | datetime | None) -> datetime | None:
     return None if value is None else _dt(value)
 
 
@@ -271,6 +280,27 @@ def _device_values(device: DeviceLifecycle, version: int) -> list[Any]:
         version,
         1 if device.forced else 0,
     ]
+
+
+def _expiry_row(row: Sequence[Any], now: datetime) -> ExpiryRow:
+    """``device_id, current_serial, current_not_after, current_state, renewal_state`` as a report row."""
+    device_id, serial, not_after, state, renewal = row
+    expiry = _dt(not_after)
+    return ExpiryRow(device_id, int(serial, 16), expiry, (expiry - now) // timedelta(days=1), CertState(state),
+                     RenewalState(renewal))
+
+
+def _transition_from(row: Sequence[Any]) -> Transition:
+    """``device_id, subject, serial, from_state, to_state, at, cause`` of the transitions table."""
+    device_id, subject, serial, src, dst, at, cause = row
+    return Transition(device_id, subject, None if serial is None else int(serial, 16), src, dst, _dt(at), cause)
+
+
+def _cert_record_from(row: Sequence[Any]) -> CertRecord:
+    """``serial, device_id, pin, not_before, not_after, state, updated_at, revoked_at, revoke_reason``."""
+    serial, device_id, pin, nb, na, state, updated, revoked, why = row
+    return CertRecord(int(serial, 16), device_id, pin, _dt(nb), _dt(na), CertState(state), _dt(updated),
+                      _opt_dt(revoked), why)
 
 
 # --------------------------------------------------------------------------- SQLite
@@ -363,13 +393,7 @@ class SqliteInventory:
             "ORDER BY current_not_after ASC, device_id ASC",
             (_ts(now + within),),
         )
-        day = timedelta(days=1)
-        out = []
-        for device_id, serial, not_after, state, renewal in rows:
-            expiry = _dt(not_after)
-            out.append(ExpiryRow(device_id, int(serial, 16), expiry, (expiry - now) // day,
-                                 CertState(state), RenewalState(renewal)))
-        return out
+        return [_expiry_row(row, now) for row in rows]
 
     def overlap_due(self, now: datetime) -> list[DeviceLifecycle]:
         rows = self._db.execute(
@@ -398,8 +422,7 @@ class SqliteInventory:
             "WHERE device_id = ? ORDER BY version, seq",
             (device_id,),
         )
-        return [Transition(d, subject, None if serial is None else int(serial, 16), src, dst, _dt(at), cause)
-                for d, subject, serial, src, dst, at, cause in rows]
+        return [_transition_from(row) for row in rows]
 
     def _cert_records(self, where: str, params: tuple[Any, ...]) -> list[CertRecord]:
         rows = self._db.execute(
@@ -407,8 +430,7 @@ class SqliteInventory:
             f"revoke_reason FROM certificates WHERE {where} ORDER BY not_before, serial",
             params,
         )
-        return [CertRecord(int(s, 16), d, pin, _dt(nb), _dt(na), CertState(st), _dt(up), _opt_dt(rv), why)
-                for s, d, pin, nb, na, st, up, rv, why in rows]
+        return [_cert_record_from(row) for row in rows]
 
     def certificates(self, device_id: str) -> list[CertRecord]:
         return self._cert_records("device_id = ?", (device_id,))
@@ -430,59 +452,125 @@ class SqliteInventory:
         return stored
 
     def _apply(self, db: sqlite3.Connection, step: Step) -> DeviceLifecycle:
-        after = step.after
-        if step.before is None:
-            version = 1
-            placeholders = ", ".join("?" * len(_DEVICE_COLUMNS))
-            try:
-                db.execute(f"INSERT INTO devices ({', '.join(_DEVICE_COLUMNS)}) VALUES ({placeholders})",  # noqa: S608
-                           _device_values(after, version))
-            except sqlite3.IntegrityError as exc:
-                raise StateError("device_exists",
-                                 f"device {after.device_id} is already in the inventory") from exc
-        else:
-            if step.before.device_id != after.device_id:
-                raise StateError("illegal_transition", "a step must not change the device id")
-            version = step.before.version + 1
-            assignments = ", ".join(f"{col} = ?" for col in _DEVICE_COLUMNS[1:])
-            values = _device_values(after, version)[1:]
-            cursor = db.execute(
-                f"UPDATE devices SET {assignments} WHERE device_id = ? AND version = ?",  # noqa: S608
-                [*values, after.device_id, step.before.version],
-            )
-            if cursor.rowcount != 1:
-                raise StateError("stale_state", f"device {after.device_id} changed since it was read "
-                                 f"(version {step.before.version}); read it again and redo the decision")
-        # Only certificates a transition touched are written: new ones and changed states.
-        changed = {t.serial: t for t in step.transitions if t.subject == "cert" and t.serial is not None}
-        slots = (after.current, after.candidate, after.retiring, *step.revoke)
-        held = {c.serial: c for c in slots if c is not None}
-        for serial, record in changed.items():
-            cert = held.get(serial)
-            if cert is None:
-                raise StateError("illegal_transition", f"device {after.device_id}: transition names "
-                                 f"certificate {serial:x}, which the step does not hold")
-            revoked = cert.state is CertState.REVOKED
-            when = record.at
-            cause = record.cause
-            db.execute(
-                "INSERT INTO certificates (serial, device_id, pin, not_before, not_after, state, updated_at, "
-                "revoked_at, revoke_reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (serial) DO UPDATE SET state = excluded.state, "
-                "updated_at = excluded.updated_at, "
-                "revoked_at = COALESCE(certificates.revoked_at, excluded.revoked_at), "
-                "revoke_reason = COALESCE(certificates.revoke_reason, excluded.revoke_reason)",
-                (_serial(cert.serial), after.device_id, cert.pin, _ts(cert.not_before), _ts(cert.not_after),
-                 cert.state.value, _ts(when), _ts(when) if revoked else None,
-                 cause if revoked else None),
-            )
-        db.executemany(
-            "INSERT INTO transitions (device_id, version, seq, subject, serial, from_state, to_state, at, "
-            "cause) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [(t.device_id, version, seq, t.subject, None if t.serial is None else _serial(t.serial),
-              t.from_state, t.to_state, _ts(t.at), t.cause[:512]) for seq, t in enumerate(step.transitions)],
-        )
-        return replace(after, version=version)
+        return apply_step(_SqliteWriter(db), step)
+
+
+class _SqliteWriter:
+    """``StepWriter`` on a sqlite3 connection inside ``SqliteInventory._tx``."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def insert_device(self, query: str, params: Sequence[Any]) -> None:
+        try:
+            self._db.execute(query, params)
+        except sqlite3.IntegrityError as exc:
+            raise StateError("device_exists", f"device {params[0]} is already in the inventory") from exc
+
+    def execute(self, query: str, params: Sequence[Any]) -> int:
+        return self._db.execute(query, params).rowcount
+
+    def executemany(self, query: str, rows: Sequence[Sequence[Any]]) -> None:
+        self._db.executemany(query, rows)
+
+
+# --------------------------------------------------------------------------- one write path, two backends
+
+
+class StepWriter(Protocol):
+    """The statements ``apply_step`` runs, inside one backend's open transaction.
+
+    Queries use ``?`` placeholders and bind timestamps as ISO-8601 text (``_ts``), which both
+    SQLite (text columns) and PostgreSQL (``timestamptz`` columns) take as they are.
+    """
+
+    def insert_device(self, query: str, params: Sequence[Any]) -> None:
+        """Insert a new device row; ``StateError("device_exists")`` if the id is taken."""
+        ...
+
+    def execute(self, query: str, params: Sequence[Any]) -> int:
+        """Run one statement; the number of rows it changed."""
+        ...
+
+    def executemany(self, query: str, rows: Sequence[Sequence[Any]]) -> None: ...
+
+
+_INSERT_DEVICE = (f"INSERT INTO devices ({', '.join(_DEVICE_COLUMNS)}) "  # noqa: S608 - fixed column list
+                  f"VALUES ({', '.join('?' * len(_DEVICE_COLUMNS))})")
+_UPDATE_DEVICE = (f"UPDATE devices SET {', '.join(f'{col} = ?' for col in _DEVICE_COLUMNS[1:])} "  # noqa: S608
+                  "WHERE device_id = ? AND version = ?")
+_UPSERT_CERTIFICATE = (
+    "INSERT INTO certificates (serial, device_id, pin, not_before, not_after, state, updated_at, "
+    "revoked_at, revoke_reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (serial) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at, "
+    "revoked_at = COALESCE(certificates.revoked_at, excluded.revoked_at), "
+    "revoke_reason = COALESCE(certificates.revoke_reason, excluded.revoke_reason)")
+_INSERT_TRANSITION = ("INSERT INTO transitions (device_id, version, seq, subject, serial, from_state, to_state, "
+                      "at, cause) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
+
+
+def apply_step(db: StepWriter, step: Step) -> DeviceLifecycle:
+    """Store one ``Step`` (device row, touched certificates, transitions); the device as stored.
+
+    The one write path of every backend. The device row's ``version`` guards against a
+    concurrent writer: a step computed from an older read fails with ``StateError("stale_state")``.
+    """
+    after = step.after
+    if step.before is None:
+        version = 1
+        db.insert_device(_INSERT_DEVICE, _device_values(after, version))
+    else:
+        if step.before.device_id != after.device_id:
+            raise StateError("illegal_transition", "a step must not change the device id")
+        version = step.before.version + 1
+        changed_rows = db.execute(_UPDATE_DEVICE, [*_device_values(after, version)[1:], after.device_id,
+                                                   step.before.version])
+        if changed_rows != 1:
+            raise StateError("stale_state", f"device {after.device_id} changed since it was read "
+                             f"(version {step.before.version}); read it again and redo the decision")
+    # Only certificates a transition touched are written: new ones and changed states.
+    changed = {t.serial: t for t in step.transitions if t.subject == "cert" and t.serial is not None}
+    held = {c.serial: c for c in (after.current, after.candidate, after.retiring, *step.revoke) if c is not None}
+    for serial, record in changed.items():
+        cert = held.get(serial)
+        if cert is None:
+            raise StateError("illegal_transition", f"device {after.device_id}: transition names "
+                             f"certificate {serial:x}, which the step does not hold")
+        revoked = cert.state is CertState.REVOKED
+        db.execute(_UPSERT_CERTIFICATE,
+                   (_serial(cert.serial), after.device_id, cert.pin, _ts(cert.not_before), _ts(cert.not_after),
+                    cert.state.value, _ts(record.at), _ts(record.at) if revoked else None,
+                    record.cause if revoked else None))
+    if step.transitions:
+        db.executemany(_INSERT_TRANSITION,
+                       [(t.device_id, version, seq, t.subject, None if t.serial is None else _serial(t.serial),
+                         t.from_state, t.to_state, _ts(t.at), t.cause[:512])
+                        for seq, t in enumerate(step.transitions)])
+    return replace(after, version=version)
+
+
+# --------------------------------------------------------------------------- backend selection
+
+
+def open_inventory(url: str, *, create: bool = True) -> SqliteInventory | PostgresInventory:
+    """The inventory at ``url``: ``sqlite:///<path>`` (or a plain path) or ``postgresql://...``.
+
+    ``sqlite:///var/inv.db`` is relative, ``sqlite:////var/lib/edge/inv.db`` absolute (three
+    slashes, then the path). PostgreSQL URLs are libpq's plus ``?schema=<name>``
+    (``gateway_agent.inventory_pg``).
+    """
+    if url.startswith(("postgresql://", "postgres://")):
+        from gateway_agent.inventory_pg import PostgresInventory
+
+        return PostgresInventory(url, create=create)
+    if url.startswith("sqlite:"):
+        if not url.startswith("sqlite:///") or url == "sqlite:///":
+            raise ConfigError(f"inventory URL {url!r} must be sqlite:///<path>")
+        return SqliteInventory(url.removeprefix("sqlite:///"), create=create)
+    if "://" in url:
+        raise ConfigError(f"inventory URL {url.split('://', maxsplit=1)[0]}:// is not supported",
+                          hint="use sqlite:///<path> or postgresql://user@host/db")
+    return SqliteInventory(url, create=create)
 
 
 # --------------------------------------------------------------------------- registry export

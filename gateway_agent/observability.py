@@ -38,25 +38,27 @@ def writable_dirs(settings: AgentSettings) -> list[Path]:
         dirs.update(t.parent for t in settings.crl.install_targets)
         dirs.add(settings.crl.state_path.parent)
     if settings.lifecycle is not None:
-        dirs.add(settings.lifecycle.inventory.parent)
+        inventory = settings.lifecycle.inventory
+        if not inventory.startswith(("postgresql://", "postgres://")):  # a SQLite file: its directory
+            dirs.add(Path(inventory.removeprefix("sqlite:///")).parent)
     return sorted(dirs)
 
 
 class CertificateGauges:
     """Counts of device certificates by state and the days to the soonest expiry, from the inventory."""
 
-    def __init__(self, inventory_path: Path, agent: Agent) -> None:
-        self.path = inventory_path
+    def __init__(self, inventory: str, agent: Agent) -> None:
+        self.inventory = inventory  # a URL: sqlite:///<path> or postgresql://...
         self.agent = agent
         self.by_state: dict[str, float] | None = None
         self.soonest_days: float | None = None
 
     def refresh(self) -> None:
-        from gateway_agent.inventory import SqliteInventory
+        from gateway_agent.inventory import open_inventory
 
-        if not self.path.exists():
+        if self.inventory.startswith("sqlite:///") and not Path(self.inventory.removeprefix("sqlite:///")).exists():
             return
-        with SqliteInventory(self.path, create=False) as inventory:
+        with open_inventory(self.inventory, create=False) as inventory:
             rows = inventory.expiring(self.agent.clock.now(), timedelta(days=36500))
         states = Counter(row.cert_state.value for row in rows)
         self.by_state = {state: float(n) for state, n in states.items()}

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -42,6 +42,7 @@ from edge_core.errors import CredentialError, EdgeSecurityError, FetchError, Sta
 from edge_core.events import SecurityEvents
 from edge_core.identity import IdentityPolicy, check_identity
 from edge_core.lifecycle import (
+    IN_PROGRESS,
     Alarm,
     CertRef,
     CertState,
@@ -76,6 +77,7 @@ __all__ = [
     "DeviceChannel",
     "FileCABackend",
     "IssuedCertificate",
+    "RenewalClaims",
     "RenewalOrchestrator",
     "RenewalOutcome",
     "ScanReport",
@@ -211,6 +213,22 @@ class FileCABackend:
         return {e.serial: e.reason for e in RevocationStore(self._ca).entries()}
 
 
+class RenewalClaims(Protocol):
+    """Per-device renewal claims shared by every agent on one inventory (``gateway_agent.leadership``).
+
+    ``claim`` answers False when another agent holds the device; it may raise ``FetchError``.
+    ``holds`` is asked before every device call and CA action, without I/O: an agent whose lease
+    ran out (it was frozen, say) must not touch the device again, even before the database
+    refuses its next write.
+    """
+
+    def claim(self, device_id: str) -> bool: ...
+
+    def holds(self, device_id: str) -> bool: ...
+
+    def release(self, device_id: str) -> None: ...
+
+
 @dataclass(frozen=True)
 class RenewalOutcome:
     device_id: str
@@ -249,6 +267,7 @@ class RenewalOrchestrator:
         lifetime: timedelta | None = None,
         rand: Callable[[], float] | None = None,
         on_pins_changed: Callable[[str], None] | None = None,
+        claims: RenewalClaims | None = None,
         reconcile: Callable[[datetime], ImportReport] | None = None,
     ) -> None:
         if concurrency < 1:
@@ -265,6 +284,7 @@ class RenewalOrchestrator:
         self.lifetime = lifetime  # None: same lifetime as the certificate being replaced
         self._rand = rand or secrets.SystemRandom().random
         self._on_pins_changed = on_pins_changed
+        self.claims = claims  # None: this process is the inventory's only writer (SQLite)
         self._reconcile = reconcile
         self._semaphore = asyncio.Semaphore(concurrency)
         self._active: set[str] = set()
@@ -284,12 +304,16 @@ class RenewalOrchestrator:
         self._active.add(device_id)
         try:
             async with self._semaphore:
+                busy = self._claim(device_id)
+                if busy is not None:
+                    return busy
                 self.in_flight += 1
                 self.max_in_flight = max(self.max_in_flight, self.in_flight)
                 try:
                     return await self._guarded(device_id, ignore_backoff, force)
                 finally:
                     self.in_flight -= 1
+                    self._release(device_id)
         finally:
             self._active.discard(device_id)
 
@@ -309,8 +333,15 @@ class RenewalOrchestrator:
         for device in self.inventory.in_progress():
             if device.device_id in self._active or device.renewal is RenewalState.SWITCHING:
                 continue
-            await self._fail(device, "interrupted")
-            count += 1
+            if self._claim(device.device_id) is not None:
+                continue  # another agent is renewing it right now
+            try:
+                fresh = self.inventory.get(device.device_id)  # as of the claim, not as of the listing
+                if fresh is not None and fresh.renewal in IN_PROGRESS and fresh.renewal is not RenewalState.SWITCHING:
+                    await self._fail(fresh, "interrupted")
+                    count += 1
+            finally:
+                self._release(device.device_id)
         return count
 
     async def daily_scan(self, now: datetime | None = None) -> ScanReport:
@@ -354,7 +385,15 @@ class RenewalOrchestrator:
         """Enrol registry devices the inventory does not know yet (added after the first start)."""
         if self._reconcile is None:
             return None
-        report = self._reconcile(now)
+        try:
+            report = self._reconcile(now)
+        except StateError as exc:
+            if exc.reason != "device_exists":
+                raise
+            # Another writer (``devices add``, an HA agent's first import) enrolled one of them
+            # meanwhile; the enrolment was all-or-nothing, so the next scan simply tries again.
+            self.events.emit("lifecycle.reconcile_retry", exc.reason, level="warning", detail=str(exc))
+            return None
         for device_id in report.enrolled:
             self.events.emit("lifecycle.enrolled", "reconcile", device=device_id)
         for device_id, why in report.skipped:
@@ -440,6 +479,7 @@ class RenewalOrchestrator:
         except CredentialError as exc:
             self.events.emit("renewal.csr_rejected", exc.reason, level="warning", device=device_id)
             return await self._fail(device, f"csr_rejected:{exc.reason}", result="csr_rejected")
+        self._ensure_held(device_id)
         try:
             issued = await self.ca.issue(checked, device_id, self.lifetime or device.current.lifetime)
         except (CredentialError, FetchError) as exc:
@@ -534,11 +574,38 @@ class RenewalOrchestrator:
         overlap, an unused candidate), so the CRL reason is ``superseded``; the inventory and
         the event keep the precise cause.
         """
+        if step.revoke:
+            self._ensure_held(step.after.device_id)
         for cert in step.revoke:
             cause = next((t.cause for t in step.transitions if t.serial == cert.serial), "superseded")
             await self.ca.revoke(cert.serial, CRL_REASON_SUPERSEDED)
             self.events.emit("cert.revoked", cause, device=step.after.device_id, serial=f"{cert.serial:x}",
                              crl_reason=CRL_REASON_SUPERSEDED)
+
+    def _claim(self, device_id: str) -> RenewalOutcome | None:
+        """Take the shared per-device claim; an outcome if the device is busy elsewhere (or unknown)."""
+        if self.claims is None:
+            return None
+        try:
+            if self.claims.claim(device_id):
+                return None
+        except (EdgeSecurityError, OSError) as exc:
+            self.events.emit("renewal.error", _reason(exc), level="error", device=device_id, detail=str(exc))
+            return RenewalOutcome(device_id, "error", f"claim: {exc}")
+        return RenewalOutcome(device_id, "busy", "another agent holds the renewal claim")
+
+    def _ensure_held(self, device_id: str) -> None:
+        if self.claims is not None and not self.claims.holds(device_id):
+            raise StateError("not_leader", f"device {device_id}: this agent no longer holds its renewal claim")
+
+    def _release(self, device_id: str) -> None:
+        if self.claims is None:
+            return
+        try:
+            self.claims.release(device_id)
+        except (EdgeSecurityError, OSError) as exc:  # the claim expires with the lease anyway
+            self.events.emit("renewal.error", _reason(exc), level="warning", device=device_id,
+                             detail=f"releasing the claim failed: {exc}")
 
     def _store(self, step: Step) -> DeviceLifecycle:
         return self.inventory.apply(step)
@@ -549,6 +616,12 @@ class RenewalOrchestrator:
 
     async def _call(self, awaitable: Awaitable[T], device_id: str, what: str) -> T:
         """The one place a device step's timeout becomes an error."""
+        try:
+            self._ensure_held(device_id)
+        except StateError:
+            if isinstance(awaitable, Coroutine):
+                awaitable.close()  # never started: no device is asked anything
+            raise
         try:
             async with asyncio.timeout(self.step_timeout.total_seconds()):
                 return await awaitable

@@ -51,6 +51,6 @@ async def _session(agent: Agent) -> AgentService | None:
     if s.lifecycle is not None:
         crl_state = agent.crl
         lifecycle = LifecycleRunner(s.lifecycle, clock=agent.clock, events=agent.events,
-                                    broker_status_url=s.lifecycle.broker_status_url,
+                                    broker_status_url=s.lifecycle.broker_status_url, agent_id=s.agent_id,
                                     current_index=(lambda: crl_state.index) if crl_state is not None else None)
     return AgentSession(endpoint, s.agent_id, agent.events, validator=validator, lifecycle=lifecycle)

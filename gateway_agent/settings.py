@@ -41,14 +41,24 @@ class ValidationSettings:
 
 @dataclass(frozen=True)
 class LifecycleSettings:
-    inventory: Path
+    #: ``sqlite:///<absolute path>`` or ``postgresql://...`` (``gateway_agent.inventory.open_inventory``)
+    inventory: str
     ca_dir: Path
     registry: Path
     policy: RenewalPolicy
+    #: where ``gateway-agent certs renew`` queues requests for the running daemon
+    spool_dir: Path
     concurrency: int = 8
     scan_interval: timedelta = timedelta(days=1)
     lifetime: timedelta = timedelta(days=30)
     broker_status_url: str | None = None
+    #: PostgreSQL only: the leader lease; a standby takes over within ``lease * 4/3`` of the leader's death
+    leader_lease: timedelta = timedelta(seconds=15)
+
+    @property
+    def shared(self) -> bool:
+        """True when several agents may share the inventory (PostgreSQL): leadership applies."""
+        return not self.inventory.startswith("sqlite:")
 
 
 @dataclass(frozen=True)
@@ -69,6 +79,31 @@ def load_agent_settings(path: Path | str) -> AgentSettings:
     except OSError as exc:
         raise ConfigError(f"cannot read agent settings: {exc.strerror}", source=str(p)) from exc
     return parse_agent_settings(text, source=str(p), base_dir=p.resolve().parent)
+
+
+def _inventory_location(lsec: yamlsrc.Section, base_dir: Path) -> tuple[str, Path]:
+    """``lifecycle.inventory`` as a URL (a plain path is a SQLite file) and the renew-request spool."""
+    raw = lsec.take("inventory", str, required=True)
+    spool = lsec.take("spool_dir", str, None)
+    if raw.startswith(("postgresql://", "postgres://")):
+        if spool is None:
+            raise lsec.error("inventory", "a PostgreSQL inventory needs lifecycle.spool_dir (a local directory "
+                                          "where `gateway-agent certs renew` queues requests)")
+        try:
+            from gateway_agent.inventory_pg import split_schema
+
+            split_schema(raw)
+        except ConfigError as exc:
+            raise lsec.error("inventory", f"lifecycle.inventory: {exc.reason}") from exc
+        return raw, (base_dir / spool).resolve()
+    if raw.startswith("sqlite:"):
+        if not raw.startswith("sqlite:///") or raw == "sqlite:///":
+            raise lsec.error("inventory", "lifecycle.inventory must be sqlite:///<path> or postgresql://...")
+        raw = raw.removeprefix("sqlite:///")
+    elif "://" in raw:
+        raise lsec.error("inventory", "lifecycle.inventory must be a file path, sqlite:///<path> or postgresql://...")
+    db = (base_dir / raw).resolve()
+    return f"sqlite:///{db}", (base_dir / spool).resolve() if spool else db.parent / "renew-requests"
 
 
 def parse_agent_settings(text: bytes, *, source: str, base_dir: Path) -> AgentSettings:
@@ -118,13 +153,17 @@ def parse_agent_settings(text: bytes, *, source: str, base_dir: Path) -> AgentSe
             overlap=timedelta(days=lsec.take("overlap_days", float, defaults.overlap.days)),
             expiring_within=timedelta(days=lsec.take("expiring_within_days", float, defaults.expiring_within.days)),
         )
+        inventory, spool_dir = _inventory_location(lsec, base_dir)
         lifecycle = LifecycleSettings(
-            inventory=path(lsec, "inventory"), ca_dir=path(lsec, "ca_dir"), registry=path(lsec, "registry"),
-            policy=policy, concurrency=lsec.take("concurrency", int, 8),
+            inventory=inventory, ca_dir=path(lsec, "ca_dir"), registry=path(lsec, "registry"),
+            policy=policy, spool_dir=spool_dir, concurrency=lsec.take("concurrency", int, 8),
             scan_interval=timedelta(hours=lsec.take("scan_interval_hours", float, 24.0)),
             lifetime=timedelta(days=lsec.take("certificate_days", float, 30.0)),
             broker_status_url=lsec.take("broker_status_url", str, None),
+            leader_lease=timedelta(seconds=lsec.take("leader_lease_seconds", float, 15.0)),
         )
+        if not 2.0 <= lifecycle.leader_lease.total_seconds() <= 600:
+            raise lsec.error("leader_lease_seconds", "lifecycle.leader_lease_seconds must be 2 .. 600")
         url = lifecycle.broker_status_url
         if url is not None and not url.startswith(("http://127.", "http://localhost:", "http://[::1]:")):
             raise lsec.error("broker_status_url", "lifecycle.broker_status_url must be the broker's loopback "

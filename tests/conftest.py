@@ -56,3 +56,21 @@ def start_broker(tmp_path: Path, pki: DevPki, registry_file: Path) -> Iterator[S
     yield start
     for broker in started:
         broker.stop()
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A PostgreSQL inventory URL with a schema private to this test (dropped afterwards)."""
+    from tests.support.stores import pg_schema
+
+    with pg_schema() as url:
+        yield url
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    """A Redis key prefix private to this test (its keys are deleted afterwards)."""
+    from tests.support.stores import redis_prefix as prefix
+
+    with prefix() as value:
+        yield value

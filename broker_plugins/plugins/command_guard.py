@@ -22,7 +22,7 @@ from amqtt.plugins.base import BasePlugin
 from broker_plugins.commands import CommandState
 from broker_plugins.engine.session import Session
 from broker_plugins.runtime import BrokerRuntime, admitted_of
-from edge_core.envelope import CommandRefused, acceptance_notice, rejection_notice, verify_envelope
+from edge_core.envelope import CommandRefused, acceptance_notice, rejection_notice
 
 __all__ = ["CommandGuardPlugin"]
 
@@ -55,8 +55,7 @@ class CommandGuardPlugin(BasePlugin[Any]):
             return False
         now = runtime.clock.now()
         try:
-            command = verify_envelope(payload, topic_device=device, keys=state.keys_for(runtime.registry),
-                                      policy=policy, now=now, replay=state.replay)
+            command = await state.verify(payload, device=device, registry=runtime.registry, now=now)
         except CommandRefused as refused:
             runtime.events.emit("command.rejected", refused.reason, level="warning", device=device,
                                 sender=sender, operator=refused.operator, jti=refused.jti, topic=topic,

@@ -1,4 +1,5 @@
-"""The operator's sequences from the command line: devices, pki revoke, certs (all reading -c)."""
+"""The operator's sequences from the command line: devices, pki revoke, certs (all reading -c),
+with the agent's inventory on each backend (``lifecycle.inventory``: a SQLite file, PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from edge_core.lifecycle import CertState
 from edge_core.registry import parse_registry
 from gateway_agent.cli import main
 from gateway_agent.crl_issue import RevocationStore
-from gateway_agent.inventory import SqliteInventory
+from gateway_agent.inventory import import_from_registry, open_inventory
 from gateway_agent.pki import FileCA, init_dev, load_cert, new_key
 
 
@@ -27,18 +28,24 @@ def _restore_structlog() -> Iterator[None]:
 
 
 @pytest.fixture
-def config(tmp_path: Path) -> Path:
+def config(tmp_path: Path, inv_url: str) -> Path:
     ca = init_dev(tmp_path / "pki", device_ids=["device-001", "device-002", "device-003"])
     text = ca.registry_path.read_text().replace("version: 1", "# admin: keep this comment\nversion: 1", 1)
     ca.registry_path.write_text(text)
     path = tmp_path / "agent.yaml"
-    path.write_text(f"lifecycle:\n  inventory: {tmp_path / 'inventory.db'}\n  ca_dir: {ca.dir}\n"
-                    f"  registry: {ca.registry_path}\n")
-    with SqliteInventory(tmp_path / "inventory.db") as inventory:
-        from gateway_agent.inventory import import_from_registry
-
+    path.write_text(f"lifecycle:\n  inventory: '{inv_url}'\n  spool_dir: {tmp_path / 'spool'}\n"
+                    f"  ca_dir: {ca.dir}\n  registry: {ca.registry_path}\n")
+    with open_inventory(inv_url) as inventory:
         import_from_registry(inventory, ca.registry_path, ca.issued_dir, now=ca.clock.now())
     return path
+
+
+def _inventory_of(config: Path) -> str:
+    from gateway_agent.settings import load_agent_settings
+
+    lifecycle = load_agent_settings(config).lifecycle
+    assert lifecycle is not None
+    return lifecycle.inventory
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -93,7 +100,7 @@ def test_revoke_all_and_by_serial(config: Path, capsys: pytest.CaptureFixture[st
     serial = load_cert(config.parent / "pki" / "devices" / "device-001.crt").serial_number
     code, out, _ = run(capsys, "pki", "revoke", hex(serial), "--reason", "superseded", "-c", str(config))
     assert code == 0 and f"serial {serial:#x} (superseded)" in out and "blocked" not in out
-    with SqliteInventory(config.parent / "inventory.db") as inventory:
+    with open_inventory(_inventory_of(config), create=False) as inventory:
         device = inventory.get("device-001")
         assert device is not None and device.current.state is CertState.REVOKED
     code, out, _ = run(capsys, "pki", "revoke", "device-002", "--all", "-c", str(config))

@@ -3,7 +3,8 @@
 Each test reproduces one way the parts used to disagree about a device: a revoked device
 renewed, a revocation the inventory never heard of, a device added to the registry after
 the first start, a fleet mid-rotation that could not be imported, 30-day certificates
-EXPIRING from issuance, a forced renewal never retried.
+EXPIRING from issuance, a forced renewal never retried. The tests of the inventory alone run
+on both backends (the ``inv`` fixture of ``tests/agent/conftest.py``: SQLite, PostgreSQL).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from edge_core.identity import spki_pin, spki_pin_of_key
 from edge_core.lifecycle import CertRef, CertState, CheckedCsr, RenewalPolicy, RenewalState, enroll, refresh
 from edge_core.registry import DeviceEntry, Registry, dump_registry, parse_registry
 from gateway_agent.crl_issue import revoke
-from gateway_agent.inventory import SqliteInventory, apply_revocations, export_registry, import_from_registry
+from gateway_agent.inventory import Inventory, apply_revocations, export_registry, import_from_registry
 from gateway_agent.pki import FileCA, Issued, init_dev, issue_leaf, new_key
 from gateway_agent.renewal import FileCABackend
 from tests.agent.test_renewal import DAY, T0, World, make_world
@@ -95,20 +96,19 @@ async def test_ca_backend_refuses_revoked_unknown_and_disabled_devices(tmp_path:
     assert issued.ref.serial in {c.serial_number for c in ca.certificates_of("pump-2")}
 
 
-def test_device_added_to_the_registry_later_is_enrolled_by_reconcile(tmp_path: Path) -> None:
+def test_device_added_to_the_registry_later_is_enrolled_by_reconcile(tmp_path: Path, inv: Inventory) -> None:
     ca = init_dev(tmp_path / "pki", device_ids=["pump-1"])
-    with SqliteInventory(tmp_path / "inv.db") as inventory:
-        first = import_from_registry(inventory, ca.registry_path, ca.issued_dir, now=ca.clock.now())
-        assert first.enrolled == ("pump-1",)
-        late = ca.issue_device("pump-9")
-        registry = parse_registry(ca.registry_path.read_bytes())
-        devices = dict(registry.devices)
-        devices["pump-9"] = DeviceEntry("pump-9", (late.pin,), frozenset({"sensor"}))
-        ca.registry_path.write_text(dump_registry(Registry(devices)))
-        again = import_from_registry(inventory, ca.registry_path, ca.issued_dir, now=ca.clock.now())
-        assert again.enrolled == ("pump-9",)
-        rows = inventory.expiring(ca.clock.now(), timedelta(days=31))
-        assert {r.device_id for r in rows} == {"pump-1", "pump-9"}
+    first = import_from_registry(inv, ca.registry_path, ca.issued_dir, now=ca.clock.now())
+    assert first.enrolled == ("pump-1",)
+    late = ca.issue_device("pump-9")
+    registry = parse_registry(ca.registry_path.read_bytes())
+    devices = dict(registry.devices)
+    devices["pump-9"] = DeviceEntry("pump-9", (late.pin,), frozenset({"sensor"}))
+    ca.registry_path.write_text(dump_registry(Registry(devices)))
+    again = import_from_registry(inv, ca.registry_path, ca.issued_dir, now=ca.clock.now())
+    assert again.enrolled == ("pump-9",)
+    rows = inv.expiring(ca.clock.now(), timedelta(days=31))
+    assert {r.device_id for r in rows} == {"pump-1", "pump-9"}
 
 
 def _mid_rotation(tmp_path: Path, device_ids: list[str]) -> tuple[FileCA, x509.Certificate, Issued]:
@@ -124,20 +124,19 @@ def _mid_rotation(tmp_path: Path, device_ids: list[str]) -> tuple[FileCA, x509.C
     return ca, older, newer
 
 
-def test_fleet_mid_rotation_imports_with_both_pins_kept(tmp_path: Path) -> None:
+def test_fleet_mid_rotation_imports_with_both_pins_kept(tmp_path: Path, inv: Inventory) -> None:
     """Two certificates of one device (mid-rotation) used to fail the import as "already in the
     inventory", and the agent's first registry write dropped the older pin."""
     ca, older, newer = _mid_rotation(tmp_path, ["pump-1", "pump-2"])
     base = parse_registry(ca.registry_path.read_bytes())
-    with SqliteInventory(tmp_path / "inv.db") as inventory:
-        report = import_from_registry(inventory, ca.registry_path, ca.issued_dir, now=ca.clock.now())
-        assert set(report.enrolled) == {"pump-1", "pump-2"}
-        device = inventory.get("pump-1")
-        assert device is not None
-        assert device.current.serial == newer.cert.serial_number
-        assert device.retiring is not None and device.retiring.serial == older.serial_number
-        assert device.renewal is RenewalState.OVERLAP
-        assert set(export_registry(inventory, base).devices["pump-1"].pins) == {spki_pin(older), newer.pin}
+    report = import_from_registry(inv, ca.registry_path, ca.issued_dir, now=ca.clock.now())
+    assert set(report.enrolled) == {"pump-1", "pump-2"}
+    device = inv.get("pump-1")
+    assert device is not None
+    assert device.current.serial == newer.cert.serial_number
+    assert device.retiring is not None and device.retiring.serial == older.serial_number
+    assert device.renewal is RenewalState.OVERLAP
+    assert set(export_registry(inv, base).devices["pump-1"].pins) == {spki_pin(older), newer.pin}
 
 
 def test_thirty_day_certificates_are_not_expiring_from_issuance() -> None:
@@ -170,16 +169,15 @@ async def test_forced_renewal_that_fails_is_retried_with_backoff(world: World) -
     assert device is not None and not device.forced
 
 
-def test_revocation_of_a_retiring_certificate_ends_the_overlap(tmp_path: Path) -> None:
+def test_revocation_of_a_retiring_certificate_ends_the_overlap(tmp_path: Path, inv: Inventory) -> None:
     ca, older, newer = _mid_rotation(tmp_path, ["pump-1"])
-    with SqliteInventory(tmp_path / "inv.db") as inventory:
-        import_from_registry(inventory, ca.registry_path, ca.issued_dir, now=ca.clock.now())
-        changed = apply_revocations(inventory, {older.serial_number: "key_compromise"}, now=ca.clock.now())
-        assert changed == ["pump-1"]
-        device = inventory.get("pump-1")
-        assert device is not None and device.retiring is None and device.renewal is RenewalState.IDLE
-        assert device.current.state is CertState.ACTIVE
-        assert device.pins() == (newer.pin,)
+    import_from_registry(inv, ca.registry_path, ca.issued_dir, now=ca.clock.now())
+    changed = apply_revocations(inv, {older.serial_number: "key_compromise"}, now=ca.clock.now())
+    assert changed == ["pump-1"]
+    device = inv.get("pump-1")
+    assert device is not None and device.retiring is None and device.renewal is RenewalState.IDLE
+    assert device.current.state is CertState.ACTIVE
+    assert device.pins() == (newer.pin,)
 
 
 async def test_an_accepted_crl_feeds_the_inventory(world: World) -> None:
@@ -193,3 +191,90 @@ async def test_an_accepted_crl_feeds_the_inventory(world: World) -> None:
     assert device is not None and device.current.state is CertState.REVOKED
     history = world.inventory.history("pump-2")
     assert history[-1].cause == "ca_revoked:crl"
+
+
+class _OtherAgentHolds:
+    """``RenewalClaims`` where another agent holds some devices (the PostgreSQL claims, in memory)."""
+
+    def __init__(self, elsewhere: set[str]) -> None:
+        self.elsewhere = elsewhere
+        self.claimed: list[str] = []
+        self.mine: set[str] = set()
+
+    def claim(self, device_id: str) -> bool:
+        self.claimed.append(device_id)
+        if device_id in self.elsewhere:
+            return False
+        self.mine.add(device_id)
+        return True
+
+    def holds(self, device_id: str) -> bool:
+        return device_id in self.mine
+
+    def release(self, device_id: str) -> None:
+        self.mine.discard(device_id)
+
+
+async def test_forced_retries_online_trigger_and_reconciled_devices_take_the_claim_first(tmp_path: Path) -> None:
+    """Issue 10's paths that start renewals (a forced retry, a device coming online, the scan over
+    devices reconciliation enrolled) never touch a device another agent is renewing."""
+    world = make_world(tmp_path, {"pump-1": timedelta(days=200), "pump-2": timedelta(days=20)})
+    try:
+        world.channel.devices["pump-1"].online = False
+        first = await world.orchestrator.renew("pump-1", ignore_backoff=True, force=True)
+        assert first.result == "failed"
+        world.channel.devices["pump-1"].online = True
+        claims = _OtherAgentHolds({"pump-1", "pump-2"})
+        world.orchestrator.claims = claims
+        world.clock.advance(timedelta(hours=2))  # past the forced retry's backoff
+        asked = world.channel.calls["request_csr"]
+
+        assert [o.result for o in await world.orchestrator.retry_forced()] == ["busy"]
+        online = await world.orchestrator.device_online("pump-2")
+        assert online is not None and online.result == "busy"
+        report = await world.orchestrator.daily_scan()
+        assert {o.device_id: o.result for o in report.outcomes} == {"pump-1": "busy", "pump-2": "busy"}
+        assert world.channel.calls["request_csr"] == asked, "a device held by another agent was asked for a CSR"
+        assert claims.claimed.count("pump-1") == 2 and claims.claimed.count("pump-2") == 2
+        device = world.inventory.get("pump-1")
+        assert device is not None and device.forced and device.renewal is RenewalState.FAILED  # untouched
+
+        claims.elsewhere.clear()  # the other agent finished: the retry goes ahead, under our claim
+        assert [o.result for o in await world.orchestrator.retry_forced()] == ["switched"]
+        assert claims.mine == set(), "the claim is released when the renewal ends"
+    finally:
+        world.inventory.close()
+
+
+async def test_the_online_trigger_is_wired_only_while_the_runner_leads(tmp_path: Path) -> None:
+    """A device's online announcement starts a renewal through the leading orchestrator only: once
+    the lifecycle stops leading (leadership lost, shutdown), the channel forgets the callback."""
+    import asyncio
+    from typing import cast
+
+    import aiomqtt
+
+    from edge_core.events import SecurityEvents
+    from gateway_agent.agent_session import LifecycleRunner
+    from gateway_agent.rotation_channel import MqttDeviceChannel
+    from gateway_agent.settings import LifecycleSettings
+
+    ca = init_dev(tmp_path / "pki", device_ids=["pump-1"])
+    settings = LifecycleSettings(inventory=f"sqlite:///{tmp_path / 'inv.db'}", ca_dir=ca.dir,
+                                 registry=ca.registry_path, policy=RenewalPolicy(), spool_dir=tmp_path / "spool")
+    runner = LifecycleRunner(settings, clock=ManualClock(T0), events=SecurityEvents("test.online"),
+                             broker_status_url=None)
+    try:
+        channel = MqttDeviceChannel(cast(aiomqtt.Client, object()))
+        leading = asyncio.create_task(runner.run(channel))
+        for _ in range(200):
+            if channel.on_online is not None or leading.done():
+                break
+            await asyncio.sleep(0.01)
+        assert channel.on_online is not None, "the leading runner listens to devices coming online"
+        leading.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await leading
+        assert channel.on_online is None, "a runner that stopped leading still starts renewals"
+    finally:
+        runner.inventory.close()

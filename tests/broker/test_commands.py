@@ -295,7 +295,7 @@ def test_exception_inside_the_guard_denies_and_is_logged(
     broker: BrokerThread, pki: DevPki, clock: ManualClock, alice_key: ec.EllipticCurvePrivateKey,
     monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import broker_plugins.plugins.command_guard as guard
+    import broker_plugins.commands as guard
 
     def explode(*args: object, **kwargs: object) -> None:
         raise RuntimeError("verifier bug")
