@@ -1,42 +1,55 @@
 """``edge-broker``: run the hardened broker, read its status, check ACL files.
 
-Exit codes: 0 success; 1 refused or failed (the message says why, ``-v`` adds a
-traceback); 2 usage error; for ``acl check`` 1 means the file has errors.
+Every verb takes ``-c/--config`` (default ``/etc/edge-gateway/broker.yaml``, never the
+working directory) and reads the paths it needs from it. Exit codes follow the table in
+``edge_runtime.cli_support`` (docs/ops.md).
+
+Signals to ``run``: SIGHUP reloads the registry, ACL, operators, CRLs and the TLS
+certificate and key (for new connections) and logs what changed; SIGTERM and SIGINT
+drain and stop. Other signals keep their default.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import signal
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from broker_plugins.settings import BrokerSettings, load_settings
-from edge_core.errors import ConfigError
-from edge_runtime.cli_support import print_status, run_handler
+from edge_runtime.cli_support import (
+    EXIT_CODES_HELP,
+    add_config_argument,
+    add_status_arguments,
+    add_version_argument,
+    print_status,
+    run_daemon,
+    run_handler,
+)
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
+
+CONFIG_NAME = "broker.yaml"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edge-broker", description="The hardened MQTT broker of the edge gateway")
+    parser = argparse.ArgumentParser(prog="edge-broker", description="The hardened MQTT broker of the edge gateway",
+                                     epilog=EXIT_CODES_HELP)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logs and tracebacks")
+    add_version_argument(parser)
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the broker")
-    run.add_argument("-c", "--config", type=Path, default=Path("configs/broker.yaml"))
-    run.set_defaults(func=_run)
-    status = sub.add_parser("status", help="print the status of a running broker (from its loopback endpoint)")
-    status.add_argument("-c", "--config", type=Path, default=Path("configs/broker.yaml"))
-    status.add_argument("--metrics", action="store_true", help="print Prometheus metrics instead of JSON status")
+    run = sub.add_parser("run", help="run the broker (SIGHUP reloads, SIGTERM drains and stops)",
+                         epilog=EXIT_CODES_HELP)
+    add_config_argument(run, CONFIG_NAME, what="broker settings")
+    run.set_defaults(func=_run, daemon=True)
+    status = sub.add_parser("status", help="query a running broker's status endpoint", epilog=EXIT_CODES_HELP,
+                            description="JSON status by default. Exit 0 when the endpoint answers 200, 1 when "
+                                        "it answers not ready (--ready), 5 when unreachable.")
+    add_config_argument(status, CONFIG_NAME, what="broker settings")
+    add_status_arguments(status)
     status.set_defaults(func=_status)
-    try:
-        from broker_plugins import cli_acl
-    except ModuleNotFoundError:  # pragma: no cover - ACL commands ship with the ACL module
-        pass
-    else:
-        cli_acl.add_parser(sub)
+    from broker_plugins import cli_acl
+
+    cli_acl.add_parser(sub)
     return parser
 
 
@@ -47,32 +60,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
-    if settings.event_loop == "uvloop":
-        import uvloop
-
-        uvloop.run(_serve(settings))
-    else:
-        asyncio.run(_serve(settings))
+    run_daemon(_serve(settings), config=args.config, use_uvloop=settings.event_loop == "uvloop")
     return 0
 
 
 async def _serve(settings: BrokerSettings) -> None:
     from broker_plugins.server import EdgeBroker
+    from broker_plugins.signals import serve_until_stopped
 
     async with EdgeBroker(settings) as broker:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(broker.close()))
-        print(f"edge-broker listening on {settings.listener.host}:{broker.port} (TLS 1.3, mTLS)", file=sys.stderr)
-        await broker.wait_closed()
+        await serve_until_stopped(broker)
 
 
 def _status(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
-    if settings.status_bind is None:
-        raise ConfigError("no 'status:' section, so the broker exposes no status endpoint", source=str(args.config))
-    host, port = settings.status_bind
-    return print_status("broker", host, port, metrics=args.metrics)
+    return print_status("broker", settings.status, source=str(args.config), path=args.path,
+                        raw=args.path in ("/metrics", "/healthz"))
 
 
 if __name__ == "__main__":

@@ -1,14 +1,20 @@
 """``edge-broker acl``: check an ACL file before deploying it, and explain a decision.
 
-``acl check FILE [--registry REG] [--json]`` loads FILE as the broker would and lints it.
-Exit codes: 0 loads, no warnings (info findings allowed); 1 FILE is refused (the broker
-would keep its last good policy); 2 usage error, FILE or REG unreadable, or REG invalid;
-3 FILE loads but lint reports warnings.
+``acl check [FILE] [-c broker.yaml] [--registry REG] [--max-warnings N] [--json]`` loads
+FILE (default: the ACL the broker settings name) as the broker would and lints it, against
+the settings' registry when ``-c`` is given or FILE is omitted. A warning is acknowledged
+by a comment on its line, or on a comment line just above it, naming its code:
+``# acl-check: ack cross_device_scope - operators read every device on purpose``.
+Exit codes: 0 loads with at most N unacknowledged warnings (default 0; info findings
+allowed); 1 FILE is refused; 2 usage error; 3 more than N unacknowledged warnings; 4 FILE,
+REG or the settings unreadable or invalid.
 
 ``acl explain --device ID (--publish|--subscribe|--receive) TOPIC [-c broker.yaml]
 [--acl FILE] [--registry REG] [--json]`` prints the decision and every rule that took part.
-Exit codes: 0 allowed; 1 denied (also a device the registry disables); 2 usage error,
-unknown device, or a file that is unreadable or refused.
+Exit codes: 0 allowed; 1 denied (also a device the registry disables); 2 usage error;
+4 unknown device, or a file that is unreadable or refused.
+
+Without ``-c`` the settings are ``/etc/edge-gateway/broker.yaml`` (never the working directory).
 
 Only this module prints; ``edge_core.acl`` decides. See docs/acl.md.
 """
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, Final
@@ -27,6 +34,7 @@ from edge_core.acl_file import parse_policy
 from edge_core.acl_lint import Finding, lint_policy
 from edge_core.errors import ConfigError
 from edge_core.registry import DeviceEntry, Registry, parse_registry
+from edge_runtime.cli_support import EXIT_CONFIG, EXIT_REFUSED, EXIT_USAGE, EXIT_WARNINGS, report, resolve_config
 
 __all__ = [
     "CHECK_CLEAN",
@@ -40,14 +48,15 @@ __all__ = [
 ]
 
 CHECK_CLEAN: Final = 0
-CHECK_REFUSED: Final = 1
-CHECK_UNUSABLE: Final = 2
-CHECK_WARNINGS: Final = 3
+CHECK_REFUSED: Final = EXIT_REFUSED
+CHECK_UNUSABLE: Final = EXIT_CONFIG
+CHECK_WARNINGS: Final = EXIT_WARNINGS
 EXPLAIN_ALLOWED: Final = 0
-EXPLAIN_DENIED: Final = 1
-EXPLAIN_UNUSABLE: Final = 2
+EXPLAIN_DENIED: Final = EXIT_REFUSED
+EXPLAIN_UNUSABLE: Final = EXIT_CONFIG
 
-_DEFAULT_SETTINGS: Final = Path("configs/broker.yaml")
+_SETTINGS_NAME: Final = "broker.yaml"
+_ACK: Final = re.compile(r"#\s*acl-check:\s*ack\s+([a-z_]+(?:\s*,\s*[a-z_]+)*)")
 _ACTIONS: Final[tuple[Action, ...]] = ("publish", "subscribe", "receive")
 
 
@@ -58,11 +67,18 @@ def add_parser(sub: Any) -> None:
     check = verbs.add_parser(
         "check",
         help="load an ACL file as the broker would and lint it",
-        description="Exit codes: 0 clean (info allowed), 1 file refused, 2 usage error or "
-        "unreadable/invalid input, 3 loads with lint warnings.",
+        description="Exit codes: 0 clean (at most --max-warnings unacknowledged warnings; info allowed), "
+        "1 file refused, 2 usage error, 3 more unacknowledged warnings than --max-warnings, 4 unreadable or "
+        "invalid input. Acknowledge a warning with '# acl-check: ack CODE - why' on its line.",
     )
-    check.add_argument("file", type=Path, metavar="FILE", help="the ACL file")
+    check.add_argument("file", type=Path, metavar="FILE", nargs="?", default=None,
+                       help="the ACL file (default: the one the broker settings name)")
+    check.add_argument("-c", "--config", type=Path, default=None, metavar="FILE",
+                       help=f"broker settings naming the ACL and registry (default /etc/edge-gateway/{_SETTINGS_NAME}"
+                            " if FILE is omitted)")
     check.add_argument("--registry", type=Path, metavar="REG", help="device registry, for registry-aware lints")
+    check.add_argument("--max-warnings", type=int, default=0, metavar="N",
+                       help="exit 0 with up to N unacknowledged warnings (default 0)")
     check.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     check.set_defaults(func=_check)
 
@@ -82,7 +98,7 @@ def add_parser(sub: Any) -> None:
         "--config",
         type=Path,
         default=None,
-        help=f"broker settings naming the ACL and registry (default {_DEFAULT_SETTINGS})",
+        help=f"broker settings naming the ACL and registry (default /etc/edge-gateway/{_SETTINGS_NAME})",
     )
     explain.add_argument("--acl", type=Path, metavar="FILE", help="ACL file (instead of the one in settings)")
     explain.add_argument("--registry", type=Path, metavar="REG", help="registry (instead of the one in settings)")
@@ -94,11 +110,14 @@ def add_parser(sub: Any) -> None:
 
 
 def _check(args: argparse.Namespace) -> int:
-    path: Path = args.file
-    shown = str(path)  # as the admin typed it, so editors can jump to FILE:LINE
+    if args.max_warnings < 0:
+        print("error: --max-warnings must be 0 or more", file=sys.stderr)
+        return EXIT_USAGE
     try:
+        path, registry_path = _check_inputs(args.file, args.config, args.registry)
+        shown = str(path)  # as the admin typed it (or relative to here), so editors can jump to FILE:LINE
         raw = _read(path, "ACL file")
-        registry = _load_registry(args.registry) if args.registry is not None else None
+        registry = _load_registry(registry_path) if registry_path is not None else None
     except ConfigError as exc:
         return _unusable(exc, CHECK_UNUSABLE)
     try:
@@ -107,8 +126,10 @@ def _check(args: argparse.Namespace) -> int:
         _print_refused(shown, refusal, as_json=args.json)
         return CHECK_REFUSED
     findings = lint_policy(policy, registry)
-    warnings = sum(1 for finding in findings if finding.severity == "warning")
-    code = CHECK_WARNINGS if warnings else CHECK_CLEAN
+    acks = acknowledged(raw)
+    acked = [f for f in findings if f.severity == "warning" and f.code in acks.get(f.line, ())]
+    warnings = sum(1 for finding in findings if finding.severity == "warning") - len(acked)
+    code = CHECK_WARNINGS if warnings > args.max_warnings else CHECK_CLEAN
     if args.json:
         print(
             json.dumps(
@@ -119,7 +140,10 @@ def _check(args: argparse.Namespace) -> int:
                     "rules": len(policy.rules),
                     "digest": policy.digest,
                     "registry": registry.source if registry is not None else None,
-                    "findings": [_finding_json(finding) for finding in findings],
+                    "warnings": warnings,
+                    "acknowledged": len(acked),
+                    "max_warnings": args.max_warnings,
+                    "findings": [_finding_json(finding, acknowledged=finding in acked) for finding in findings],
                     "error": None,
                 },
                 indent=2,
@@ -127,14 +151,49 @@ def _check(args: argparse.Namespace) -> int:
         )
         return code
     for finding in findings:
-        print(finding)  # FILE:LINE: severity: message [code], as documented
-    infos = len(findings) - warnings
+        # FILE:LINE: severity: message [code], as documented; acknowledged ones say so
+        print(f"{finding} (acknowledged)" if finding in acked else finding)
+    infos = len(findings) - warnings - len(acked)
     status = "loads with warnings" if warnings else "ok"
-    summary = f"{shown}: {status}: {len(policy.rules)} rules, {_count(warnings, 'warning')}, {infos} info"
+    summary = (f"{shown}: {status}: {len(policy.rules)} rules, {_count(warnings, 'warning')}"
+               f"{f' ({len(acked)} more acknowledged)' if acked else ''}, {infos} info")
+    if warnings and code == CHECK_CLEAN:
+        summary += f" (within --max-warnings {args.max_warnings})"
     if registry is None:
-        summary += " (pass --registry REG to check roles, devices and attributes too)"
+        summary += " (pass --registry REG or -c SETTINGS to check roles, devices and attributes too)"
     print(summary)
     return code
+
+
+def _check_inputs(file: Path | None, config: Path | None, registry: Path | None) -> tuple[Path, Path | None]:
+    """The ACL file and registry to check: as given, else from the broker settings."""
+    if file is not None and config is None:
+        return file, registry
+    settings = load_settings(resolve_config(config, _SETTINGS_NAME))
+    if file is None:
+        if settings.acl_path is None:
+            raise ConfigError("names no 'acl:' file", source=settings.source,
+                              hint="add 'acl: acl.yaml' to the settings, or pass the ACL FILE")
+        file = _near(settings.acl_path)
+    return file, registry if registry is not None else _near(settings.registry_path)
+
+
+def acknowledged(raw: bytes) -> dict[int, frozenset[str]]:
+    """Line number -> the warning codes an ``# acl-check: ack CODE[, CODE]`` comment acknowledges there.
+
+    The comment sits at the end of the finding's line, or alone on the line above it.
+    """
+    lines = raw.decode("utf-8", "replace").splitlines()
+    out: dict[int, set[str]] = {}
+    for number, text in enumerate(lines, start=1):
+        match = _ACK.search(text)
+        if match is None:
+            continue
+        codes = {code.strip() for code in match.group(1).split(",")}
+        out.setdefault(number, set()).update(codes)
+        if text.lstrip().startswith("#"):  # a comment line: it acknowledges the line below
+            out.setdefault(number + 1, set()).update(codes)
+    return {line: frozenset(codes) for line, codes in out.items()}
 
 
 def _print_refused(shown: str, refusal: ConfigError, *, as_json: bool) -> None:
@@ -153,12 +212,13 @@ def _print_refused(shown: str, refusal: ConfigError, *, as_json: bool) -> None:
         )
         return
     print(refusal)  # FILE:LINE: reason
-    print(f"{shown}: refused: the broker would keep its last good policy")
+    print(f"{shown}: refused: a running broker keeps its last good policy, a starting one does not start")
 
 
-def _finding_json(finding: Finding) -> dict[str, Any]:
+def _finding_json(finding: Finding, *, acknowledged: bool = False) -> dict[str, Any]:
     return {
         "severity": finding.severity,
+        "acknowledged": acknowledged,
         "code": finding.code,
         "source": finding.source,
         "line": finding.line,
@@ -194,7 +254,7 @@ def _explain(args: argparse.Namespace) -> int:
 def _load_for_explain(config: Path | None, acl: Path | None, registry: Path | None) -> tuple[Policy, Registry]:
     """The ACL and registry named on the command line, else those of the broker settings."""
     if acl is None or registry is None:
-        settings = load_settings(config if config is not None else _DEFAULT_SETTINGS)
+        settings = load_settings(resolve_config(config, _SETTINGS_NAME))
         if acl is None:
             if settings.acl_path is None:
                 raise ConfigError(
@@ -288,8 +348,8 @@ def _near(path: Path) -> Path:
 
 
 def _unusable(exc: ConfigError, code: int) -> int:
-    print(f"error: {exc.diagnostics()}", file=sys.stderr)
-    return code
+    hint = exc.hint if exc.hint != ConfigError.hint else "correct the file, then run the check again"
+    return report(" ".join(str(exc).split()), code=code, hint=hint)
 
 
 def _count(number: int, word: str) -> str:

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from broker_plugins.engine.protocol import MqttConnection
 from broker_plugins.settings import Limits
 from edge_core.events import SecurityEvents
+from edge_runtime.logsetup import bind_connection
 
 __all__ = ["DeviceListener"]
 
@@ -59,6 +60,11 @@ class DeviceListener:
         self.port = sock.getsockname()[1]
         self._accept_task = asyncio.create_task(self._accept_loop(), name=f"listener:{self.port}")
 
+    @property
+    def accepting(self) -> bool:
+        """True while the accept loop runs (for ``/readyz``)."""
+        return self._sock is not None and self._accept_task is not None and not self._accept_task.done()
+
     async def close(self) -> None:
         if self._accept_task is not None:
             self._accept_task.cancel()
@@ -95,6 +101,7 @@ class DeviceListener:
             task.add_done_callback(self._tasks.discard)
 
     async def _serve(self, conn: socket.socket, peer: str) -> None:
+        bind_connection(peer=peer, listener=self._name)  # every line logged for this connection names it
         loop = asyncio.get_running_loop()
         protocol = self._factory()
         released = False

@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
+import ssl
 import time
+from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 from broker_plugins.acl import AclConcern
 from broker_plugins.broker import HardenedBroker
@@ -36,10 +39,16 @@ from broker_plugins.tls import server_context
 from broker_plugins.watched import read_config_file
 from edge_core.clock import Clock, SystemClock
 from edge_core.command_config import check_command_configuration
+from edge_core.errors import ConfigError
 from edge_core.events import SecurityEvents
-from edge_runtime.status_http import StatusServer, prometheus_text
+from edge_runtime.metrics import BROKER_ALARMS, Metrics
+from edge_runtime.status_http import StatusServer
+from edge_runtime.version import version
 
-__all__ = ["EdgeBroker", "read_config_file"]
+__all__ = ["EdgeBroker", "ReloadOutcome", "read_config_file"]
+
+#: what a reload did; after "failed" the old state stays in force
+ReloadOutcome = Literal["changed", "unchanged", "failed"]
 
 AUTH_PLUGIN = "broker_plugins.plugins.device_auth.DeviceAuthPlugin"
 _REFUSAL_SUFFIXES = (".rejected", ".denied", ".cut", ".reload_failed", ".removed", ".dropped")
@@ -116,6 +125,10 @@ class EdgeBroker:
         self.plaintext_listener: DeviceListener | None = None
         self.cert_test_listener: DeviceListener | None = None
         self.status_server: StatusServer | None = None
+        self.metrics_registry = Metrics("edge_broker", self.events, version=version(), alarms=BROKER_ALARMS)
+        self._ssl_context: ssl.SSLContext | None = None
+        self._tls_digest = ""
+        self._tasks: list[asyncio.Task[None]] = []
         self._closed = asyncio.Event()
         self._heap_task: asyncio.Task[None] | None = None
         self._entered = False
@@ -160,6 +173,7 @@ class EdgeBroker:
         plugins: dict[str, dict[str, Any]] = {AUTH_PLUGIN: {}}
         plugins.update(enabled_plugins(s))
         ssl_context = server_context(s.listener)  # fails early on bad TLS material
+        self._ssl_context, self._tls_digest = ssl_context, self._tls_material_digest()
         self.broker = HardenedBroker(runtime, plugins, open_store(s, self.events))
         engine = self.broker.engine
         engine.restore()
@@ -189,13 +203,21 @@ class EdgeBroker:
         for watched in (self.registry, acl, self.commands, self.revocation):
             if watched is not None:
                 watched.watch(s.reload_interval)
-        if s.status_bind is not None:
-            self.status_server = StatusServer(s.status_bind[0], s.status_bind[1], status=self.status,
-                                              metrics=self.metrics)
+        if s.status is not None:
+            from broker_plugins.observability import install_observability
+
+            self.status_server = StatusServer(s.status, status=self.status, metrics=self.metrics_registry.render)
+            install_observability(self, self.status_server, self.metrics_registry)
             await self.status_server.start()
+        from broker_plugins.sys_topics import SysTopicPublisher, broker_snapshot, publish_via
+
+        self.sys_topics = SysTopicPublisher(lambda: broker_snapshot(self), publish_via(self))
+        self._tasks.append(asyncio.create_task(self.sys_topics.run(), name="sys-topics"))
         settle_heap()
         self._heap_task = asyncio.create_task(keep_heap_settled(), name="heap")
         self.started_at = time.time()
+        if self.status_server is not None:
+            self.status_server.mark_started()
         self.events.emit("broker.started", host=s.listener.host, port=self.port, devices=len(runtime.registry))
 
     async def reload(self) -> dict[str, bool]:
@@ -207,10 +229,67 @@ class EdgeBroker:
                 changed[name] = await concern.reload()
         return changed
 
+    def reloaders(self) -> dict[str, Callable[[], Awaitable[ReloadOutcome]]]:
+        """One reload per concern, for SIGHUP (``broker_plugins.signals.reload_all``)."""
+        out: dict[str, Callable[[], Awaitable[ReloadOutcome]]] = {}
+        for name, concern in (("registry", self.registry), ("acl", self.acl), ("operators", self.commands),
+                              ("crl", self.revocation)):
+            if concern is not None:
+                out[name] = self._outcome_of(concern.reload)
+        out["tls"] = self.reload_tls
+        return out
+
+    def _outcome_of(self, reload: Callable[[], Awaitable[bool]]) -> Callable[[], Awaitable[ReloadOutcome]]:
+        """A concern's ``reload()`` says whether it saw a new version; a refused one logs a failure event."""
+        async def outcome() -> ReloadOutcome:
+            before = self._reload_failures()
+            loaded = await reload()
+            if self._reload_failures() > before:
+                return "failed"
+            return "changed" if loaded else "unchanged"
+
+        return outcome
+
+    def _reload_failures(self) -> int:
+        return self.events.count("config.reload_failed") + self.events.count("crl.reload_failed")
+
+    def _tls_material_digest(self) -> str:
+        listener = self.settings.listener
+        digest = hashlib.sha256()
+        for path in (listener.certfile, listener.keyfile):
+            digest.update(read_config_file(path, "TLS material"))
+        return digest.hexdigest()
+
+    async def reload_tls(self) -> ReloadOutcome:
+        """Load a changed server certificate and key for new connections; live ones keep theirs.
+
+        The new pair is first loaded into a fresh context (a key that does not match its
+        certificate is refused there); only then does the live context take it.
+        """
+        listener = self.settings.listener
+        try:
+            digest = self._tls_material_digest()
+            if digest == self._tls_digest:
+                return "unchanged"
+            server_context(listener)
+        except (ConfigError, OSError, ssl.SSLError, ValueError) as exc:
+            self.events.emit("config.reload_failed", "invalid", level="error", file=str(listener.certfile),
+                             detail=f"TLS certificate/key: {exc}"[:300])
+            return "failed"
+        assert self._ssl_context is not None
+        self._ssl_context.load_cert_chain(listener.certfile, listener.keyfile)
+        self._tls_digest = digest
+        self.events.emit("config.reloaded", "tls", file=str(listener.certfile), digest=digest[:12])
+        return "changed"
+
     async def close(self) -> None:
         if self._heap_task is not None:
             self._heap_task.cancel()
             await asyncio.gather(self._heap_task, return_exceptions=True)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
         for concern in (self.registry, self.acl, self.commands, self.revocation):
             if concern is not None:
                 await concern.stop()
@@ -227,6 +306,9 @@ class EdgeBroker:
 
     async def wait_closed(self) -> None:
         await self._closed.wait()
+
+    def uptime(self) -> float:
+        return time.time() - self.started_at if self.started_at else 0.0
 
     @property
     def port(self) -> int:
@@ -251,14 +333,3 @@ class EdgeBroker:
             "events": self.events.snapshot(),
             "recent_refusals": [e for e in self.events.recent() if e["event"].endswith(_REFUSAL_SUFFIXES)][-20:],
         }
-
-    def metrics(self) -> str:
-        assert self.broker is not None
-        engine = self.broker.engine
-        return prometheus_text("edge_broker", self.events.snapshot(), {
-            "connected_sessions": float(len(engine.connected_sessions())),
-            "active_connections": float(self.listener.active if self.listener else 0),
-            "messages_received": float(engine.messages_in),
-            "messages_sent": float(engine.messages_out),
-            "retained_messages": float(len(engine.retained)),
-        })

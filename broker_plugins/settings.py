@@ -17,23 +17,12 @@ from edge_core.crl_freshness import StalenessPolicy, parse_staleness
 from edge_core.errors import ConfigError
 from edge_core.firmware_trust import FirmwareGuardSettings, parse_firmware_guard_settings
 from edge_core.identity import IdentityPolicy
+from edge_runtime.status_http import StatusSettings, parse_status_section, split_bind
 
 __all__ = [
     "BrokerSettings", "CommandSettings", "Limits", "ListenerSettings", "PersistenceSettings", "load_settings",
     "parse_settings", "split_bind",
 ]
-
-
-def split_bind(value: str, *, source: str, line: int | None) -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port`` to (host, port)."""
-    host, sep, port_text = value.rpartition(":")
-    if not sep or not port_text.isdigit():
-        raise ConfigError(f"bind {value!r} must be host:port", source=source, line=line)
-    host = host.strip("[]")
-    port = int(port_text)
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"bind {value!r}: port out of range", source=source, line=line)
-    return host, port
 
 
 @dataclass(frozen=True)
@@ -93,7 +82,7 @@ class BrokerSettings:
     acl_path: Path | None = None
     identity: IdentityPolicy = field(default_factory=IdentityPolicy)
     limits: Limits = field(default_factory=Limits)
-    status_bind: tuple[str, int] | None = None
+    status: StatusSettings | None = None
     reload_interval: float = 0.5
     plaintext_bind: tuple[str, int] | None = None
     cert_test_bind: tuple[str, int] | None = None
@@ -185,14 +174,10 @@ def parse_settings(text: str | bytes, *, source: str, base_dir: Path) -> BrokerS
     acl_raw = top.take("acl", str, None)
     acl_path = (base_dir / acl_raw).resolve() if acl_raw else None
 
-    status_bind = None
+    status = None
     ssec = top.sub("status")
     if ssec is not None:
-        sbind = ssec.take("bind", str, "127.0.0.1:9464")
-        status_bind = split_bind(sbind, source=source, line=ssec.line_of("bind"))
-        if not is_loopback(status_bind[0]):
-            raise ssec.error("bind", "status.bind must be a loopback address; the status endpoint has no auth")
-        ssec.done()
+        status = parse_status_section(ssec, base_dir=base_dir, default_bind="127.0.0.1:9464")
 
     plaintext_bind = None
     psec = top.sub("unsafe_plaintext_listener")
@@ -271,7 +256,7 @@ def parse_settings(text: str | bytes, *, source: str, base_dir: Path) -> BrokerS
         acl_path=acl_path,
         identity=identity,
         limits=limits,
-        status_bind=status_bind,
+        status=status,
         reload_interval=reload_interval,
         plaintext_bind=plaintext_bind,
         cert_test_bind=cert_test_bind,

@@ -61,10 +61,14 @@ def say(text: str) -> None:
     print(f"   {text}", flush=True)
 
 
+STDERR_LINES: list[tuple[str, str]] = []  # (where, line) of every CLI call: checked to be JSON at the end
+
+
 def run(*args: str) -> str:
     out = subprocess.run([str(BIN / args[0]), *args[1:]], capture_output=True, text=True, cwd=ROOT, check=False)
+    STDERR_LINES.extend((" ".join(args[:3]), line) for line in out.stderr.splitlines())
     if out.returncode not in (0, 1):
-        raise SystemExit(f"{' '.join(args)} failed:\n{out.stderr}")
+        raise SystemExit(f"{' '.join(args)} failed (exit {out.returncode}):\n{out.stderr}")
     return out.stdout + out.stderr
 
 
@@ -138,12 +142,10 @@ async def commands_section(broker_started: float, verifier: DeviceCommandVerifie
     device = DeviceClient(device_config("device-001"), verifier=verifier)
     async with device:
         outcomes = device.commands()
-        tls = ["--ca", str(CERTS / "ca-chain.pem"), "--cert", str(CERTS / "operators" / "alice.crt"),
-               "--tls-key", str(CERTS / "operators" / "alice.key"), "--port", str(PORT)]
+        # configs/operator.yaml: operator alice, her signing key and TLS credentials, the broker
         sent = await asyncio.to_thread(
-            run, "gateway-agent", "command", "send", "--key", str(CERTS / "operators" / "alice-signing.key"),
-            "--operator", "alice", "--device", "device-001", "--ttl", "30", "--subtopic", "valve", *tls,
-            '{"op":"open","valve":3}',
+            run, "gateway-agent", "command", "send", "-c", "configs/operator.yaml", "--device", "device-001",
+            "--subtopic", "valve", '{"op":"open","valve":3}',
         )
         say(f"operator alice: {sent.strip().splitlines()[-1]}")
         outcome = await asyncio.wait_for(anext(outcomes), 10)
@@ -311,6 +313,7 @@ def run_demo() -> None:
     step("1. Dev PKI: root CA, issuing CA, broker cert, 3 devices, operator alice, registry with pins, CRL 1")
     # a new dev CA starts again at CRL number 1: forget the previous run's anti-rollback state with it
     shutil.rmtree(ROOT / "var", ignore_errors=True)
+    (ROOT / "demo-uplink.log").unlink(missing_ok=True)  # appended to across the uplink's restarts: start empty
     say(run("gateway-agent", "pki", "init-dev", "--out", str(CERTS), "--devices", "3", "--force").splitlines()[0])
     verifier = verifier_for("device-001")  # device-001 "boots": its own replay cache starts now
 
@@ -340,7 +343,39 @@ def run_demo() -> None:
             if proc is not None:
                 proc.terminate()
                 proc.wait(15)
+    step("Logs: every line the daemons wrote to stderr is one JSON object")
+    say(check_json_lines())
     print("\ndemo complete")
+
+
+def check_json_lines() -> str:
+    """Every line the daemons wrote to stderr is one JSON object (`journalctl -o cat | jq` works);
+    a one-shot command's stderr holds JSON events, or its one documented human line
+    (`error: ...`, `note: ...`), which the demo shows above when it demonstrates a refusal."""
+    counts = {}
+    for log in ("demo-broker.log", "demo-agent.log", "demo-uplink.log"):
+        lines = (ROOT / log).read_text().splitlines() if (ROOT / log).exists() else []
+        counts[log] = len(lines)
+        for number, line in enumerate(lines, 1):
+            _must_be_json(line, f"{log}:{number}")
+    human = 0
+    for where, line in STDERR_LINES:
+        if line.startswith(("error: ", "note: ")):
+            human += 1
+        else:
+            _must_be_json(line, where)
+    return (f"daemons: {counts['demo-broker.log']} broker, {counts['demo-agent.log']} agent and "
+            f"{counts['demo-uplink.log']} uplink lines, all JSON; commands: {len(STDERR_LINES) - human} JSON "
+            f"events and {human} one-line errors")
+
+
+def _must_be_json(line: str, where: str) -> None:
+    try:
+        value = json.loads(line)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise SystemExit(f"{where}: a stderr line that is not one JSON object: {line[:200]!r}")
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ from edge_core.operators import EnvelopePolicy, OperatorKeys
 from edge_core.replay import ReplayCache, ReplayStoreUnavailable, ReplayVerdict, replay_key
 
 __all__ = [
+    "ACCEPTANCE_TOPIC",
     "ALGORITHM",
     "CLAIMS",
     "DEFAULT_TYP",
@@ -65,6 +66,7 @@ __all__ = [
     "STORE_REASONS",
     "CommandRefused",
     "VerifiedCommand",
+    "acceptance_notice",
     "new_jti",
     "rejection_notice",
     "sign_command",
@@ -75,6 +77,7 @@ ALGORITHM = jws.ALGORITHM
 DEFAULT_TYP = EnvelopePolicy().typ
 CLAIMS = ("iss", "aud", "iat", "exp", "jti", "cmd")
 REJECTION_TOPIC = "operators/{operator}/cmd-rejected"
+ACCEPTANCE_TOPIC = "operators/{operator}/cmd-accepted"
 
 #: Stable reason codes, in check order. Never renamed, only added to.
 REASONS = (
@@ -288,6 +291,15 @@ def rejection_notice(error: CommandRefused, *, at: datetime) -> tuple[str, bytes
     notice = {"jti": error.jti, "reason": error.reason, "device": error.device,
               "at": as_utc(at).isoformat().replace("+00:00", "Z")}
     topic = REJECTION_TOPIC.format(operator=check_identity(error.operator))
+    return topic, json.dumps(notice, sort_keys=True, separators=(",", ":")).encode()
+
+
+def acceptance_notice(command: VerifiedCommand, *, at: datetime) -> tuple[str, bytes]:
+    """Topic and JSON payload telling the signing operator its command passed every check and is routed."""
+    notice = {"jti": command.jti, "device": command.device, "status": "accepted",
+              "expires": as_utc(command.expires_at).isoformat().replace("+00:00", "Z"),
+              "at": as_utc(at).isoformat().replace("+00:00", "Z")}
+    topic = ACCEPTANCE_TOPIC.format(operator=check_identity(command.issuer))
     return topic, json.dumps(notice, sort_keys=True, separators=(",", ":")).encode()
 
 

@@ -23,7 +23,7 @@ class WatchedFile:
     def __init__(
         self,
         path: Path,
-        on_change: Callable[[bytes], Awaitable[None]],
+        on_change: Callable[[bytes], Awaitable[object]],
         *,
         interval: float = 0.5,
         on_error: Callable[[OSError], None] | None = None,

@@ -3,8 +3,9 @@
 Each command group lives in its own module (``cli_pki``, ``cli_crl``, ...), which exposes
 ``add_parser(subparsers)``; the parser stores ``func(args) -> int`` as the handler.
 
-Exit codes: 0 success, 1 the operation was refused or failed (the message says why),
-2 usage error.
+Every verb takes ``-c/--config`` (default ``/etc/edge-gateway/agent.yaml``; ``command``
+verbs ``operator.yaml``), never a working-directory default. Exit codes follow the one
+table in ``edge_runtime.cli_support`` (docs/ops.md).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from edge_runtime.cli_support import run_handler
+from edge_runtime.cli_support import EXIT_CODES_HELP, add_version_argument, run_handler
 
 __all__ = ["main"]
 
@@ -24,8 +25,10 @@ GROUPS = ("cli_daemon", "cli_pki", "cli_crl", "cli_certs", "cli_devices", "cli_c
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gateway-agent", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="gateway-agent", description=__doc__.splitlines()[0],
+                                     epilog=EXIT_CODES_HELP)
     parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks and debug logs")
+    add_version_argument(parser)
     sub = parser.add_subparsers(dest="group", required=True)
     for name in GROUPS:
         try:

@@ -19,7 +19,8 @@ from typing import Any
 
 from edge_core.clock import SystemClock
 from edge_core.lifecycle import CertState
-from gateway_agent.cli_lifecycle_config import DEFAULT_CONFIG, add_config_arguments, lifecycle_paths
+from edge_runtime.cli_support import resolve_config
+from gateway_agent.cli_lifecycle_config import CONFIG_NAME, add_config_arguments, lifecycle_paths
 from gateway_agent.inventory import open_inventory
 
 __all__ = ["add_parser", "parse_duration"]
@@ -107,7 +108,7 @@ def _renew(args: argparse.Namespace) -> int:
     from gateway_agent.agent_session import request_renewal
     from gateway_agent.settings import load_agent_settings
 
-    config = args.config or DEFAULT_CONFIG
+    config = resolve_config(args.config, CONFIG_NAME)
     settings = load_agent_settings(config)
     if settings.lifecycle is None:
         print(f"error: {config} has no 'lifecycle' section, so no agent renews certificates", file=sys.stderr)

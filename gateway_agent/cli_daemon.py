@@ -1,31 +1,35 @@
 """``gateway-agent run`` and ``gateway-agent status``.
 
-Exit codes: ``run`` 0 after a clean stop (SIGTERM/SIGINT), 1 when the configuration is
-refused; ``status`` 0 with the JSON status, 1 when the agent's endpoint is unreachable.
+``run``: the daemon. Under systemd (``Type=notify``) it reports READY=1 once its services
+and status endpoint are up, pings the watchdog, and STOPPING=1 on SIGTERM. SIGHUP syncs
+the CRL at once; SIGTERM and SIGINT stop cleanly (exit 0). A refused configuration
+exits 4, a port in use 5 (the table in ``edge_runtime.cli_support``).
+
+``status``: one endpoint of the running agent: ``/status`` (JSON, default),
+``--metrics``, ``--ready`` (exit 1 when not ready), ``--health``.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import sys
-from pathlib import Path
 from typing import Any
 
-from edge_core.errors import ConfigError
-from edge_runtime.cli_support import print_status
+from edge_runtime.cli_support import add_config_argument, add_status_arguments, print_status, run_daemon
+from edge_runtime.sd_notify import Notifier
 from gateway_agent.settings import load_agent_settings
 
-DEFAULT_CONFIG = Path("configs/agent.yaml")
+CONFIG_NAME = "agent.yaml"
 
 
 def add_parser(sub: Any) -> None:
     run = sub.add_parser("run", help="run the agent daemon (CRL sync, validation service, lifecycle)")
-    run.add_argument("-c", "--config", type=Path, default=DEFAULT_CONFIG)
-    run.set_defaults(func=_run)
-    status = sub.add_parser("status", help="print the status of the running agent (loopback endpoint)")
-    status.add_argument("-c", "--config", type=Path, default=DEFAULT_CONFIG)
-    status.add_argument("--metrics", action="store_true", help="Prometheus text instead of JSON")
+    add_config_argument(run, CONFIG_NAME, what="agent settings")
+    run.set_defaults(func=_run, daemon=True)
+    status = sub.add_parser("status", help="query the running agent's status endpoint",
+                            description="JSON status by default. Exit 0 when the endpoint answers 200, 1 when "
+                                        "it answers not ready (--ready), 5 when unreachable.")
+    add_config_argument(status, CONFIG_NAME, what="agent settings")
+    add_status_arguments(status)
     status.set_defaults(func=_status)
 
 
@@ -36,19 +40,16 @@ def _run(args: argparse.Namespace) -> int:
     settings = load_agent_settings(args.config)
 
     async def main() -> None:
+        notify = Notifier()
         async with Agent(settings, extra_services=service_factories(settings)) as agent:
-            agent.install_signal_handlers()
-            print(f"gateway-agent running: {', '.join(s.name for s in agent.services) or 'no services'}",
-                  file=sys.stderr)
-            await agent.wait_stopped()
+            agent.install_signal_handlers(notify)
+            await agent.serve(notify, f"running: {', '.join(s.name for s in agent.services) or 'no services'}")
 
-    asyncio.run(main())
+    run_daemon(main(), config=args.config)
     return 0
 
 
 def _status(args: argparse.Namespace) -> int:
     settings = load_agent_settings(args.config)
-    if settings.status_bind is None:
-        raise ConfigError("no 'status:' section, so the agent exposes no status endpoint", source=str(args.config))
-    host, port = settings.status_bind
-    return print_status("agent", host, port, metrics=args.metrics)
+    return print_status("agent", settings.status, source=str(args.config), path=args.path,
+                        raw=args.path in ("/metrics", "/healthz"))

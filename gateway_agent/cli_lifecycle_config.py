@@ -1,7 +1,9 @@
 """Where the ``certs``, ``devices`` and ``pki`` verbs find the inventory, the CA and the registry.
 
-Every verb reads ``-c/--config`` (the agent's YAML, default ``configs/agent.yaml``) like the
-other verbs; its ``lifecycle`` section names the three places. ``--db``, ``--ca-dir`` and
+Every verb reads ``-c/--config`` (the agent's YAML) like the other verbs; without it the
+deployed one (``$EDGE_GATEWAY_CONFIG_DIR/agent.yaml``, else ``/etc/edge-gateway/agent.yaml``,
+never the working directory; ``edge_runtime.cli_support.resolve_config``). Its ``lifecycle``
+section names the three places. ``--db``, ``--ca-dir`` and
 ``--registry`` override one each (for a CA on another machine, or a copy of the
 inventory). The inventory is a URL as in ``lifecycle.inventory`` (``sqlite:///<path>``, a plain
 path, or ``postgresql://...``; ``gateway_agent.inventory.open_inventory``). A missing config is
@@ -16,14 +18,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edge_core.errors import ConfigError
+from edge_runtime.cli_support import CONFIG_DIR, resolve_config
 
 if TYPE_CHECKING:
     from gateway_agent.inventory import SqliteInventory
     from gateway_agent.inventory_pg import PostgresInventory
 
-__all__ = ["DEFAULT_CONFIG", "LifecyclePaths", "add_config_arguments", "lifecycle_paths"]
+__all__ = ["CONFIG_NAME", "LifecyclePaths", "add_config_arguments", "lifecycle_paths"]
 
-DEFAULT_CONFIG = Path("configs/agent.yaml")
+CONFIG_NAME = "agent.yaml"
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,7 @@ class LifecyclePaths:
 def add_config_arguments(parser: argparse.ArgumentParser, *, db: bool = True, ca: bool = False,
                          registry: bool = False) -> None:
     parser.add_argument("-c", "--config", type=Path, default=None,
-                        help=f"agent YAML with a 'lifecycle' section (default {DEFAULT_CONFIG})")
+                        help=f"agent YAML with a 'lifecycle' section (default {CONFIG_DIR / CONFIG_NAME})")
     if db:
         parser.add_argument("--db", default=None,
                             help="inventory file or URL (sqlite:///..., postgresql://...; default: from the config)")
@@ -85,8 +88,13 @@ def lifecycle_paths(args: argparse.Namespace) -> LifecyclePaths:
     ca_dir: Path | None = getattr(args, "ca_dir", None)
     registry: Path | None = getattr(args, "registry", None)
     config: Path | None = getattr(args, "config", None)
-    path = config or DEFAULT_CONFIG
-    if config is not None or path.exists():
+    try:
+        path: Path | None = resolve_config(config, CONFIG_NAME)
+    except ConfigError:
+        if config is not None or not (db or ca_dir or registry):
+            raise
+        path = None  # every path this verb needs may come from its own flag
+    if path is not None:
         from gateway_agent.settings import load_agent_settings
 
         lifecycle = load_agent_settings(path).lifecycle
@@ -94,6 +102,5 @@ def lifecycle_paths(args: argparse.Namespace) -> LifecyclePaths:
             db = db or lifecycle.inventory
             ca_dir = ca_dir or lifecycle.ca_dir
             registry = registry or lifecycle.registry
-    elif not (db or ca_dir or registry):
-        raise ConfigError(f"no agent config at {path}", hint="pass -c with the agent's config file")
-    return LifecyclePaths(None if db is None else str(db), ca_dir, registry, str(path))
+    source = str(path) if path is not None else f"{CONFIG_DIR / CONFIG_NAME} (not found)"
+    return LifecyclePaths(None if db is None else str(db), ca_dir, registry, source)

@@ -7,8 +7,9 @@ Services, each optional and each driven by its section of ``configs/agent.yaml``
 - validation service for MCUs, on the local broker (see docs/validation.md);
 - certificate lifecycle: daily expiry scan and renewal (see docs/rotation.md).
 
-A loopback-only status endpoint serves ``/status`` (JSON) and ``/metrics``
-(Prometheus). SIGTERM and SIGINT stop every service and exit cleanly.
+The status endpoint serves ``/healthz``, ``/readyz`` (gateway_agent/observability.py),
+``/status`` (JSON) and ``/metrics`` (Prometheus). SIGHUP syncs the CRL at once; SIGTERM
+and SIGINT stop every service and exit cleanly.
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ from edge_core.crl import split_crl_bundle
 from edge_core.crl_trust import accept_crl
 from edge_core.events import SecurityEvents
 from edge_core.revocation import RevocationIndex
-from edge_runtime.status_http import StatusServer, prometheus_text
+from edge_runtime.metrics import AGENT_ALARMS, Metrics
+from edge_runtime.sd_notify import Notifier
+from edge_runtime.status_http import StatusServer
+from edge_runtime.version import version
 from gateway_agent.crl_sync import CrlSyncer, SyncReport
 from gateway_agent.settings import AgentSettings
 
@@ -130,9 +134,15 @@ class Agent:
         self._factories = extra_services or []
         self._tasks: list[asyncio.Task[None]] = []
         self._status: StatusServer | None = None
+        #: ``/metrics``; services add their gauges with ``agent.metrics.gauge(name, reader)``
+        self.metrics = Metrics("gateway_agent", self.events, version=version(), alarms=AGENT_ALARMS)
         self._stopped = asyncio.Event()
         self._entered = False
         self.started_at = 0.0
+
+    @property
+    def status_server(self) -> StatusServer | None:
+        return self._status
 
     @property
     def crl(self) -> CrlService | None:
@@ -162,11 +172,16 @@ class Agent:
                 self.services.append(service)
         for service in self.services:
             self._tasks.append(asyncio.create_task(self._supervise(service), name=f"agent:{service.name}"))
-        if s.status_bind is not None:
-            self._status = StatusServer(s.status_bind[0], s.status_bind[1], status=self.status,
-                                        metrics=self.metrics)
+        from gateway_agent.observability import install_observability
+
+        if s.status is not None:
+            self._status = StatusServer(s.status, status=self.status, metrics=self.metrics.render)
+        self._tasks.extend(install_observability(self, self._status, self.metrics))
+        if self._status is not None:
             await self._status.start()
         self.started_at = time.time()
+        if self._status is not None:
+            self._status.mark_started()
         self.events.emit("agent.started", agent=s.agent_id, services=[svc.name for svc in self.services])
 
     async def _supervise(self, service: AgentService) -> None:
@@ -188,19 +203,44 @@ class Agent:
             else:
                 return
 
-    def install_signal_handlers(self) -> None:
+    def install_signal_handlers(self, notifier: Notifier | None = None) -> None:
+        """SIGHUP: sync the CRL now; SIGTERM/SIGINT: stop. Other signals keep their default.
+
+        With a ``notifier`` (systemd ``Type=notify``) each is reported: RELOADING/READY, STOPPING.
+        """
+        notify = notifier or Notifier({})
         loop = asyncio.get_running_loop()
+
+        def stop(signum: int) -> None:
+            self.events.emit("agent.stopping", signal.Signals(signum).name)
+            notify.stopping()
+            self._stopped.set()
+
+        def hup() -> None:
+            notify.reloading()
+            self._sighup()
+            notify.ready("CRL sync requested")
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stopped.set)
-        loop.add_signal_handler(signal.SIGHUP, self._sighup)
+            loop.add_signal_handler(sig, stop, sig)
+        loop.add_signal_handler(signal.SIGHUP, hup)
 
     def _sighup(self) -> None:
-        self.events.emit("agent.sighup", detail="CRL sync requested")
+        self.events.emit("agent.sighup", detail="CRL sync requested" if self.crl is not None else "no CRL service")
         if self.crl is not None:
             self.crl.sync_soon()
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+    async def serve(self, notify: Notifier, status: str) -> None:
+        """Tell systemd we are ready, feed its watchdog, and run until a stop signal."""
+        notify.ready(status)
+        notify.start_watchdog()
+        try:
+            await self.wait_stopped()
+        finally:
+            await notify.stop_watchdog()
 
     def stop(self) -> None:
         self._stopped.set()
@@ -229,11 +269,3 @@ class Agent:
             "events": self.events.snapshot(),
             "recent_alarms": alarms[-20:],
         }
-
-    def metrics(self) -> str:
-        gauges = {"services": float(len(self.services))}
-        for service in self.services:  # services with figures of their own (the uplink's queue) add them
-            service_gauges = getattr(service, "gauges", None)
-            if service_gauges is not None:
-                gauges.update(service_gauges())
-        return prometheus_text("gateway_agent", self.events.snapshot(), gauges)

@@ -11,10 +11,10 @@ from datetime import timedelta
 from pathlib import Path
 
 from edge_core import yamlsrc
-from edge_core.binds import loopback_bind
 from edge_core.errors import ConfigError
 from edge_core.identity import check_identity
 from edge_core.lifecycle import RenewalPolicy
+from edge_runtime.status_http import StatusSettings, parse_status_section
 from gateway_agent.crl_sync import CrlSyncSettings, parse_crl_settings
 
 __all__ = ["AgentSettings", "BrokerLink", "LifecycleSettings", "ValidationSettings", "load_agent_settings"]
@@ -64,7 +64,7 @@ class LifecycleSettings:
 @dataclass(frozen=True)
 class AgentSettings:
     agent_id: str
-    status_bind: tuple[str, int] | None
+    status: StatusSettings | None
     crl: CrlSyncSettings | None
     broker: BrokerLink | None
     validation: ValidationSettings | None
@@ -79,10 +79,6 @@ def load_agent_settings(path: Path | str) -> AgentSettings:
     except OSError as exc:
         raise ConfigError(f"cannot read agent settings: {exc.strerror}", source=str(p)) from exc
     return parse_agent_settings(text, source=str(p), base_dir=p.resolve().parent)
-
-
-def _bind(value: str, sec: yamlsrc.Section, key: str) -> tuple[str, int]:
-    return loopback_bind(value, sec, key, who="the agent")
 
 
 def _inventory_location(lsec: yamlsrc.Section, base_dir: Path) -> tuple[str, Path]:
@@ -123,11 +119,10 @@ def parse_agent_settings(text: bytes, *, source: str, base_dir: Path) -> AgentSe
     except Exception as exc:
         raise top.error("agent_id", f"agent_id: {exc}") from exc
 
-    status_bind = None
+    status = None
     ssec = top.sub("status")
     if ssec is not None:
-        status_bind = _bind(ssec.take("bind", str, "127.0.0.1:9465"), ssec, "bind")
-        ssec.done()
+        status = parse_status_section(ssec, base_dir=base_dir, default_bind="127.0.0.1:9465")
 
     crl_sec = top.sub("crl")
     crl = parse_crl_settings(crl_sec, base_dir) if crl_sec is not None else None
@@ -177,5 +172,5 @@ def parse_agent_settings(text: bytes, *, source: str, base_dir: Path) -> AgentSe
         if not 1 <= lifecycle.concurrency <= 256:
             raise top.error("lifecycle", "lifecycle.concurrency must be 1 .. 256")
     top.done()
-    return AgentSettings(agent_id=agent_id, status_bind=status_bind, crl=crl, broker=broker,
+    return AgentSettings(agent_id=agent_id, status=status, crl=crl, broker=broker,
                          validation=validation, lifecycle=lifecycle, source=source)

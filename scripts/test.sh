@@ -11,6 +11,10 @@ echo "== ruff"
 "$PY" -m ruff check .
 echo "== mypy --strict"
 "$PY" -m mypy
+echo "== wheel (python -m build) and Dockerfile lint"
+"$PY" -m build --wheel --outdir dist . > .build.log 2>&1 || { cat .build.log; exit 1; }
+ls dist/*.whl
+.venv/bin/hadolint Dockerfile
 echo "== shared stores (PostgreSQL, Redis: the scale-out tests use them and fail, never skip, without them)"
 "$PY" -m tests.support.stores || echo "!! a shared store is unreachable: its tests below will fail (they never skip)"
 echo "== benchmark smoke (keeps every benchmark runnable; the figures come from full runs)"

@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 
 from edge_core.clock import Clock
+from edge_runtime.logsetup import reset_logging
 from tests.support.broker import BrokerThread, write_settings
 from tests.support.pki import DevPki, make_pki
 
@@ -17,7 +17,7 @@ from tests.support.pki import DevPki, make_pki
 def _reset_structlog() -> Iterator[None]:
     """CLIs configure structlog globally (to stderr); never let one test's stream leak into the next."""
     yield
-    structlog.reset_defaults()
+    reset_logging()  # also drops the root handler a CLI run installed on this test's captured stderr
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,9 @@ Runs after the topic ACL (so a device can never publish commands to another devi
 topic) and before the message is broadcast. Refused messages are dropped, counted and
 logged as ``command.rejected reason=<code>``. MQTT 3.1.1 cannot refuse a PUBLISH, so
 when the signature verified (and only then: a forger gets no oracle) the broker tells
-the signing operator on ``operators/<operator>/cmd-rejected`` with the reason.
+the signing operator on ``operators/<operator>/cmd-rejected`` with the reason. A command
+that passes is announced to its operator on ``operators/<operator>/cmd-accepted``, so
+silence is never mistaken for success (``gateway-agent command send`` waits for one of them).
 Retained messages on command topics are refused outright: a retained command would
 replay itself to every future subscriber.
 """
@@ -20,7 +22,7 @@ from amqtt.plugins.base import BasePlugin
 from broker_plugins.commands import CommandState
 from broker_plugins.engine.session import Session
 from broker_plugins.runtime import BrokerRuntime, admitted_of
-from edge_core.envelope import CommandRefused, rejection_notice
+from edge_core.envelope import CommandRefused, acceptance_notice, rejection_notice
 
 __all__ = ["CommandGuardPlugin"]
 
@@ -66,4 +68,6 @@ class CommandGuardPlugin(BasePlugin[Any]):
         runtime.events.emit("command.accepted", device=device, sender=sender, operator=command.issuer,
                             jti=command.jti, expires=command.expires_at.isoformat(), topic=topic,
                             op=json.dumps(dict(command.body))[:80])
+        notice_topic, body = acceptance_notice(command, at=now)
+        await self.context.broadcast_message(notice_topic, body)
         return True

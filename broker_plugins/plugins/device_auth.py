@@ -19,6 +19,7 @@ from broker_plugins.engine.session import Session
 from broker_plugins.runtime import ADMITTED, REFUSAL, BrokerRuntime
 from edge_core.admission import AdmissionRefused, Admitted, admit
 from edge_core.registry import Registry
+from edge_runtime.logsetup import bind_connection
 
 #: Admissions remembered (a reconnect storm of a whole fleet parses each certificate once).
 _ADMISSION_CACHE = 16384
@@ -83,6 +84,7 @@ class DeviceAuthPlugin(BaseAuthPlugin):
             )
             return False
         session.attributes[ADMITTED] = admitted
+        bind_connection(device=admitted.identity)  # this connection's later lines name the device
         rt.events.emit(
             "auth.accepted",
             device=admitted.identity,

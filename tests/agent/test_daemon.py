@@ -110,10 +110,10 @@ def test_gateway_agent_run_as_a_process_stops_cleanly_on_sigterm(tmp_path: Path,
     assert "agent.started" in names and "crl.installed" in names and names[-1] == "agent.stopped"
 
 
-def test_status_of_an_agent_that_is_not_running_fails_with_1(tmp_path: Path, ca: FileCA) -> None:
+def test_status_of_an_agent_that_is_not_running_exits_5_unavailable(tmp_path: Path, ca: FileCA) -> None:
     from gateway_agent.cli import main
 
-    assert main(["status", "-c", str(write_config(tmp_path, ca, free_port()))]) == 1
+    assert main(["status", "-c", str(write_config(tmp_path, ca, free_port()))]) == 5
 
 
 from tests.agent.test_validation_service import VALIDATION_ACL  # noqa: E402 - the same grants

@@ -409,7 +409,7 @@ def test_cli_expiring_table_and_history(inv_url: str, capsys: pytest.CaptureFixt
 
 
 def test_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli_main(["certs", "expiring", "--db", str(tmp_path / "missing.db")]) == 1
+    assert cli_main(["certs", "expiring", "--db", str(tmp_path / "missing.db")]) == 4  # missing input: exit 4
     assert "no inventory" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
         cli_main(["certs", "expiring", "--within", "soon"])

@@ -33,6 +33,7 @@ COMMAND_ACL = TEST_ACL + """\
   alice:
     - allow publish devices/+/cmd/#
     - allow subscribe operators/{device}/cmd-rejected
+    - allow subscribe operators/{device}/cmd-accepted
 """
 TOPIC = "devices/pump-17/cmd/valve"
 

@@ -63,9 +63,9 @@ def test_sign_and_verify_with_token_keys(tmp_path: Path, softhsm_token: str, lab
     assert code == 1 and "reason=below_threshold" in out
     # roots are never rewritten; skipping a version is refused
     code, out = run(capsys, "firmware", "root", "-c", cfg, "--version", "1", "--release-threshold", "2")
-    assert code == 1 and "never rewritten" in out
+    assert code == 4 and "never rewritten" in out
     code, out = run(capsys, "firmware", "root", "-c", cfg, "--version", "3", "--release-threshold", "2")
-    assert code == 1 and "next root is version 2" in out
+    assert code == 4 and "next root is version 2" in out
 
 
 def test_unsafe_file_keys_work_and_warn(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -84,9 +84,9 @@ def test_config_errors_name_file_and_line(tmp_path: Path, capsys: pytest.Capture
     path = tmp_path / "firmware.yaml"
     path.write_text("keys:\n  release: [a]\n  root: [b]\n  colour: red\nroots_dir: roots\n")
     code, out = run(capsys, "firmware", "verify", "-c", str(path), "--manifest", "x")
-    assert code == 1 and f"{path}:" in out and len(out.strip().splitlines()) <= 2
+    assert code == 4 and f"{path}:" in out and len(out.strip().splitlines()) <= 2
     code, out = run(capsys, "firmware", "verify", "-c", str(tmp_path / "missing.yaml"), "--manifest", "x")
-    assert code == 1 and "cannot read firmware settings" in out
+    assert code == 4 and "cannot read firmware settings" in out
 
 
 def test_two_holders_each_sign_once(tmp_path: Path, softhsm_token: str, label: str,
@@ -118,7 +118,7 @@ def test_a_single_key_root_needs_the_unsafe_flag(tmp_path: Path, capsys: pytest.
     cfg = str(settings(tmp_path, "-", "dev", unsafe=True))
     assert run(capsys, "firmware", "keygen", "-c", cfg, "dev-r1", "dev-r2", "dev-root")[0] == 0
     code, out = run(capsys, "firmware", "root", "-c", cfg, "--version", "1", "--release-threshold", "1")
-    assert code == 1 and "one stolen release key" in out and not (tmp_path / "roots" / "1.root.json").exists()
+    assert code == 4 and "one stolen release key" in out and not (tmp_path / "roots" / "1.root.json").exists()
     code, out = run(capsys, "firmware", "root", "-c", cfg, "--version", "1", "--release-threshold", "1",
                     "--unsafe-single-key")
     assert code == 0

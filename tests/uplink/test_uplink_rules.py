@@ -93,5 +93,5 @@ def test_cli_check_prints_rules_or_the_error(tmp_path: Path, capsys: pytest.Capt
     assert "downlink line 53: sites/plant-a/gateways/gw-01/devices/+/cmd/+ -> devices/{1}/cmd/{2}" in out
     bad = tmp_path / "uplink.yaml"
     bad.write_text(SHIPPED.read_text().replace("to: devices/{1}/cmd/{2}", "to: sensors/{1}"))
-    assert main(["uplink", "check", "-c", str(bad)]) == 1
+    assert main(["uplink", "check", "-c", str(bad)]) == 4  # an invalid file: exit 4 (edge_runtime.cli_support)
     assert f"{bad}:54: downlink[0]" in capsys.readouterr().err
