@@ -14,7 +14,6 @@ from broker_plugins.revocation import RevocationSettings
 from edge_core import yamlsrc
 from edge_core.binds import is_loopback
 from edge_core.crl_freshness import StalenessPolicy, parse_staleness
-from edge_core.errors import ConfigError
 from edge_core.firmware_trust import FirmwareGuardSettings, parse_firmware_guard_settings
 from edge_core.identity import IdentityPolicy
 from edge_runtime.status_http import StatusSettings, parse_status_section, split_bind
@@ -104,12 +103,7 @@ def _path_list(sec: yamlsrc.Section, key: str, base_dir: Path) -> tuple[Path, ..
 
 
 def load_settings(path: Path | str) -> BrokerSettings:
-    p = Path(path)
-    try:
-        text = p.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read settings: {exc.strerror}", source=str(p)) from exc
-    return parse_settings(text, source=str(p), base_dir=p.resolve().parent)
+    return yamlsrc.load_settings_file(path, "settings", parse_settings)
 
 
 def parse_settings(text: str | bytes, *, source: str, base_dir: Path) -> BrokerSettings:

@@ -185,12 +185,7 @@ class UplinkConfig:
 
 
 def load_uplink_config(path: Path | str) -> UplinkConfig:
-    p = Path(path)
-    try:
-        text = p.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read uplink settings: {exc.strerror}", source=str(p)) from exc
-    return parse_uplink_config(text, source=str(p), base_dir=p.resolve().parent)
+    return yamlsrc.load_settings_file(path, "uplink settings", parse_uplink_config)
 
 
 def _positive(sec: yamlsrc.Section, key: str, kind: type[int] | type[float], default: float,

@@ -10,14 +10,15 @@ refuses duplicate keys, which plain PyYAML silently lets the last one win.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import yaml
 
 from edge_core.errors import ConfigError
 
-__all__ = ["LineDict", "LineList", "Section", "load"]
+__all__ = ["LineDict", "LineList", "Section", "load", "load_settings_file"]
 
 T = TypeVar("T")
 
@@ -156,3 +157,16 @@ def _kind(value: Any) -> str:
     if isinstance(value, list):
         return "a list"
     return type(value).__name__
+
+
+def load_settings_file(path: Path | str, what: str, parse: Callable[..., T]) -> T:
+    """Read a settings file and ``parse(text, source=, base_dir=)`` it, paths relative to its folder.
+
+    An unreadable file is a ``ConfigError`` naming it; the parser reports file and line itself.
+    """
+    p = Path(path)
+    try:
+        text = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what}: {exc.strerror}", source=str(p)) from exc
+    return parse(text, source=str(p), base_dir=p.resolve().parent)

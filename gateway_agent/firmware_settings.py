@@ -71,12 +71,7 @@ class FirmwareToolSettings:
 
 
 def load_firmware_settings(path: Path | str) -> FirmwareToolSettings:
-    p = Path(path)
-    try:
-        text = p.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read firmware settings: {exc.strerror}", source=str(p)) from exc
-    return parse_firmware_settings(text, source=str(p), base_dir=p.resolve().parent)
+    return yamlsrc.load_settings_file(path, "firmware settings", parse_firmware_settings)
 
 
 def _labels(sec: yamlsrc.Section, key: str) -> tuple[str, ...]:

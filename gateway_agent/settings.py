@@ -73,12 +73,7 @@ class AgentSettings:
 
 
 def load_agent_settings(path: Path | str) -> AgentSettings:
-    p = Path(path)
-    try:
-        text = p.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read agent settings: {exc.strerror}", source=str(p)) from exc
-    return parse_agent_settings(text, source=str(p), base_dir=p.resolve().parent)
+    return yamlsrc.load_settings_file(path, "agent settings", parse_agent_settings)
 
 
 def _inventory_location(lsec: yamlsrc.Section, base_dir: Path) -> tuple[str, Path]:
