@@ -70,7 +70,7 @@ TOPIC = "bench/plant-a/t"
 # run, from a ``git archive`` of this commit (variant ``baseline``).
 BASELINE_COMMIT = "f5ae78a"
 BASELINE_TREE = Path(__file__).resolve().parent / ".cache" / f"baseline-{BASELINE_COMMIT}"
-# The targets against mosquitto in the same run.
+# The engine's targets against mosquitto in the same run.
 MOSQUITTO_FLOORS = {"qos0_msg_per_s": 0.25, "qos1_msg_per_s": 0.4, "conn_per_s": 0.9}
 
 

@@ -94,7 +94,7 @@ class TestResult:
 
 
 class DeviceChannel(Protocol):
-    """Talks to one device over its existing mTLS session (the lead wires it over MQTT).
+    """Talks to one device over its existing mTLS session (the agent wires it over MQTT).
 
     Transport problems raise ``FetchError`` (``device_offline``, ``device_timeout``, ...).
     The device contract: it never switches certificates except in ``request_switch``, and a

@@ -217,7 +217,7 @@ class _OtherAgentHolds:
 
 
 async def test_forced_retries_online_trigger_and_reconciled_devices_take_the_claim_first(tmp_path: Path) -> None:
-    """Issue 10's paths that start renewals (a forced retry, a device coming online, the scan over
+    """The paths that start renewals (a forced retry, a device coming online, the scan over
     devices reconciliation enrolled) never touch a device another agent is renewing."""
     world = make_world(tmp_path, {"pump-1": timedelta(days=200), "pump-2": timedelta(days=20)})
     try:
