@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import os
 import shutil
 import signal
@@ -24,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
-import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -43,6 +41,7 @@ from device_client.validation import check_certificate  # noqa: E402
 from edge_core.clock import SystemClock  # noqa: E402
 from edge_core.operators import OperatorKeys, parse_operators  # noqa: E402
 from edge_core.registry import parse_registry  # noqa: E402
+from edge_runtime.logsetup import configure_logging  # noqa: E402
 from gateway_agent.commanding import BrokerEndpoint, load_signing_key, send_command  # noqa: E402
 from gateway_agent.pki import cert_pem, issue_leaf, key_pem, new_intermediate, new_root  # noqa: E402
 
@@ -181,7 +180,10 @@ async def revocation_section(agent: subprocess.Popen[str]) -> None:
         agent.send_signal(signal.SIGHUP)  # `systemctl reload gateway-agent`: sync the CRL now
         say("gateway-agent: SIGHUP -> fetch, verify, install the new CRL for the broker")
         event = await asyncio.to_thread(wait_for_refusal, "session.cut", before, 10.0)
-        say(f"broker: session.cut reason={event['reason']} device={event['device']} serial={event['serial']} "
+        # two paths cut it, whichever comes first: the CRL (reason revoked, with the serial) or the
+        # registry, where `pki revoke <device>` also disabled the device (reason device_disabled)
+        which = f"serial={event['serial']}" if "serial" in event else f"source={event.get('source', '?')}"
+        say(f"broker: session.cut reason={event['reason']} device={event['device']} {which} "
             f"({(time.monotonic() - started) * 1000:.0f} ms after the CA published the CRL)")
     outcome = await try_connect(device_config("device-003"))
     event = wait_for_refusal("auth.rejected", count("auth.rejected") - 1)
@@ -308,8 +310,9 @@ def wait_until_up(check: str) -> None:
 
 
 def run_demo() -> None:
-    # the narration is the demo's output; the device side's own events stay quiet below warnings
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    # the narration (stdout) is the demo's output; the device side's own warnings go to stderr as
+    # JSON lines like every daemon's, and its events below warnings stay quiet
+    configure_logging(level="WARNING", console=False)
     step("1. Dev PKI: root CA, issuing CA, broker cert, 3 devices, operator alice, registry with pins, CRL 1")
     # a new dev CA starts again at CRL number 1: forget the previous run's anti-rollback state with it
     shutil.rmtree(ROOT / "var", ignore_errors=True)
@@ -333,8 +336,8 @@ def run_demo() -> None:
             time.sleep(0.1)
         say("gateway-agent: CRL 1 verified and installed for the broker (var/broker/crl.pem)")
         broker = start(["edge-broker", "run", "-c", "configs/broker.yaml"], "demo-broker.log")
-        started = time.monotonic()
         wait_until_up(STATUS)
+        started = time.monotonic()  # the broker's replay cache began before its status endpoint came up
         say(f"edge-broker: TLS 1.3 mTLS on 127.0.0.1:{PORT}, pins, ACL, command guard, CRL enforcement")
         say("structured logs: demo-broker.log, demo-agent.log (JSON lines)")
         asyncio.run(main(started, verifier, agent, agent_config, overlap_s))
