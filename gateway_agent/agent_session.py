@@ -206,8 +206,8 @@ class LifecycleRunner:
             if isinstance(channel, MqttDeviceChannel) and channel.on_online is online:
                 channel.on_online = None  # leadership lost or stopping: this orchestrator starts nothing more
             await self._cancel_tasks()
-            if isinstance(self.inventory, PostgresInventory):
-                self.inventory.fence = None
+            # The fence stays: whatever still writes through this inventory after leadership
+            # ended must prove a lease it no longer holds, and fails with not_leader.
 
     async def _cancel_tasks(self) -> None:
         tasks = list(self._tasks)

@@ -23,7 +23,9 @@ timestamps as ``timestamptz``, so the daily scan is the design's own query::
   lease is still held, so an agent that lost leadership cannot write (``StateError("not_leader")``).
 - **Connection.** One connection, used from the agent's event-loop thread, as the SQLite backend
   is; a broken connection is replaced on the next call. Connect and statement timeouts bound
-  every call.
+  every call. A connection the server ended (restart, or a session frozen inside a transaction
+  past ``idle_in_transaction_session_timeout``) is ``FetchError("inventory_unreachable")``,
+  raised in one place (``_reaching``), never a raw driver error.
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ __all__ = ["Fence", "Migration", "PostgresInventory", "apply_migrations", "load_
 _SELECT_DEVICE = sql.SQL("SELECT {} FROM devices").format(sql.SQL(", ").join(map(sql.Identifier, _DEVICE_COLUMNS)))
 #: Our transactions are a few statements long; a session idle inside one for this long is stuck.
 _IDLE_IN_TX_MS = 2000
+#: Driver errors that always mean the connection is gone (see ``PostgresInventory._reaching``).
+_CONNECTION_LOST = (psycopg.OperationalError, psycopg.errors.IdleInTransactionSessionTimeout)
 #: The migrations' advisory lock key: agents starting together migrate one at a time.
 _MIGRATION_LOCK = 0x6564_6765_696E_7600  # "edgeinv\0"
 
@@ -215,25 +219,36 @@ class PostgresInventory:
             self._db = self._connect()
         return self._db
 
-    def _rows(self, query: sql.Composable | str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    @contextmanager
+    def _reaching(self) -> Iterator[None]:
+        """The one place a lost connection becomes ``FetchError("inventory_unreachable")``.
+
+        Besides ``OperationalError``, the server reports a session it ended for idling inside a
+        transaction as ``IdleInTransactionSessionTimeout`` (an ``InternalError``) on the next
+        statement; any driver error that leaves the connection broken means the same.
+        """
         try:
+            yield
+        except psycopg.Error as exc:
+            if isinstance(exc, _CONNECTION_LOST) or self._db.broken or self._db.closed:
+                raise FetchError("inventory_unreachable", f"inventory {self.url}: {exc}") from exc
+            raise
+
+    def _rows(self, query: sql.Composable | str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._reaching():
             return self._conn().execute(query, params).fetchall()  # type: ignore[arg-type]
-        except psycopg.OperationalError as exc:
-            raise FetchError("inventory_unreachable", f"inventory {self.url}: {exc}") from exc
 
     def _devices(self, where: str, params: Sequence[Any] = ()) -> list[DeviceLifecycle]:
         return [_device_from(row) for row in self._rows(_SELECT_DEVICE + sql.SQL(" " + where), params)]
 
     @contextmanager
     def _tx(self) -> Iterator[psycopg.Connection[Any]]:
-        conn = self._conn()
-        try:
+        with self._reaching():
+            conn = self._conn()
             with conn.transaction():
                 if self.fence is not None:
                     self._check_fence(conn, self.fence)
                 yield conn
-        except psycopg.OperationalError as exc:
-            raise FetchError("inventory_unreachable", f"inventory {self.url}: {exc}") from exc
 
     @staticmethod
     def _check_fence(conn: psycopg.Connection[Any], fence: Fence) -> None:
@@ -252,13 +267,14 @@ class PostgresInventory:
         return found[0] if found else None
 
     def devices(self) -> Iterator[DeviceLifecycle]:
-        conn = self._conn()
         # A server-side cursor: a million devices stream, they are not loaded at once.
-        with conn.transaction(), conn.cursor(name="devices_all") as cursor:
-            cursor.itersize = 5000
-            cursor.execute(_SELECT_DEVICE + sql.SQL(" ORDER BY device_id"))
-            for row in cursor:
-                yield _device_from(row)
+        with self._reaching():
+            conn = self._conn()
+            with conn.transaction(), conn.cursor(name="devices_all") as cursor:
+                cursor.itersize = 5000
+                cursor.execute(_SELECT_DEVICE + sql.SQL(" ORDER BY device_id"))
+                for row in cursor:
+                    yield _device_from(row)
 
     def count(self) -> int:
         return int(self._rows("SELECT COUNT(*) FROM devices")[0][0])
@@ -312,8 +328,8 @@ class PostgresInventory:
 
     def claim_device(self, device_id: str, fence: Fence, ttl: timedelta) -> bool:
         """Claim ``device_id`` for a renewal under ``fence``: only if unclaimed or its claim expired."""
-        conn = self._conn()
-        try:
+        with self._reaching():
+            conn = self._conn()
             with conn.transaction():
                 self._check_fence(conn, fence)
                 row = conn.execute(
@@ -323,8 +339,6 @@ class PostgresInventory:
                     "claimed_at = excluded.claimed_at, expires_at = excluded.expires_at "
                     "WHERE renewal_claims.expires_at <= clock_timestamp() RETURNING device_id",
                     (device_id, fence.holder, fence.token, ttl)).fetchone()
-        except psycopg.OperationalError as exc:
-            raise FetchError("inventory_unreachable", f"inventory {self.url}: {exc}") from exc
         return row is not None
 
     def release_claim(self, device_id: str, holder: str) -> None:

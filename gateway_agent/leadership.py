@@ -77,6 +77,7 @@ class LeaderLease:
         self._valid_until = 0.0
         self._changed = asyncio.Event()
         self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._unreachable = False  # the last beat failed (a standby reports that once)
 
     # -- what the rest of the agent asks -----------------------------------------------------
 
@@ -107,10 +108,17 @@ class LeaderLease:
                                 f"-c idle_in_transaction_session_timeout={max(500, int(self.interval * 1000))}")
                 await self.beat(self._conn)
             except psycopg.Error as exc:
+                if self.token is None and not self._unreachable:
+                    # A standby that cannot reach the database cannot take over: say so once.
+                    self.events.emit("leader.standby_unreachable", "database_unreachable", level="warning",
+                                     lease=self.name, holder=self.holder, detail=str(exc)[:200])
+                self._unreachable = True
                 self._lose("database_unreachable", str(exc))
                 if self._conn is not None:
                     await self._conn.close()
                     self._conn = None
+            else:
+                self._unreachable = False
             if self.is_leader:
                 # sleep no longer than the validity left, so a lost lease is noticed in time
                 await asyncio.sleep(max(0.0, min(self.interval, self._valid_until - time.monotonic())))

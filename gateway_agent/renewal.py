@@ -313,7 +313,15 @@ class RenewalOrchestrator:
             self._active.discard(device_id)
 
     async def renew_many(self, device_ids: Iterable[str]) -> list[RenewalOutcome]:
-        return list(await asyncio.gather(*(self.renew(d) for d in device_ids)))
+        tasks = [asyncio.ensure_future(self.renew(d)) for d in device_ids]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            # One renewal failed outside its own handling, or we are cancelled (leadership lost):
+            # none of the batch goes on alone, unobserved, writing after its caller has left.
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def device_online(self, device_id: str) -> RenewalOutcome | None:
         """Hook for "device connected": a device that was away retries now instead of after backoff."""
@@ -458,7 +466,7 @@ class RenewalOrchestrator:
             return RenewalOutcome(device_id, "skipped", "not due")
         if reason == "resume":
             return await self._confirm_switch(device)
-        device = self._store(begin_renewal(device, now=now, cause=reason))
+        device = self._store_held(begin_renewal(device, now=now, cause=reason))
         days_left = (device.current.not_after - now) // timedelta(days=1)
         self.events.emit("renewal.started", reason, device=device_id, attempt=device.attempts + 1,
                          days_left=days_left, serial=f"{device.current.serial:x}")
@@ -479,7 +487,7 @@ class RenewalOrchestrator:
             issued = await self.ca.issue(checked, device_id, self.lifetime or device.current.lifetime)
         except (CredentialError, FetchError) as exc:
             return await self._fail(device, f"ca_refused:{exc.reason}")
-        device = self._store(candidate_issued(device, issued.ref, now=self.clock.now()))
+        device = self._store_held(candidate_issued(device, issued.ref, now=self.clock.now()))
         self._pins_changed(device_id)
         self.events.emit("renewal.issued", device=device_id, serial=f"{issued.ref.serial:x}",
                          not_after=issued.ref.not_after.isoformat())
@@ -489,7 +497,7 @@ class RenewalOrchestrator:
                              device_id, "push_certificate")
         except EdgeSecurityError as exc:
             return await self._fail(device, _reason(exc))
-        device = self._store(begin_test(device, now=self.clock.now()))
+        device = self._store_held(begin_test(device, now=self.clock.now()))
         try:
             result = await self._call(self.channel.request_test(device_id, issued.ref.serial),
                                       device_id, "request_test")
@@ -497,7 +505,7 @@ class RenewalOrchestrator:
             return await self._fail(device, _reason(exc))
         if not result.ok:
             return await self._fail(device, f"test_failed:{result.detail or 'unspecified'}", rolled_back=True)
-        device = self._store(begin_switch(device, now=self.clock.now()))
+        device = self._store_held(begin_switch(device, now=self.clock.now()))
         return await self._confirm_switch(device)
 
     async def _confirm_switch(self, device: DeviceLifecycle) -> RenewalOutcome:
@@ -515,7 +523,7 @@ class RenewalOrchestrator:
         if serial != candidate.serial:
             return self._unconfirmed(device, f"unknown_serial:{serial:x}")
         old = device.current
-        device = self._store(switched(device, serial, now=self.clock.now(), policy=self.policy))
+        device = self._store_held(switched(device, serial, now=self.clock.now(), policy=self.policy))
         self._pins_changed(device_id)
         self.events.emit("renewal.switched", device=device_id, serial=f"{serial:x}",
                          old_serial=f"{old.serial:x}",
@@ -523,7 +531,7 @@ class RenewalOrchestrator:
         return RenewalOutcome(device_id, "switched", f"{serial:x}")
 
     def _unconfirmed(self, device: DeviceLifecycle, error: str) -> RenewalOutcome:
-        device = self._store(switch_unconfirmed(device, now=self.clock.now(), error=error, policy=self.policy,
+        device = self._store_held(switch_unconfirmed(device, now=self.clock.now(), error=error, policy=self.policy,
                                                 rand=self._rand()))
         self.events.emit("renewal.switch_unconfirmed", error, level="warning", device=device.device_id,
                          attempts=device.attempts,
@@ -535,7 +543,7 @@ class RenewalOrchestrator:
         step = fail_renewal(device, now=self.clock.now(), error=error, policy=self.policy, rand=self._rand(),
                             rolled_back=rolled_back)
         await self._revoke(step)
-        device = self._store(step)
+        device = self._store_held(step)
         if step.revoke:
             self._pins_changed(device.device_id)
         retry_at = device.next_attempt_at.isoformat() if device.next_attempt_at else None
@@ -603,6 +611,12 @@ class RenewalOrchestrator:
                              detail=f"releasing the claim failed: {exc}")
 
     def _store(self, step: Step) -> DeviceLifecycle:
+        return self.inventory.apply(step)
+
+    def _store_held(self, step: Step) -> DeviceLifecycle:
+        """A step of a renewal under its claim. Checked here as well as by the inventory's fence:
+        an agent that wakes from a freeze with a step in hand refuses it before the database does."""
+        self._ensure_held(step.after.device_id)
         return self.inventory.apply(step)
 
     def _pins_changed(self, device_id: str) -> None:

@@ -74,7 +74,17 @@ class Site:
                 if proc.poll() not in (None, -signal.SIGKILL, -signal.SIGTERM, 0):
                     pytest.fail(f"agent {name} died: {(self.tmp / f'{name}.stderr').read_text()[-2000:]}")
             time.sleep(0.05)
-        pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        pytest.fail(f"timed out after {timeout}s waiting for {what}\n{self.tails()}")
+
+    def tails(self) -> str:
+        """The last events and stderr of every agent, for a failure message."""
+        out = []
+        for name in self.procs:
+            for suffix in ("jsonl", "stderr"):
+                path = self.tmp / f"{name}.{suffix}"
+                text = path.read_text(errors="replace") if path.exists() else ""
+                out.append(f"--- {name}.{suffix} (last 12 lines)\n" + "\n".join(text.splitlines()[-12:]))
+        return "\n".join(out)
 
 
 @pytest.fixture

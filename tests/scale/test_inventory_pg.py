@@ -5,7 +5,9 @@ both backends is in ``tests/agent/test_inventory.py`` (parametrized over both)."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from gateway_agent.inventory_pg import (
 from gateway_agent.leadership import DatabaseClaims, LeaderLease
 from gateway_agent.settings import parse_agent_settings
 from tests.agent.test_inventory import add
+from tests.support.stores import free_port
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -116,6 +119,27 @@ def test_a_dropped_connection_is_replaced_on_the_next_call(pg_url: str) -> None:
         with pytest.raises(FetchError):
             inv.get("pump-1")  # the call in flight fails loudly...
         assert inv.get("pump-1") is not None  # ...the next one reconnects
+        assert inv._db.info.backend_pid != pid
+
+
+def test_a_session_ended_while_frozen_in_a_transaction_is_unreachable_not_a_crash(pg_url: str) -> None:
+    """An agent frozen (SIGSTOP) between two statements of one transaction wakes to a session the
+    server ended for idling: the driver reports that as an ``InternalError`` on the next
+    statement, which must reach the agent as ``inventory_unreachable`` like any lost connection."""
+    with PostgresInventory(pg_url) as inv:
+        add(inv, "pump-1", 60)  # type: ignore[arg-type]
+        pid = inv._db.info.backend_pid
+        inv._db.execute("SET idle_in_transaction_session_timeout = 50")
+        inv._db.execute("BEGIN")  # ...and here the process was frozen
+        deadline = time.monotonic() + 10
+        with psycopg.connect(split_schema(pg_url)[0], autocommit=True) as admin:
+            while admin.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone():
+                assert time.monotonic() < deadline, "the server never ended the idle transaction"
+                time.sleep(0.02)
+        with pytest.raises(FetchError) as lost:
+            list(inv.devices())  # the woken agent's next read
+        assert lost.value.reason == "inventory_unreachable"
+        assert inv.get("pump-1") is not None  # the next call reconnects
         assert inv._db.info.backend_pid != pid
 
 
@@ -215,3 +239,23 @@ def test_agent_yaml_picks_the_backend_by_url(tmp_path: Path) -> None:
         parse(lifecycle("postgresql://db/edge?schema=x-y", "  spool_dir: s\n"))
     with open_inventory(plain.inventory) as opened:
         assert isinstance(opened, SqliteInventory)
+
+
+async def test_a_standby_that_cannot_reach_the_database_says_so_once() -> None:
+    """A standby that cannot reach PostgreSQL cannot take over: ops see it (once, not every beat)."""
+    events = SecurityEvents("test")
+    url = f"postgresql://postgres@127.0.0.1:{free_port()}/test?schema=nowhere"  # nothing listens
+    lease = LeaderLease(url, holder="standby", ttl=timedelta(seconds=0.6), events=events)
+    task = asyncio.create_task(lease.run())
+    try:
+        deadline = time.monotonic() + 10
+        while events.count("leader.standby_unreachable", "database_unreachable") == 0:
+            assert time.monotonic() < deadline, "no leader.standby_unreachable event"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.0)  # several more failed beats
+        assert events.count("leader.standby_unreachable", "database_unreachable") == 1
+        assert not lease.is_leader
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
