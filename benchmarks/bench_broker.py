@@ -414,11 +414,11 @@ def print_table(results: dict[str, dict[str, float]]) -> None:
     for name, r in results.items():
         delivered = "/".join(f"{int(r[f'qos{q}_delivered'])}" for q in (0, 1)) + f" of {int(r['qos0_sent'])}"
         marks = [f"LOSS q{q}: {lost(r, q)}" for q in (0, 1) if lost(r, q)]
-        fleet = (f"{r['fleet_rss_mib']:.0f} MiB" + ("" if r["fleet_connected"] == r["fleet"]
-                                                    else f" ({int(r['fleet_connected'])} connected)")
-                 if "fleet_rss_mib" in r else "-")
+        held = (f"{r['fleet_rss_mib']:.0f} MiB" + ("" if r["fleet_connected"] == r["fleet"]
+                                                   else f" ({int(r['fleet_connected'])} connected)")
+                if "fleet_rss_mib" in r else "-")
         print(f"{name:<13}{r['conn_per_s']:>9.0f}{r['qos0_msg_per_s']:>12.0f}{r['qos1_msg_per_s']:>12.0f}"
-              f"{delivered:>24}{r['rss_idle_mib']:>6.0f} MiB{fleet:>26}" + ("  " + ", ".join(marks) if marks else ""))
+              f"{delivered:>24}{r['rss_idle_mib']:>6.0f} MiB{held:>26}" + ("  " + ", ".join(marks) if marks else ""))
     print()
     for pair, values in ratios(results).items():
         print(f"{pair:<24}" + "  ".join(f"{m.replace('_per_s', '')}={v:.2f}x" for m, v in values.items()))
