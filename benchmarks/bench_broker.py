@@ -7,7 +7,10 @@ Figures (all over TLS 1.3 with client certificates, on loopback):
   qos0 msg/s  C clients: ``mosquitto_pub -l`` (N lines on stdin, then DISCONNECT) -> broker ->
               ``mosquitto_sub -C N``; delivered messages are counted, and a shortfall is LOSS
   qos1 msg/s  the same at QoS 1 both ways
-  conn/s      TLS handshake + CONNECT/CONNACK + DISCONNECT, 8 concurrent raw clients (loadgen.py)
+  conn/s      TLS handshake + CONNECT/CONNACK + DISCONNECT, repeated by ``connload`` (connload.c, a
+              single-threaded C client: one core for it, the other for the broker), 8 connections at
+              a time, one per bench device (bench-c0..bench-c7, each its own certificate and client id);
+              a refused or failed connection is counted and printed as CONN FAILED, never dropped
   RSS         broker RSS idle, and with 10,000 devices connected at once (each its own certificate)
 
 Variants: ``ours`` (full checks, 10-rule ACL), ``baseline`` (the same broker at commit f5ae78a,
@@ -17,8 +20,9 @@ before our own engine, from a ``git archive``; full runs only), ``ours-acl10k`` 
 Each broker runs in its own process. Each figure is the median of ``--repeat`` rounds
 (default 3) run round-robin over the brokers; the 10,000-device RSS is measured once per broker.
 The bench PKI (CA, broker and 10,000 device certificates, EC P-256) is cached in
-benchmarks/.cache/ and rebuilt when missing or about to expire. Results go to stdout and to
-benchmarks/results/broker.json.
+benchmarks/.cache/ and rebuilt when missing or about to expire; so is connload, compiled with gcc
+against OpenSSL (Debian: gcc, libssl-dev) when missing or older than connload.c. Results go to
+stdout and to benchmarks/results/broker.json.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.loadgen import Endpoint, connection_rate, hold_connections
+from benchmarks.loadgen import Endpoint, connection_rate, connload_binary, hold_connections
 from edge_core.registry import DeviceEntry, Registry, dump_registry, parse_registry
 from gateway_agent.pki import cert_pem, init_dev, issue_leaf, key_pem
 
@@ -340,15 +344,19 @@ async def connected_fleet_rss(port: int, certs: Path, pid: int, count: int) -> d
     return result
 
 
-async def connect_rate(port: int, certs: Path, seconds: float) -> float:
-    def ep(name: str) -> Endpoint:
-        return Endpoint(port, certs / "ca-chain.pem", certs / "devices" / f"{name}.crt",
-                        certs / "devices" / f"{name}.key")
-
-    workers = [(ep(f"bench-c{n}"), f"bench-c{n}") for n in range(8)]
-    await connection_rate(workers[:1], 0.5)  # warm-up
-    count, elapsed = await connection_rate(workers, seconds)
-    return count / elapsed
+def connect_rate(port: int, certs: Path, seconds: float) -> dict[str, float]:
+    """conn/s from ``connload``, after a short warm-up; failed connections of both runs are counted."""
+    devices = certs / "devices"
+    clients = [(devices / f"bench-c{n}.crt", devices / f"bench-c{n}.key", f"bench-c{n}") for n in range(8)]
+    warm = connection_rate(port, certs / "ca-chain.pem", clients, count=2 * len(clients))
+    rate = connection_rate(port, certs / "ca-chain.pem", clients, seconds=seconds)
+    errors: dict[str, int] = {}
+    for run in (warm, rate):
+        for reason, n in run.errors.items():
+            errors[reason] = errors.get(reason, 0) + n
+    if errors:
+        print(f"  connections failed: {json.dumps(errors)}", file=sys.stderr)
+    return {"conn_per_s": rate.conn_per_s, "conn_ok": float(rate.ok), "conn_failed": float(warm.failed + rate.failed)}
 
 
 def run_variant(name: str, certs: Path, work: Path, args: argparse.Namespace, registry: Path, acl: Path, *,
@@ -364,7 +372,7 @@ def run_variant(name: str, certs: Path, work: Path, args: argparse.Namespace, re
             result[f"qos{qos}_msg_per_s"] = delivered / elapsed if elapsed > 0 else 0.0
             result[f"qos{qos}_delivered"] = float(delivered)
             result[f"qos{qos}_sent"] = float(args.messages)
-        result["conn_per_s"] = uvloop.run(connect_rate(port, certs, args.seconds))
+        result.update(connect_rate(port, certs, args.seconds))
         if fleet:
             result.update(uvloop.run(connected_fleet_rss(port, certs, proc.pid, fleet)))
     return result
@@ -394,6 +402,8 @@ def lost(r: dict[str, float], qos: int) -> int:
 def targets(results: dict[str, dict[str, float]]) -> list[tuple[str, bool]]:
     ours = results["ours"]
     checks = [(f"ours delivers every QoS {q} message (lost {lost(ours, q)})", lost(ours, q) == 0) for q in (0, 1)]
+    failed = int(ours["conn_failed"])
+    checks.append((f"ours accepts every connection (failed {failed})", failed == 0))
     if "baseline" in results:
         base = results["baseline"]
         checks += [(f"{m}: >= 3x the broker at {BASELINE_COMMIT} ({ours[m]:.0f} vs {base[m]:.0f})",
@@ -414,11 +424,13 @@ def print_table(results: dict[str, dict[str, float]]) -> None:
     for name, r in results.items():
         delivered = "/".join(f"{int(r[f'qos{q}_delivered'])}" for q in (0, 1)) + f" of {int(r['qos0_sent'])}"
         marks = [f"LOSS q{q}: {lost(r, q)}" for q in (0, 1) if lost(r, q)]
-        fleet = (f"{r['fleet_rss_mib']:.0f} MiB" + ("" if r["fleet_connected"] == r["fleet"]
-                                                    else f" ({int(r['fleet_connected'])} connected)")
-                 if "fleet_rss_mib" in r else "-")
+        if r["conn_failed"]:
+            marks.append(f"CONN FAILED: {int(r['conn_failed'])}")
+        held = (f"{r['fleet_rss_mib']:.0f} MiB" + ("" if r["fleet_connected"] == r["fleet"]
+                                                   else f" ({int(r['fleet_connected'])} connected)")
+                if "fleet_rss_mib" in r else "-")
         print(f"{name:<13}{r['conn_per_s']:>9.0f}{r['qos0_msg_per_s']:>12.0f}{r['qos1_msg_per_s']:>12.0f}"
-              f"{delivered:>24}{r['rss_idle_mib']:>6.0f} MiB{fleet:>26}" + ("  " + ", ".join(marks) if marks else ""))
+              f"{delivered:>24}{r['rss_idle_mib']:>6.0f} MiB{held:>26}" + ("  " + ", ".join(marks) if marks else ""))
     print()
     for pair, values in ratios(results).items():
         print(f"{pair:<24}" + "  ".join(f"{m.replace('_per_s', '')}={v:.2f}x" for m, v in values.items()))
@@ -441,6 +453,7 @@ def main() -> None:
     args.fleet = min(args.fleet, FLEET)
     if shutil.which("mosquitto_pub") is None or shutil.which("mosquitto_sub") is None:
         raise SystemExit("mosquitto_pub/mosquitto_sub not installed (scripts/system-packages.sh): they are the clients")
+    connload_binary()  # the connection client, built now: a missing compiler stops the run before any broker
     nofile = raise_fd_limit()  # this process holds the client ends, the broker (a child) the server ends
     if nofile < args.fleet + 200:
         args.fleet = max(0, nofile - 200)
@@ -472,6 +485,7 @@ def main() -> None:
         for q in (0, 1):  # loss is reported from the worst round, not hidden by a median
             worst = min(rs, key=lambda r, q=q: r[f"qos{q}_delivered"])  # type: ignore[misc]
             results[name][f"qos{q}_delivered"] = worst[f"qos{q}_delivered"]
+        results[name]["conn_failed"] = max(r["conn_failed"] for r in rs)  # so are failed connections
     print_table(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {"results": results, "ratios": ratios(results),

@@ -1,17 +1,24 @@
 """A small raw MQTT 3.1.1 load generator over TLS: prebuilt packets, no client library.
 
 Used by ``bench_broker.py``. It measures what a broker does, not what a Python client
-library costs: packets are built once and written in batches.
+library costs: packets are built once and written in batches. The connection rate comes from
+``connload.c``, a single-threaded C client (compiled on demand into ``benchmarks/.cache/``):
+Python TLS clients cannot open connections as fast as the brokers accept them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
+import shutil
 import ssl
 import struct
+import subprocess
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge_runtime.tls import client_tls_context
@@ -83,31 +90,71 @@ async def open_session(ep: Endpoint, ctx: ssl.SSLContext, client_id: str,
     return reader, writer
 
 
-async def connection_rate(endpoints: list[tuple[Endpoint, str]], seconds: float) -> tuple[int, float]:
-    """Each worker: TLS handshake + CONNECT/CONNACK + DISCONNECT, repeated. Returns (count, elapsed)."""
-    deadline = time.perf_counter() + seconds
-    count = 0
-    errors = 0
+CONNLOAD_SOURCE = Path(__file__).resolve().parent / "connload.c"
+CONNLOAD_BINARY = Path(__file__).resolve().parent / ".cache" / "connload"
 
-    async def worker(ep: Endpoint, client_id: str) -> None:
-        nonlocal count, errors
-        ctx = ep.context()
-        while time.perf_counter() < deadline:
-            try:
-                _reader, writer = await open_session(ep, ctx, client_id)
-                count += 1  # handshake + CONNECT/CONNACK done: that is what is measured
-                writer.write(DISCONNECT)
-                await writer.drain()
-                # no TLS close_notify round trip: brokers differ there, and it is not the metric
-                writer.transport.abort()
-            except (OSError, ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
-                errors += 1
-                if errors > 50:
-                    raise
 
-    started = time.perf_counter()
-    await asyncio.gather(*(worker(ep, cid) for ep, cid in endpoints))
-    return count, time.perf_counter() - started
+def connload_binary(source: Path = CONNLOAD_SOURCE, binary: Path = CONNLOAD_BINARY) -> Path:
+    """``connload.c`` compiled with gcc against OpenSSL 3; rebuilt when the source is newer."""
+    if binary.exists() and binary.stat().st_mtime >= source.stat().st_mtime:
+        return binary
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        raise SystemExit("gcc not found: install the Debian packages gcc and libssl-dev "
+                         "(scripts/system-packages.sh) to build benchmarks/connload.c")
+    binary.parent.mkdir(parents=True, exist_ok=True)
+    # compiled beside the target, then renamed: a concurrent or interrupted build never leaves half a binary
+    fd, tmp_name = tempfile.mkstemp(prefix=".connload-", dir=binary.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        built = subprocess.run([gcc, "-O2", "-Wall", "-Wextra", "-o", str(tmp), str(source), "-lssl", "-lcrypto"],
+                               capture_output=True, text=True, timeout=120, check=False)
+        if built.returncode != 0:
+            if "openssl/" in built.stderr and "No such file" in built.stderr:
+                raise SystemExit("OpenSSL headers not found: install the Debian package libssl-dev "
+                                 "(scripts/system-packages.sh) to build benchmarks/connload.c")
+            raise SystemExit(f"building benchmarks/connload.c failed:\n{built.stderr}")
+        tmp.replace(binary)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return binary
+
+
+@dataclass(frozen=True)
+class ConnRate:
+    """What one ``connload`` run reports: failures are counted by reason, never dropped."""
+
+    ok: int
+    failed: int
+    seconds: float
+    conn_per_s: float
+    errors: dict[str, int] = field(default_factory=dict)
+
+
+def connection_rate(port: int, ca: Path, clients: list[tuple[Path, Path, str]], *, seconds: float | None = None,
+                    count: int | None = None, timeout_s: float = 5.0) -> ConnRate:
+    """TLS 1.3 handshake + CONNECT/CONNACK + DISCONNECT, repeated by ``connload`` for ``seconds`` or ``count``.
+
+    One connection at a time per (certificate, key, client id) in ``clients``: our broker admits a
+    client id only with the certificate of that identity, and no id is ever connected twice at once.
+    """
+    limit_s = (seconds or 0.0) + timeout_s + 30.0
+    cmd = [str(connload_binary()), "--host", "127.0.0.1", "--port", str(port), "--servername", "localhost",
+           "--cafile", str(ca), "--timeout", str(timeout_s), "--limit", str(limit_s)]
+    if seconds is not None:
+        cmd += ["--seconds", str(seconds)]
+    if count is not None:
+        cmd += ["--count", str(count)]
+    for cert, key, client_id in clients:
+        cmd += ["--client", str(cert), str(key), client_id]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=limit_s + 10, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"connload exited {done.returncode}: {done.stderr.strip()}")
+    report = json.loads(done.stdout)
+    return ConnRate(ok=int(report["ok"]), failed=int(report["failed"]), seconds=float(report["seconds"]),
+                    conn_per_s=float(report["conn_per_s"]),
+                    errors={str(k): int(v) for k, v in report["errors"].items()})
 
 
 async def throughput(pub: tuple[Endpoint, str], sub: tuple[Endpoint, str], *, topic: str, qos: int,
