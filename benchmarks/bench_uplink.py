@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     with tempfile.TemporaryDirectory(prefix="bench-uplink-") as tmp:
         work = Path(tmp)
-        results = {"enqueue": [enqueue(work, count, "fsync"), enqueue(work, count, "process")],
+        results: dict[str, Any] = {"enqueue": [enqueue(work, count, "fsync"), enqueue(work, count, "process")],
                    "drain": drain(work, count)}
     print(f"uplink store-and-forward, {count:,} messages of {PAYLOAD} B (topic ~60 B)")
     print(f"{'phase':34} {'msg/s':>9} {'seconds':>8} {'disk':>12}")
