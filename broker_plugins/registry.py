@@ -2,22 +2,29 @@
 
 A new registry is swapped in whole; then live sessions it no longer admits (device
 removed or disabled, pin gone, certificate expired) are cut (``session.cut`` with the
-reason, ``source=registry``) and subscriptions it no longer grants are removed.
+reason, ``source=registry``) and subscriptions it no longer grants are removed. Between
+reloads the clock moves: a sweep cuts every live session whose certificate has expired
+(``cert_expired``, ``source=clock``) within ``EXPIRY_SWEEP_S`` of its ``notAfter``.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from broker_plugins.engine.core import Engine
-from broker_plugins.runtime import BrokerRuntime, admitted_of
+from broker_plugins.runtime import BrokerRuntime, cut_refused_sessions
 from broker_plugins.watched import FileWatches, read_config_file
-from edge_core.admission import still_admitted
+from edge_core.admission import Admitted
 from edge_core.errors import ConfigError
 from edge_core.registry import Registry, parse_registry
 
-__all__ = ["RegistryConcern", "load_registry"]
+__all__ = ["EXPIRY_SWEEP_S", "RegistryConcern", "load_registry"]
+
+#: How often live sessions are checked against their certificate's ``notAfter`` (a comparison
+#: per session; the full verdict only for those past it).
+EXPIRY_SWEEP_S = 1.0
 
 
 def load_registry(path: Path) -> Registry:
@@ -33,9 +40,11 @@ class RegistryConcern:
         self._on_change = on_change  # prune subscriptions the new state no longer grants
         self._settle = settle
         self._watches = FileWatches(runtime.events)
+        self._sweep: asyncio.Task[None] | None = None
 
     def watch(self, interval: float) -> None:
         self._watches.watch(self.path, self.load, self.runtime.registry.digest, interval=interval)
+        self._sweep = asyncio.create_task(self._expiry_sweep(EXPIRY_SWEEP_S), name="certificate-expiry")
 
     async def reload(self) -> bool:
         """Re-read the registry file now (SIGHUP); True if a new version was loaded."""
@@ -43,6 +52,20 @@ class RegistryConcern:
 
     async def stop(self) -> None:
         await self._watches.stop()
+        if self._sweep is not None:
+            self._sweep.cancel()
+            await asyncio.gather(self._sweep, return_exceptions=True)
+            self._sweep = None
+
+    async def _expiry_sweep(self, interval: float) -> None:
+        """Cut live sessions whose certificate expired since they connected (no reload needed)."""
+        while True:
+            await asyncio.sleep(interval)
+            if self.engine is not None:
+                cut_refused_sessions(self.runtime, self.engine, "clock", only=self._expired)
+
+    def _expired(self, admitted: Admitted) -> bool:
+        return self.runtime.clock.now() >= admitted.cert.not_after
 
     async def load(self, data: bytes) -> None:
         runtime = self.runtime
@@ -57,22 +80,13 @@ class RegistryConcern:
         self._settle()
         runtime.events.emit("config.reloaded", "registry", file=path, devices=len(registry),
                             digest=registry.digest[:12])
-        self.enforce(registry)
+        self.enforce()
         await self._on_change("registry_reload")
 
-    def enforce(self, registry: Registry) -> None:
-        """Cut live sessions that the registry no longer admits (device removed, disabled, pin gone)."""
-        engine = self.engine
-        if engine is None:
-            return
-        now = self.runtime.clock.now()
-        for session in engine.connected_sessions():
-            admitted = admitted_of(session)
-            if admitted is None:
-                continue
-            reason = still_admitted(admitted, registry, now)
-            if reason is not None:
-                engine.cut_session(session.client_id, reason, source="registry")
+    def enforce(self) -> None:
+        """Cut live sessions that the new registry no longer admits (device removed, disabled, pin gone)."""
+        if self.engine is not None:
+            cut_refused_sessions(self.runtime, self.engine, "registry")
 
     def status(self) -> dict[str, object]:
         registry = self.runtime.registry

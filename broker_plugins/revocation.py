@@ -35,6 +35,7 @@ from edge_runtime.pemfiles import load_ca_certificates
 if TYPE_CHECKING:
     from broker_plugins.engine.core import Engine
     from broker_plugins.runtime import BrokerRuntime
+    from edge_core.registry import Registry
 
 __all__ = ["RevocationConcern", "RevocationSettings", "RevocationState", "load_issuer_certs"]
 
@@ -104,8 +105,9 @@ class RevocationState:
                                           self.settings.max_skew)
         return RevocationIndex.from_updates(updates)
 
-    def verdict(self, admitted: Admitted, now: datetime) -> str | None:
-        """May this session live, as far as revocation goes? None or a stable reason code.
+    def verdict(self, admitted: Admitted, now: datetime, *, registry: Registry | None = None) -> str | None:
+        """May this session live, as far as revocation goes (and the registry, if given)? None or a
+        stable reason code.
 
         The path is built once per certificate (TLS already checked its signatures) and kept,
         so re-checking every live session after a CRL reload costs lookups, not signatures.
@@ -121,7 +123,7 @@ class RevocationState:
                 self._paths.clear()
             self._paths[cert.fingerprint] = path
         view = RevocationView(self.trust, self.index, self.settings.staleness)
-        return session_verdict(admitted, now=now, revocation=view, path=path)
+        return session_verdict(admitted, now=now, registry=registry, revocation=view, path=path)
 
     def freshness(self, issuer: str, now: datetime) -> Freshness:
         return self.settings.staleness.evaluate(self.index.installed.get(issuer), now)
@@ -210,23 +212,11 @@ class RevocationConcern:
 
     async def enforce_revocation(self) -> int:
         """Cut live sessions whose certificate is revoked (or, under fail_closed, whose CRL is stale)."""
-        state = self.runtime.revocation
-        if state is None or self.engine is None:
+        if self.runtime.revocation is None or self.engine is None:
             return 0  # at start-up there are no sessions yet
-        from broker_plugins.runtime import admitted_of  # runtime imports this module's state type
+        from broker_plugins.runtime import cut_refused_sessions  # runtime imports this module's state type
 
-        now = self.clock.now()
-        cut = 0
-        for session in self.engine.connected_sessions():
-            admitted = admitted_of(session)
-            if admitted is None or session.client_id is None:
-                continue
-            reason = state.verdict(admitted, now)
-            if reason is not None:
-                self.engine.cut_session(session.client_id, reason, serial=f"{admitted.cert.serial:x}",
-                                        drop_state=reason != "crl_stale")
-                cut += 1
-        return cut
+        return cut_refused_sessions(self.runtime, self.engine, "revocation")
 
     async def _freshness_loop(self, interval: float) -> None:
         state = self.state

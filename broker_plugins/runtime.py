@@ -7,22 +7,25 @@ state, never a mix. Plugins get the runtime through their ``Config`` dataclass.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from broker_plugins.commands import CommandState
 from broker_plugins.revocation import RevocationState
 from broker_plugins.settings import BrokerSettings
 from edge_core.acl import Policy, Subject
-from edge_core.admission import Admitted
+from edge_core.admission import Admitted, session_verdict
 from edge_core.clock import Clock, SystemClock
 from edge_core.events import SecurityEvents
 from edge_core.registry import Registry
 
 if TYPE_CHECKING:
+    from broker_plugins.engine.core import Engine
     from broker_plugins.engine.session import Session
 
-__all__ = ["ADMITTED", "REFUSAL", "BrokerRuntime", "admitted_of"]
+__all__ = ["ADMITTED", "REFUSAL", "BrokerRuntime", "admitted_of", "cut_refused_sessions"]
 
 #: Session attribute holding the ``Admitted`` record of an authenticated connection.
 ADMITTED = "edge.admitted"
@@ -44,6 +47,13 @@ class BrokerRuntime:
     _subjects: dict[str, Subject] = field(default_factory=dict, repr=False)
     _subjects_of: Registry | None = field(default=None, repr=False)
 
+    def verdict(self, admitted: Admitted, now: datetime) -> str | None:
+        """May this session live? The broker's one verdict (``edge_core.admission.session_verdict``):
+        the registry (device, enabled, pin, certificate validity), then revocation of the path."""
+        if self.revocation is not None:
+            return self.revocation.verdict(admitted, now, registry=self.registry)
+        return session_verdict(admitted, now=now, registry=self.registry)
+
     def subject_of(self, identity: str) -> Subject | None:
         """The ACL subject of a device under the current registry (cached per registry object)."""
         registry = self.registry
@@ -57,6 +67,32 @@ class BrokerRuntime:
                 return None
             subject = self._subjects[identity] = Subject.from_entry(entry)
         return subject
+
+
+#: Reasons that end a session for time's sake (the device may come back as it is): its persistent
+#: state is kept. Every other reason refuses the device itself, and its state goes with it.
+_KEEP_STATE = frozenset({"crl_stale", "cert_expired"})
+
+
+def cut_refused_sessions(runtime: BrokerRuntime, engine: Engine, source: str, *,
+                         only: Callable[[Admitted], bool] | None = None) -> int:
+    """Cut every live session the broker's verdict no longer admits (registry, revocation, clock).
+
+    ``only`` narrows which sessions are judged (the clock's sweep asks only about certificates
+    past their validity). Each cut is one ``session.cut`` event with the reason and ``source``.
+    """
+    now = runtime.clock.now()
+    cut = 0
+    for session in engine.connected_sessions():
+        admitted = admitted_of(session)
+        if admitted is None or session.client_id is None or (only is not None and not only(admitted)):
+            continue
+        reason = runtime.verdict(admitted, now)
+        if reason is not None:
+            engine.cut_session(session.client_id, reason, drop_state=reason not in _KEEP_STATE, source=source,
+                               serial=f"{admitted.cert.serial:x}")
+            cut += 1
+    return cut
 
 
 def admitted_of(session: Session | None) -> Admitted | None:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import ssl
+import time
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
+from broker_plugins.registry import EXPIRY_SWEEP_S
 from edge_core.clock import ManualClock
+from tests.broker.acl_fixture import write_acl
 from tests.conftest import StartBroker
 from tests.support.mqtt import Device
 from tests.support.pki import DevPki
@@ -75,6 +79,25 @@ def test_a_remembered_admission_still_expires_with_the_certificate(start_broker:
     clock.advance(timedelta(days=31))
     assert try_connect(broker.port, pki.chain, pki.device("pump-17"), "pump-17") == NOT_AUTHORIZED
     broker.wait_event("auth.rejected", "cert_expired")
+
+
+def test_a_live_session_is_cut_when_its_certificate_expires(start_broker: StartBroker, pki: DevPki,
+                                                             tmp_path: Path) -> None:
+    """No reload needed: the clock alone ends a session whose certificate has expired since it
+    connected, with no will (the device was refused), and its persistent state stays for the
+    renewed certificate."""
+    clock = ManualClock()
+    broker = start_broker(clock=clock, acl=write_acl(tmp_path))
+    pump = Device(broker.port, pki.chain, pki.device("pump-17"), "pump-17").will("devices/pump-17/status", b"bye")
+    assert pump.connect() == ACCEPTED
+    clock.advance(timedelta(days=29))  # still valid: the sweep leaves it alone
+    time.sleep(EXPIRY_SWEEP_S * 1.5)
+    assert not pump.disconnected.is_set()
+    clock.advance(timedelta(days=2))  # dev certificates live 30 days
+    assert pump.disconnected.wait(EXPIRY_SWEEP_S * 3)
+    cut = broker.wait_event("session.cut", "cert_expired")[0]
+    assert cut["device"] == "pump-17" and cut["source"] == "clock"
+    broker.wait_event("will.suppressed")
 
 
 def test_same_device_id_with_new_unpinned_key_is_refused(start_broker: StartBroker, pki: DevPki) -> None:
