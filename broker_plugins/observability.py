@@ -6,6 +6,9 @@ Readiness means "send devices here":
 - ``crl``: under ``fail_closed`` every issuer's CRL is fresh; a stale or missing one
   refuses that issuer's devices, so the broker is not ready. Under ``fail_open_alarm``
   a stale CRL raises ``crl.alarm`` but the broker stays ready (the policy admits).
+- ``store``: with ``persistence`` configured, the last commit of the session store
+  succeeded (a failed one aborts the connections whose messages it held: PUBACK means
+  stored, so a broker that cannot store is no place to send devices).
 
 Every reader runs on the event loop at scrape time and only counts what is in memory.
 """
@@ -27,6 +30,8 @@ __all__ = ["install_observability"]
 def install_observability(edge: EdgeBroker, server: StatusServer, metrics: Metrics) -> None:
     server.add_readiness_check("listeners", lambda: _listeners_up(edge))
     server.add_readiness_check("crl", lambda: _crl_admits(edge))
+    if edge.settings.persistence is not None:
+        server.add_readiness_check("store", lambda: _store_writes(edge))
     metrics.gauge("connections", lambda: _connections(edge))
     metrics.gauge("sessions", lambda: _sessions(edge))
     metrics.gauge("queue_depth", lambda: _queue_depths(edge))
@@ -58,6 +63,14 @@ def _crl_admits(edge: EdgeBroker) -> None:
     if refused:
         raise NotReady("fail_closed and the CRL is not fresh, so these issuers' devices are refused: "
                        + "; ".join(refused))
+
+
+def _store_writes(edge: EdgeBroker) -> None:
+    store = edge.broker.engine.store if edge.broker is not None else None
+    error = getattr(store, "last_error", None)  # only the durable store can fail to write
+    if error is not None:
+        raise NotReady(f"the session store's last write failed ({type(error).__name__}: {str(error)[:120]}); "
+                       f"check the disk under persistence.path")
 
 
 def _connections(edge: EdgeBroker) -> dict[str, float] | None:

@@ -156,6 +156,8 @@ class SqliteStore:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-broker-store")
         self._lock = threading.Lock()
         self._idle: asyncio.Event | None = None
+        #: the error of the last commit, None once a commit succeeds again (readiness reads it)
+        self.last_error: BaseException | None = None
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         os.close(fd)
@@ -262,6 +264,7 @@ class SqliteStore:
 
     def _committed(self, done: asyncio.Future[None], callbacks: list[CommitCallback]) -> None:
         error = done.exception()
+        self.last_error = error
         if error is not None and self._on_error is not None:
             self._on_error(error)
         # callbacks registered while this batch was committing wait for the next one

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import sqlite3
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from datetime import timedelta
@@ -156,3 +158,33 @@ async def test_sys_publisher_sends_every_value_in_mosquitto_names() -> None:
     task = asyncio.create_task(publisher.run())
     await asyncio.sleep(0.05)
     task.cancel()
+
+
+def test_readyz_flips_while_the_session_store_cannot_write(start_broker: StartBroker, pki: DevPki,
+                                                           tmp_path: Path) -> None:
+    """PUBACK means stored: a broker whose store cannot commit is no place to send devices."""
+    db = tmp_path / "broker.db"
+    broker = start_broker(acl=write_acl(tmp_path), extra=f"persistence:\n  path: {db}\n  synchronous: full\n")
+    code, body = get(broker, "/readyz")
+    assert code == 200 and json.loads(body)["checks"]["store"] == {"ok": True}
+    pump = Device(broker.port, pki.chain, pki.device("pump-17"), "pump-17")
+    assert pump.connect() == 0
+    other = sqlite3.connect(db, isolation_level=None)
+    try:
+        other.execute("BEGIN EXCLUSIVE")  # another process holds the database: commits time out
+        pump.publish("devices/pump-17/status", b"online", qos=1, retain=True)
+        broker.wait_event("store.write_failed", timeout=15)
+        code, body = get(broker, "/readyz")
+        assert code == 503
+        assert "session store" in json.loads(body)["checks"]["store"]["detail"]
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    pump = Device(broker.port, pki.chain, pki.device("pump-17"), "pump-17")
+    assert pump.connect() == 0
+    pump.publish("devices/pump-17/status", b"online again", qos=1, retain=True)
+    deadline = time.monotonic() + 10
+    while get(broker, "/readyz")[0] != 200:  # the next commit succeeds: ready again
+        assert time.monotonic() < deadline, "still not ready after a successful write"
+        time.sleep(0.05)
+    pump.close()
