@@ -130,11 +130,10 @@ class LifecycleRunner:
         if self.lease is None:
             await self._lead(channel)
             return
-        lease_task = asyncio.create_task(self.lease.run(), name="leader-lease")
+        self.lease.start()  # the heartbeat's own thread: a long scan on this loop never starves it
         try:
             while True:
-                if lease_task.done():
-                    lease_task.result()  # surface a failure of the lease loop
+                self.lease.raise_failure()  # surface a failure of the heartbeat
                 if not self.lease.is_leader:
                     await self.lease.wait_changed(self.lease.interval)
                     continue
@@ -156,11 +155,8 @@ class LifecycleRunner:
                         raise
                     self.events.emit("lifecycle.standby", "not_leader", level="warning", detail=str(exc))
         finally:
-            lease_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await lease_task
             await self._cancel_tasks()
-            await self.lease.release()
+            await self.lease.stop()  # heartbeat ended, then the lease released: nothing of ours runs on
 
     async def _lead(self, channel: DeviceChannel) -> None:
         ca = FileCA(self.settings.ca_dir)

@@ -21,7 +21,9 @@ Two mechanisms, both rows in the inventory's schema (migration ``0002_leadership
   once, even in the window where an old leader has not yet noticed it lost the lease.
 
 The heartbeat runs on psycopg's ``AsyncConnection`` (a dedicated connection, so a long scan
-query never delays it); claims use the inventory's own connection.
+query never delays it), in a thread with an event loop of its own (``start``/``stop``): the
+inventory is a blocking connection on the agent's loop, and a daily scan over a million devices
+holds that loop for many seconds, longer than a lease. Claims use the inventory's own connection.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import contextlib
 import os
 import secrets
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -45,6 +48,8 @@ from gateway_agent.inventory_pg import Fence, PostgresInventory, split_schema
 __all__ = ["DatabaseClaims", "LeaderLease", "LeaseState", "holder_id"]
 
 LEASE_NAME = "lifecycle"
+#: How long ``stop`` waits for the heartbeat thread (its release is one bounded statement).
+_STOP_JOIN_S = 10.0
 
 
 def holder_id(agent_id: str) -> str:
@@ -60,7 +65,8 @@ class LeaseState:
 
 
 class LeaderLease:
-    """The lease loop of one agent (``run`` until cancelled; ``release`` on clean shutdown)."""
+    """The lease loop of one agent: ``start`` runs it in its own thread, ``stop`` ends it and
+    releases the lease (or ``run`` until cancelled and ``release``, on the caller's loop)."""
 
     def __init__(self, url: str, *, holder: str, ttl: timedelta, events: SecurityEvents,
                  name: str = LEASE_NAME) -> None:
@@ -78,6 +84,13 @@ class LeaderLease:
         self._changed = asyncio.Event()
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._unreachable = False  # the last beat failed (a standby reports that once)
+        self._caller: asyncio.AbstractEventLoop | None = None  # the agent's loop, where _changed lives
+        self._thread: threading.Thread | None = None
+        self._thread_loop: asyncio.AbstractEventLoop | None = None
+        self._thread_task: asyncio.Task[None] | None = None
+        self._thread_started = threading.Event()
+        #: why the heartbeat thread ended, if not by ``stop`` (``raise_failure`` surfaces it)
+        self.failure: BaseException | None = None
 
     # -- what the rest of the agent asks -----------------------------------------------------
 
@@ -94,6 +107,65 @@ class LeaderLease:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._changed.wait(), at_most)
         self._changed.clear()
+
+    def raise_failure(self) -> None:
+        """Raise what ended the heartbeat thread, if it ended on its own."""
+        if self.failure is not None:
+            raise self.failure
+
+    # -- the heartbeat's own thread ------------------------------------------------------------
+
+    def start(self) -> None:
+        """Run the heartbeat in a thread of its own (call from the agent's event loop)."""
+        if self._thread is not None:
+            raise RuntimeError("the lease heartbeat is already running")
+        self._caller = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._thread_main, name=f"leader-lease-{self.name}", daemon=True)
+        self._thread.start()
+        self._thread_started.wait()
+
+    def _thread_main(self) -> None:
+        loop = self._thread_loop = asyncio.new_event_loop()
+        try:
+            self._thread_task = loop.create_task(self.run(), name="leader-lease")
+            self._thread_started.set()
+            loop.run_until_complete(self._thread_task)
+        except asyncio.CancelledError:
+            pass
+        except Exception as exc:  # noqa: BLE001 - not swallowed: raise_failure re-raises it on the agent's loop
+            self.failure = exc
+            self._lose("heartbeat_failed", repr(exc))
+        finally:
+            self._thread_started.set()
+            loop.run_until_complete(self.release())
+            loop.close()
+
+    async def stop(self) -> None:
+        """End the heartbeat and release the lease (clean shutdown); waits for the thread."""
+        thread, loop, task = self._thread, self._thread_loop, self._thread_task
+        if thread is None:
+            await self.release()
+            return
+        if loop is not None and task is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nothing to cancel
+                loop.call_soon_threadsafe(task.cancel)
+        await asyncio.to_thread(thread.join, _STOP_JOIN_S)
+        self._thread = None
+
+    def _signal(self) -> None:
+        """Wake ``wait_changed`` on the agent's loop, from whichever thread leadership changed in."""
+        caller = self._caller
+        if caller is None or caller.is_closed():
+            self._changed.set()
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is caller:
+            self._changed.set()
+        else:
+            caller.call_soon_threadsafe(self._changed.set)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -156,7 +228,7 @@ class LeaderLease:
             self.acquired_at = sent
             self.leader = LeaseState(self.holder, self.token, self.ttl)
             self.events.emit("leader.acquired", lease=self.name, holder=self.holder, token=self.token)
-            self._changed.set()
+            self._signal()
             return
         found = await (await conn.execute(
             "SELECT holder, token, EXTRACT(EPOCH FROM expires_at - clock_timestamp()) FROM leader_lease "
@@ -171,7 +243,7 @@ class LeaderLease:
                          token=self.token, detail=detail[:200])
         self.token = None
         self._valid_until = 0.0
-        self._changed.set()
+        self._signal()
 
     async def release(self) -> None:
         """Give the lease up now (clean shutdown): a standby takes over on its next poll."""

@@ -259,3 +259,25 @@ async def test_a_standby_that_cannot_reach_the_database_says_so_once() -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_the_heartbeat_keeps_the_lease_while_the_agents_loop_is_blocked(pg_url: str) -> None:
+    """The inventory is a blocking connection on the agent's loop, and a daily scan over a million
+    devices holds that loop for longer than a lease: the heartbeat's own thread keeps leading."""
+    PostgresInventory(pg_url).close()
+    events = SecurityEvents("test")
+    lease = LeaderLease(pg_url, holder="busy", ttl=timedelta(seconds=2), events=events)
+    lease.start()
+    try:
+        await lease.wait_changed(5)  # woken from the heartbeat's thread when it acquires
+        assert lease.is_leader
+        time.sleep(5)  # a long synchronous scan: 2.5 leases without a turn of this loop
+        assert lease.is_leader and events.count("leader.lost") == 0
+        rival = LeaderLease(pg_url, holder="rival", ttl=timedelta(seconds=2), events=events)
+        async with await _lease_conn(pg_url) as conn:
+            await rival.beat(conn)
+        assert not rival.is_leader and rival.leader is not None and rival.leader.holder == "busy"
+    finally:
+        await lease.stop()
+    assert not lease.is_leader and events.count("leader.released") == 1
+    lease.raise_failure()  # the heartbeat ended by stop, not by a failure
