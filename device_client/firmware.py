@@ -87,13 +87,20 @@ class BytesSource:
 
 @dataclass
 class HttpImageSource:
-    """An image on the gateway's HTTP(S) server, fetched with a Range request for resuming."""
+    """An image on the gateway's image server, fetched over HTTPS with a Range request for resuming.
+
+    ``ssl_context`` is the device's own client context (``edge_runtime.tls.client_tls_context``: the
+    gateway verified against the device's CA, the device's certificate presented, TLS 1.3). A URL
+    that is not ``https://`` is refused before anything is sent (``not_https``).
+    """
 
     url: str
-    ssl_context: ssl.SSLContext | None = None
+    ssl_context: ssl.SSLContext
     timeout: float = 10.0
 
     def read_from(self, offset: int) -> Iterator[bytes]:
+        if not self.url.lower().startswith("https://"):
+            raise FetchError("not_https", f"{self.url[:200]} is not an https URL: images are fetched over TLS only")
         request = urllib.request.Request(self.url, headers={"Range": f"bytes={offset}-"} if offset else {})  # noqa: S310 - URL is signed-offer data, hash-checked
         try:
             with urllib.request.urlopen(request, timeout=self.timeout, context=self.ssl_context) as response:  # noqa: S310
