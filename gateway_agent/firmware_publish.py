@@ -6,7 +6,7 @@ directory under its SHA-256, serves that directory over HTTPS (TLS 1.3, device c
 required) with Range support (so a device resumes after a power loss), and drives
 ``edge_core.firmware_rollout.Rollout`` over an MQTT session of its own: offers on
 ``devices/{device}/firmware/offer`` (the broker's firmware guard verifies each one again),
-reports from ``devices/+/firmware/report``.
+reports from ``devices/+/firmware/report``, matched to the offer they answer (``offer_id``).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from edge_core.firmware import (
     ImageCheck,
     Manifest,
     make_offer,
+    offer_id,
     verify_release,
 )
 from edge_core.firmware_rollout import Rollout
@@ -244,7 +245,8 @@ async def _drive(settings: PublishSettings, rollout: Rollout, offer: bytes, mani
             if any(suback_refused(code) for code in granted):
                 raise ConfigError(f"the broker refused {REPORT_FILTER}",
                                   hint="grant the release publisher 'subscribe devices/+/firmware/report'")
-            reader = asyncio.create_task(_read_reports(client, rollout, manifest, clock=clock, events=events))
+            reader = asyncio.create_task(_read_reports(client, rollout, manifest, offer_id(offer), clock=clock,
+                                                       events=events))
             try:
                 while not rollout.finished:
                     if reader.done():
@@ -262,8 +264,11 @@ async def _drive(settings: PublishSettings, rollout: Rollout, offer: bytes, mani
         raise FetchError("broker_unreachable", f"release session to {settings.host}:{settings.port}: {exc}") from exc
 
 
-async def _read_reports(client: aiomqtt.Client, rollout: Rollout, manifest: Manifest, *, clock: Clock,
-                        events: SecurityEvents) -> None:
+async def _read_reports(client: aiomqtt.Client, rollout: Rollout, manifest: Manifest, offered: str | None, *,
+                        clock: Clock, events: SecurityEvents) -> None:
+    """Reports about this release: those naming our offer (``offer``, also refusals that carry no
+    version because the device refused before the signatures verified), or, from a device that
+    names no offer, those carrying the release's version."""
     async for message in client.messages:
         match = _REPORT_RE.fullmatch(str(message.topic))
         if match is None:
@@ -271,11 +276,13 @@ async def _read_reports(client: aiomqtt.Client, rollout: Rollout, manifest: Mani
         device = match.group(1)  # the ACL lets only the device itself publish here
         try:
             report = strictjson.loads(message.payload if isinstance(message.payload, bytes) else b"")
-            state, version = str(report["state"]), report.get("version")
-        except (ValueError, KeyError, TypeError):
+            state, version, answered = str(report["state"]), report.get("version"), report.get("offer")
+        except (ValueError, KeyError, TypeError, AttributeError):
             events.emit("firmware.bad_report", "malformed", level="warning", device=device)
             continue
-        if version != manifest.version:
+        if answered is not None and answered != offered:
+            continue  # about another offer
+        if answered is None and version != manifest.version:
             continue  # about another release
         reason = report.get("reason")
         rollout.report(device, state, clock.now(), reason=str(reason) if reason is not None else None)

@@ -18,7 +18,7 @@ import aiomqtt
 import pytest
 
 from device_client.firmware import DeviceFirmware, HttpImageSource, serve_offers
-from edge_core.clock import Clock, SystemClock
+from edge_core.clock import Clock, ManualClock, SystemClock
 from edge_core.events import SecurityEvents
 from edge_core.firmware_rollout import RolloutPolicy
 from edge_core.registry import DeviceEntry, Registry, dump_registry, parse_registry
@@ -163,3 +163,20 @@ async def test_failure_reports_halt_the_rollout(broker: tuple[BrokerThread, Rele
         assert fw.version == 1 and fw.boot() == "a"  # the canary rolled back; the others never changed
     assert b.events.count("firmware.accepted") == 1
 
+
+async def test_refusal_before_the_signatures_halts_at_once(broker: tuple[BrokerThread, Release], pki: DevPki,
+                                                           tmp_path: Path, registry_file: Path) -> None:
+    """A canary that trusts other release keys refuses with ``unknown_key``, before any signature verified,
+    so its report carries no version: it names the offer instead, and the rollout halts on it. The clock
+    never moves, so ``report_timeout`` cannot be what halts it."""
+    b, release = broker
+    events = SecurityEvents("test")
+    result, offers = await rollout(b, pki, tmp_path, registry_file, release, healthy=True, events=events,
+                                   clock=ManualClock(datetime.now(UTC)), pinned=Release(now=release.now).chain[0],
+                                   policy=RolloutPolicy(canary_percent=30, rate_per_second=5), deadline=20)
+    assert result.halted
+    (canary,) = result.summary["canaries"]  # type: ignore[misc]
+    assert result.summary["failed"] == {canary: "refused:unknown_key"}
+    assert result.summary["offered"] == 1 and offers == {}  # nobody else was offered it, nothing installed
+    (report,) = [e for e in events.recent() if e["event"] == "firmware.report"]
+    assert report["device"] == canary and report["reason"] == "unknown_key" and report["version"] is None
