@@ -77,13 +77,18 @@ def _config(name: str) -> DeviceConfig:
                         cert=CERTS / "devices" / f"{name}.crt", key=CERTS / "devices" / f"{name}.key")
 
 
+def _images(name: str, url: str) -> HttpImageSource:
+    """The image over HTTPS with the device's own certificate (the image server requires one)."""
+    return HttpImageSource(url, _config(name).tls_context())
+
+
 async def _device(name: str, firmware: DeviceFirmware, log: Callable[[str], None]) -> None:
     def self_test(fw: DeviceFirmware, slot: str) -> bool:
         log(f"{name}: rebooted into slot {slot} (trial boot), self-test passed")
         return True
 
     async with DeviceClient(_config(name)) as client:
-        await serve_offers(client.mqtt, firmware, source_for=lambda offer: HttpImageSource(str(offer.url)),
+        await serve_offers(client.mqtt, firmware, source_for=lambda offer: _images(name, str(offer.url)),
                            self_test=self_test)
 
 
@@ -150,7 +155,7 @@ async def firmware_section(*, run: Callable[..., str], say: Callable[[str], None
     await _publish_raw(forged, "device-001")
     event = await asyncio.to_thread(wait_for_refusal, "firmware.rejected", before)
     say(f"forged image (attacker's own key) offered to device-001 -> firmware.rejected reason={event['reason']}")
-    direct = updaters["device-001"].take_offer(forged, lambda _: HttpImageSource("http://127.0.0.1:9/"))
+    direct = updaters["device-001"].take_offer(forged, lambda _: _images("device-001", "https://127.0.0.1:9/"))
     say(f"the same offer handed to device-001 past the broker: {direct['state']} reason={direct['reason']}")
 
     # a rollback: a genuinely signed manifest for the old version 1
@@ -159,11 +164,11 @@ async def firmware_section(*, run: Callable[..., str], say: Callable[[str], None
     old_manifest = VAR / "firmware" / "pump-ctl-1.0.manifest.json"
     run("gateway-agent", "firmware", "sign", "-c", cfg, "--image", str(old), "--class", CLASS, "--version", "1",
         "--out", str(old_manifest))
-    rollback = make_offer(old_manifest.read_bytes(), url="http://127.0.0.1:8470/firmware/" +
+    rollback = make_offer(old_manifest.read_bytes(), url="https://127.0.0.1:8470/firmware/" +
                           hashlib.sha256(factory).hexdigest())
     before = count("firmware.rejected")
     await _publish_raw(rollback, "device-002")
     event = await asyncio.to_thread(wait_for_refusal, "firmware.rejected", before)
     say(f"genuine v1 manifest offered again (a downgrade) -> firmware.rejected reason={event['reason']}")
-    direct = updaters["device-002"].take_offer(rollback, lambda _: HttpImageSource("http://127.0.0.1:9/"))
+    direct = updaters["device-002"].take_offer(rollback, lambda _: _images("device-002", "https://127.0.0.1:9/"))
     say(f"the same offer handed to device-002 past the broker: {direct['state']} reason={direct['reason']}")

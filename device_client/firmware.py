@@ -49,6 +49,7 @@ from edge_core.firmware import (
     VerifiedOffer,
     VersionFloor,
     canonical_json,
+    offer_id,
     parse_root_document,
     verify_offer,
 )
@@ -87,13 +88,20 @@ class BytesSource:
 
 @dataclass
 class HttpImageSource:
-    """An image on the gateway's HTTP(S) server, fetched with a Range request for resuming."""
+    """An image on the gateway's image server, fetched over HTTPS with a Range request for resuming.
+
+    ``ssl_context`` is the device's own client context (``edge_runtime.tls.client_tls_context``: the
+    gateway verified against the device's CA, the device's certificate presented, TLS 1.3). A URL
+    that is not ``https://`` is refused before anything is sent (``not_https``).
+    """
 
     url: str
-    ssl_context: ssl.SSLContext | None = None
+    ssl_context: ssl.SSLContext
     timeout: float = 10.0
 
     def read_from(self, offset: int) -> Iterator[bytes]:
+        if not self.url.lower().startswith("https://"):
+            raise FetchError("not_https", f"{self.url[:200]} is not an https URL: images are fetched over TLS only")
         request = urllib.request.Request(self.url, headers={"Range": f"bytes={offset}-"} if offset else {})  # noqa: S310 - URL is signed-offer data, hash-checked
         try:
             with urllib.request.urlopen(request, timeout=self.timeout, context=self.ssl_context) as response:  # noqa: S310
@@ -335,18 +343,23 @@ async def serve_offers(
 
     After an install the device reboots (``boot()``, the bootloader's trial boot) and runs
     ``self_test(firmware, slot)``: healthy firmware is confirmed, anything else rolls back.
+    Every report names the offer it answers (``offer``: ``edge_core.firmware.offer_id``), also a
+    refusal that came before the signatures verified and so carries no version.
     """
     offer_topic = OFFER_TOPIC.format(device=firmware.device_id)
     report_topic = REPORT_TOPIC.format(device=firmware.device_id)
     await client.subscribe(offer_topic, qos=1)
 
-    async def report(body: dict[str, Any]) -> None:
-        await client.publish(report_topic, canonical_json({**body, "device": firmware.device_id}), qos=1)
-
     async for message in client.messages:
         if str(message.topic) != offer_topic:
             continue
         payload = message.payload if isinstance(message.payload, bytes) else b""
+        answered = offer_id(payload, max_size=firmware.policy.max_offer_size)
+
+        async def report(body: dict[str, Any], answered: str | None = answered) -> None:
+            await client.publish(report_topic, canonical_json({**body, "device": firmware.device_id,
+                                                               "offer": answered}), qos=1)
+
         outcome = await asyncio.to_thread(firmware.take_offer, payload, source_for)
         if outcome["state"] != "installed":
             await report(outcome)

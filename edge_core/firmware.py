@@ -83,6 +83,7 @@ __all__ = [
     "make_manifest",
     "make_offer",
     "make_root",
+    "offer_id",
     "pae",
     "parse_root_document",
     "sign_envelope",
@@ -356,6 +357,25 @@ def make_offer(manifest_envelope: bytes, *, roots: Sequence[bytes] = (), url: st
     if url is not None:
         offer["url"] = url
     return canonical_json(offer)
+
+
+def offer_id(payload: bytes, *, max_size: int = 64 * 1024) -> str | None:
+    """The identity of an offer: SHA-256 (hex) of the canonical JSON of the manifest envelope it carries.
+
+    It needs no trusted key, so a device can name the offer it answers even when it refuses the
+    offer before any signature verified (``unknown_key``, ``root_expired``); the publisher matches
+    reports to its rollout by it. None for bytes that carry no manifest object (or more than
+    ``max_size`` of them). For a verified offer it is SHA-256 of ``VerifiedOffer.manifest_envelope``.
+    """
+    if not isinstance(payload, bytes | bytearray | memoryview) or len(payload) > max_size:
+        return None
+    try:
+        manifest = strictjson.json_object(bytes(payload), "offer").get("manifest")
+        if not isinstance(manifest, dict):
+            return None
+        return hashlib.sha256(canonical_json(manifest)).hexdigest()
+    except (ValueError, TypeError, RecursionError):
+        return None
 
 
 def _ts(when: datetime) -> int:

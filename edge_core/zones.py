@@ -7,7 +7,9 @@ The model (``configs/zones.yaml``, docs/zones.md): the gateway sits in Zone 2 (o
 Each interface faces one zone; each conduit is a (from zone, to zone, protocol, port) that may be
 *initiated* in that direction. What the seed's zone model allows, and so what the check enforces:
 
-- Zone 1 -> Zone 2: MQTT over TLS into the gateway (devices; the rotation test endpoint);
+- Zone 1 -> Zone 2: MQTT over TLS into the gateway (devices; the rotation test endpoint), and
+  HTTPS into the gateway only on a conduit declared ``purpose: firmware-images`` (devices fetch
+  signed firmware images from the release publisher's image server);
 - Zone 2 -> Zone 3: MQTT over TLS or HTTPS out (the uplink, CRL fetches);
 - nothing initiated from Zone 3 inward, nothing from Zone 2 into Zone 1, nothing to or from Zone 0,
   and no plaintext protocol on any conduit.
@@ -36,6 +38,7 @@ __all__ = [
     "ZoneModel",
     "check_agent",
     "check_broker",
+    "check_firmware",
     "check_model",
     "check_uplink",
     "load_yaml",
@@ -47,6 +50,10 @@ __all__ = [
 PROTOCOLS = {"mqtt-tls": "tcp", "https": "tcp"}
 PLAINTEXT = frozenset({"mqtt", "http", "modbus", "opc-ua", "telnet", "ftp"})
 _INTO_DMZ = frozenset({"mqtt-tls"})
+#: the one named exception to _INTO_DMZ: devices fetch firmware images over HTTPS (TLS 1.3, mTLS)
+FIRMWARE_IMAGES = "firmware-images"
+#: conduit purposes: (from zone, to zone, protocol) each one is allowed for
+PURPOSES = {FIRMWARE_IMAGES: (1, 2, "https")}
 _OUT_OF_DMZ = frozenset({"mqtt-tls", "https"})
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -92,6 +99,8 @@ class Conduit:
     line: int | None
     #: outbound only: the local user (or uid) whose processes may use this conduit; None = any process
     user: str | None = None
+    #: a named exception to the zone rules (``PURPOSES``), e.g. ``firmware-images``; None = none
+    purpose: str | None = None
 
     @property
     def inbound(self) -> bool:
@@ -211,8 +220,16 @@ def parse_zones(text: bytes, *, source: str) -> ZoneModel:
         conduit = Conduit(name=sec.take("name", str, f"conduit-{index}"), source_zone=_int_zone(sec, "from"),
                           target_zone=_int_zone(sec, "to"), protocol=sec.take("protocol", str, required=True),
                           port=port, hosts=tuple(str(h) for h in sec.take("hosts", list, [])), line=line,
-                          user=_user(sec))
+                          user=_user(sec), purpose=sec.take("purpose", str, None))
         sec.done()
+        if conduit.purpose is not None:
+            allowed = PURPOSES.get(conduit.purpose)
+            if allowed is None:
+                raise sec.error("purpose", f"conduits[{index}].purpose: {conduit.purpose!r} is not one of "
+                                           f"{', '.join(sorted(PURPOSES))}")
+            if (conduit.source_zone, conduit.target_zone, conduit.protocol) != allowed:
+                raise sec.error("purpose", f"conduits[{index}].purpose: a {conduit.purpose} conduit is from: "
+                                           f"{allowed[0]}, to: {allowed[1]}, protocol: {allowed[2]}")
         if conduit.user is not None and conduit.source_zone != 2:
             raise sec.error("user", f"conduits[{index}].user: only an outbound conduit (from: 2) can be bound to "
                                     "the local user that opens it")
@@ -270,8 +287,10 @@ def check_model(model: ZoneModel) -> list[Violation]:
         elif 2 not in (c.source_zone, c.target_zone):
             add("not_via_gateway", c.line, f"{label}: the gateway only carries conduits of its own zone; a "
                                            "conduit skipping Zone 2 cannot be enforced here")
-        elif c.source_zone == 1 and c.protocol in PROTOCOLS and c.protocol not in _INTO_DMZ:
-            add("wrong_protocol", c.line, f"{label}: Zone 1 reaches the gateway over mqtt-tls only")
+        elif c.source_zone == 1 and c.protocol in PROTOCOLS and c.protocol not in _INTO_DMZ \
+                and c.purpose is None:
+            add("wrong_protocol", c.line, f"{label}: Zone 1 reaches the gateway over mqtt-tls only (and over "
+                                          f"https only on a conduit declared 'purpose: {FIRMWARE_IMAGES}')")
         elif c.source_zone == 2 and c.target_zone == 3 and c.protocol in PROTOCOLS and c.protocol not in _OUT_OF_DMZ:
             add("wrong_protocol", c.line, f"{label}: Zone 2 reaches Zone 3 over mqtt-tls or https only")
         if c.source_zone != 2 and c.target_zone == 2 and c.source_zone not in (0, 3, 4) \
@@ -335,7 +354,8 @@ class _Checker:
         if not is_loopback(host):
             self.add("not_loopback", line, f"{what} {value} must be on loopback; it serves this gateway only")
 
-    def listener(self, value: Any, line: int | None, what: str) -> None:
+    def listener(self, value: Any, line: int | None, what: str, *, protocol: str = "mqtt-tls",
+                 purpose: str | None = None, code: str = "listener_without_conduit") -> None:
         """A listener devices reach: loopback, or an address on an interface with an inbound conduit."""
         if not isinstance(value, str):
             return
@@ -367,11 +387,32 @@ class _Checker:
             return
         if iface.zone == 2:
             return
-        if not any(c.source_zone == iface.zone and c.target_zone == 2 and c.port == port
-                   and c.protocol == "mqtt-tls" for c in self.model.conduits):
-            self.add("listener_without_conduit", line, f"{what} listens on {address}:{port} ({iface.name}, Zone "
-                                                       f"{iface.zone}) but no mqtt-tls conduit from Zone "
-                                                       f"{iface.zone} to Zone 2 allows port {port}")
+        if not self.inbound_conduit(iface.zone, port, protocol, purpose):
+            kind = f"{protocol} conduit" + (f" with purpose {purpose}" if purpose else "")
+            self.add(code, line, f"{what} listens on {address}:{port} ({iface.name}, Zone {iface.zone}) but no "
+                                 f"{kind} from Zone {iface.zone} to Zone 2 allows port {port}")
+
+    def inbound_conduit(self, zone: int, port: int | None, protocol: str, purpose: str | None) -> bool:
+        return any(c.source_zone == zone and c.target_zone == 2 and c.port == port and c.protocol == protocol
+                   and c.purpose == purpose for c in self.model.conduits)
+
+    def image_url(self, host: str, port: int, line: int | None) -> None:
+        """Where devices are told to fetch images: a Zone 1 address (or name) a firmware-images conduit covers."""
+        what = f"publish.http.public_url {host}:{port}"
+        try:
+            address: Address | None = ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            address = None
+        if address is not None and address.is_loopback:
+            return  # this gateway's own devices under test: no conduit is crossed
+        zones = [1] if address is None else []
+        if address is not None:
+            iface = self.model.zone_of_address(address)
+            zones = [iface.zone] if iface is not None else []
+        if not any(self.inbound_conduit(zone, port, "https", FIRMWARE_IMAGES) for zone in zones):
+            self.add("image_url_without_conduit", line, f"{what}: devices in Zone 1 reach no image server there; "
+                                                        f"no https conduit with purpose {FIRMWARE_IMAGES} from "
+                                                        f"Zone 1 to an address of this gateway allows port {port}")
 
     def outbound(self, host: str, port: int, protocol: str, line: int | None, what: str, code: str) -> None:
         """A destination the gateway dials: must match a Zone 2 -> Zone 3 conduit of ``protocol``."""
@@ -436,6 +477,28 @@ def check_agent(model: ZoneModel, doc: Any, *, source: str) -> list[Violation]:
                                       "broker only")
     value, line = _get(doc, "status", "bind")
     chk.loopback_only(value, line, "status.bind")
+    return chk.out
+
+
+def check_firmware(model: ZoneModel, doc: Any, *, source: str) -> list[Violation]:
+    """``firmware.yaml``: the image server over HTTPS only, reachable from Zone 1 only over a declared
+    ``firmware-images`` conduit (or on loopback), never toward Zone 3."""
+    chk = _Checker(model, source)
+    url, url_line = _get(doc, "publish", "http", "public_url")
+    if isinstance(url, str):
+        scheme, host, url_port = _split_url(url)
+        if scheme != "https":
+            chk.add("plaintext_image_url", url_line, f"publish.http.public_url {url} is not HTTPS: devices fetch "
+                                                     "firmware images over TLS only")
+        else:
+            chk.image_url(host, url_port or 443, url_line)
+    value, line = _get(doc, "publish", "http", "bind")
+    chk.listener(value, line, "publish.http.bind", protocol="https", purpose=FIRMWARE_IMAGES,
+                 code="image_server_without_conduit")
+    host, line = _get(doc, "publish", "broker", "host")
+    if isinstance(host, str) and not is_loopback(host):
+        chk.add("not_loopback", line, f"publish.broker.host {host} must be loopback: the release publisher talks "
+                                      "to this gateway's broker only")
     return chk.out
 
 

@@ -1,11 +1,11 @@
-"""The TLS client side every component of ours uses toward the broker: TLS 1.3, our CA, our cert."""
+"""TLS contexts of our own components: TLS 1.3 only, our CA, our certificates, both sides authenticated."""
 
 from __future__ import annotations
 
 import ssl
 from pathlib import Path
 
-__all__ = ["client_tls_context"]
+__all__ = ["client_tls_context", "server_tls_context"]
 
 
 def client_tls_context(ca: Path, cert: Path, key: Path, *,
@@ -15,4 +15,19 @@ def client_tls_context(ca: Path, cert: Path, key: Path, *,
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.load_verify_locations(cafile=ca)
     ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def server_tls_context(cert: Path, key: Path, client_ca: Path) -> ssl.SSLContext:
+    """Serve ``cert``/``key`` over TLS 1.3 only; every client presents a certificate chaining to ``client_ca``.
+
+    No session tickets: every connection presents its certificate again (as on the broker's listener).
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.options |= ssl.OP_NO_TICKET
+    ctx.load_cert_chain(cert, key)
+    ctx.load_verify_locations(cafile=client_ca)
     return ctx

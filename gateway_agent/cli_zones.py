@@ -21,7 +21,8 @@ from edge_core.errors import ConfigError
 from edge_core.files import atomic_write_text
 
 DEFAULT_ZONES = Path("configs/zones.yaml")
-CHECKS = (("broker", zones.check_broker), ("agent", zones.check_agent), ("uplink", zones.check_uplink))
+CHECKS = (("broker", zones.check_broker), ("agent", zones.check_agent), ("uplink", zones.check_uplink),
+          ("firmware", zones.check_firmware))
 
 
 def add_parser(sub: Any) -> None:

@@ -2,10 +2,11 @@
 
 ``publish_release`` checks the release locally first (the manifest verifies against the
 pinned root chain, the image matches its signed digest), copies the image into the images
-directory under its SHA-256, serves that directory over HTTP(S) with Range support (so a
-device resumes after a power loss), and drives ``edge_core.firmware_rollout.Rollout`` over
-an MQTT session of its own: offers on ``devices/{device}/firmware/offer`` (the broker's
-firmware guard verifies each one again), reports from ``devices/+/firmware/report``.
+directory under its SHA-256, serves that directory over HTTPS (TLS 1.3, device certificates
+required) with Range support (so a device resumes after a power loss), and drives
+``edge_core.firmware_rollout.Rollout`` over an MQTT session of its own: offers on
+``devices/{device}/firmware/offer`` (the broker's firmware guard verifies each one again),
+reports from ``devices/+/firmware/report``, matched to the offer they answer (``offer_id``).
 """
 
 from __future__ import annotations
@@ -37,12 +38,13 @@ from edge_core.firmware import (
     ImageCheck,
     Manifest,
     make_offer,
+    offer_id,
     verify_release,
 )
 from edge_core.firmware_rollout import Rollout
 from edge_core.registry import parse_registry
 from edge_runtime.mqtt import suback_refused
-from edge_runtime.tls import client_tls_context
+from edge_runtime.tls import client_tls_context, server_tls_context
 from gateway_agent.firmware_settings import PublishSettings
 
 __all__ = ["ImageServer", "PublishResult", "check_release", "publish_release"]
@@ -51,6 +53,33 @@ REPORT_FILTER = "devices/+/firmware/report"
 _REPORT_RE = re.compile(r"devices/([^/]+)/firmware/report")
 _IMAGE_PATH = re.compile(r"/firmware/([0-9a-f]{64})")
 _RANGE = re.compile(r"bytes=(\d+)-")
+
+
+class _Refused(Exception):
+    """A connection whose TLS handshake failed (already reported as an event)."""
+
+
+class _TlsServer(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        return  # refused handshakes are events already; a client hanging up mid-download is no error of ours
+
+
+def _tls_reason(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "tls_handshake_timeout"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return "cert_verify_failed"
+    if isinstance(exc, ssl.SSLError):
+        reason = (exc.reason or "").upper()
+        if "PEER_DID_NOT_RETURN_A_CERTIFICATE" in reason or "CERTIFICATE_REQUIRED" in reason:
+            return "no_client_cert"
+        if "CERTIFICATE_VERIFY_FAILED" in reason or "UNKNOWN_CA" in reason:
+            return "cert_verify_failed"
+        if "UNSUPPORTED_PROTOCOL" in reason or "VERSION" in reason:
+            return "tls_version"
+        if "HTTP_REQUEST" in reason:
+            return "not_tls"
+    return "tls_handshake_failed"
 
 
 def check_release(chain: list[bytes], manifest_envelope: bytes, image: Path, *, clock: Clock) -> Manifest:
@@ -68,16 +97,39 @@ def check_release(chain: list[bytes], manifest_envelope: bytes, image: Path, *, 
 
 
 class ImageServer:
-    """Serves ``images_dir/<sha256>`` at ``/firmware/<sha256>``, with ``Range: bytes=N-``; nothing else."""
+    """Serves ``images_dir/<sha256>`` at ``/firmware/<sha256>``, with ``Range: bytes=N-``; nothing else.
 
-    def __init__(self, images_dir: Path, host: str, port: int, *, cert: Path | None = None,
-                 key: Path | None = None) -> None:
+    HTTPS only: TLS 1.3, and every client presents a certificate chaining to ``client_ca`` (the
+    devices' CA, as on the broker's listener). The handshake runs in the connection's own thread
+    with a deadline, so a client that stalls it holds no one else up. A refused handshake is the
+    event ``firmware.image_tls_rejected`` with a reason code.
+    """
+
+    def __init__(self, images_dir: Path, host: str, port: int, *, cert: Path, key: Path, client_ca: Path,
+                 events: SecurityEvents | None = None, handshake_timeout: float = 10.0) -> None:
         self.images_dir = images_dir
         directory = images_dir
+        try:
+            ctx = server_tls_context(cert, key, client_ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load the image server's TLS material ({cert}, {key}, {client_ca}): {exc}",
+                              hint="check publish.http: cert, key, client_ca") from exc
+        log = events if events is not None else SecurityEvents("firmware_publish")
 
         class Handler(BaseHTTPRequestHandler):
             server_version = "edge-firmware"
             sys_version = ""
+            timeout = handshake_timeout
+
+            def setup(self) -> None:
+                self.request.settimeout(handshake_timeout)
+                try:
+                    self.request.do_handshake()
+                except (OSError, ssl.SSLError) as exc:
+                    log.emit("firmware.image_tls_rejected", _tls_reason(exc), level="warning",
+                             peer=str(self.client_address[0]), detail=str(exc)[:200])
+                    raise _Refused from exc
+                super().setup()
 
             def log_message(self, format: str, *args: Any) -> None:
                 return
@@ -106,14 +158,10 @@ class ImageServer:
                     handle.seek(offset)
                     shutil.copyfileobj(handle, self.wfile, 1 << 16)
 
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        self.httpd = _TlsServer((host, port), Handler)
         self.httpd.daemon_threads = True
-        if cert is not None:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-            ctx.load_cert_chain(cert, key)
-            self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="firmware-http", daemon=True)
+        self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True, do_handshake_on_connect=False)
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="firmware-https", daemon=True)
 
     @property
     def port(self) -> int:
@@ -168,7 +216,8 @@ async def publish_release(
                           source=str(settings.registry))
     release_id = manifest.digest
     rollout = Rollout(devices, settings.rollout, release_id=release_id, now=clock.now())
-    server = ImageServer(settings.images_dir, *settings.http_bind, cert=settings.http_cert, key=settings.http_key)
+    server = ImageServer(settings.images_dir, *settings.http_bind, cert=settings.http_cert, key=settings.http_key,
+                         client_ca=settings.http_client_ca, events=events)
     events.emit("firmware.rollout_started", device_class=manifest.device_class, version=manifest.version,
                 devices=len(devices), canaries=list(rollout.canaries))
     with server.running():
@@ -196,7 +245,8 @@ async def _drive(settings: PublishSettings, rollout: Rollout, offer: bytes, mani
             if any(suback_refused(code) for code in granted):
                 raise ConfigError(f"the broker refused {REPORT_FILTER}",
                                   hint="grant the release publisher 'subscribe devices/+/firmware/report'")
-            reader = asyncio.create_task(_read_reports(client, rollout, manifest, clock=clock, events=events))
+            reader = asyncio.create_task(_read_reports(client, rollout, manifest, offer_id(offer), clock=clock,
+                                                       events=events))
             try:
                 while not rollout.finished:
                     if reader.done():
@@ -214,8 +264,11 @@ async def _drive(settings: PublishSettings, rollout: Rollout, offer: bytes, mani
         raise FetchError("broker_unreachable", f"release session to {settings.host}:{settings.port}: {exc}") from exc
 
 
-async def _read_reports(client: aiomqtt.Client, rollout: Rollout, manifest: Manifest, *, clock: Clock,
-                        events: SecurityEvents) -> None:
+async def _read_reports(client: aiomqtt.Client, rollout: Rollout, manifest: Manifest, offered: str | None, *,
+                        clock: Clock, events: SecurityEvents) -> None:
+    """Reports about this release: those naming our offer (``offer``, also refusals that carry no
+    version because the device refused before the signatures verified), or, from a device that
+    names no offer, those carrying the release's version."""
     async for message in client.messages:
         match = _REPORT_RE.fullmatch(str(message.topic))
         if match is None:
@@ -223,11 +276,13 @@ async def _read_reports(client: aiomqtt.Client, rollout: Rollout, manifest: Mani
         device = match.group(1)  # the ACL lets only the device itself publish here
         try:
             report = strictjson.loads(message.payload if isinstance(message.payload, bytes) else b"")
-            state, version = str(report["state"]), report.get("version")
-        except (ValueError, KeyError, TypeError):
+            state, version, answered = str(report["state"]), report.get("version"), report.get("offer")
+        except (ValueError, KeyError, TypeError, AttributeError):
             events.emit("firmware.bad_report", "malformed", level="warning", device=device)
             continue
-        if version != manifest.version:
+        if answered is not None and answered != offered:
+            continue  # about another offer
+        if answered is None and version != manifest.version:
             continue  # about another release
         reason = report.get("reason")
         rollout.report(device, state, clock.now(), reason=str(reason) if reason is not None else None)

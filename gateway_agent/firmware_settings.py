@@ -33,8 +33,9 @@ class PublishSettings:
     images_dir: Path
     http_bind: tuple[str, int]
     public_url: str
-    http_cert: Path | None
-    http_key: Path | None
+    http_cert: Path
+    http_key: Path
+    http_client_ca: Path
     rollout: RolloutPolicy
 
 
@@ -131,13 +132,11 @@ def parse_firmware_settings(text: bytes, *, source: str, base_dir: Path) -> Firm
         if not bport.isdigit():
             raise hsec.error("bind", "publish.http.bind must be host:port")
         public_url = hsec.take("public_url", str, required=True).rstrip("/")
-        if not public_url.startswith(("http://", "https://")):
-            raise hsec.error("public_url", "publish.http.public_url must be an http(s) URL devices can reach")
-        http_cert = path(hsec, "cert") if "cert" in hsec.data else None
-        http_key = path(hsec, "key") if http_cert is not None else None
+        if not public_url.startswith("https://"):
+            raise hsec.error("public_url", "publish.http.public_url must be an https URL devices can reach: the "
+                                           "image server serves HTTPS (TLS 1.3) only")
+        http_cert, http_key, http_client_ca = path(hsec, "cert"), path(hsec, "key"), path(hsec, "client_ca")
         hsec.done()
-        if public_url.startswith("https://") != (http_cert is not None):
-            raise pub.error("http", "publish.http: an https public_url needs cert and key, and only then")
         try:
             rollout = RolloutPolicy(
                 canary_percent=pub.take("canary_percent", float, 10.0),
@@ -151,7 +150,7 @@ def parse_firmware_settings(text: bytes, *, source: str, base_dir: Path) -> Firm
             host=host, port=port, ca=ca, cert=cert, key=key, client_id=client_id, registry=path(pub, "registry"),
             class_attribute=pub.take("class_attribute", str, "firmware_class"),
             images_dir=path(pub, "images_dir"), http_bind=(bhost.strip("[]"), int(bport)), public_url=public_url,
-            http_cert=http_cert, http_key=http_key, rollout=rollout,
+            http_cert=http_cert, http_key=http_key, http_client_ca=http_client_ca, rollout=rollout,
         )
         pub.done()
     top.done()

@@ -131,3 +131,23 @@ def test_shipped_settings_load() -> None:
     assert shipped.token is not None and shipped.token.pin_env == "FIRMWARE_TOKEN_PIN"
     assert shipped.publish is not None and shipped.publish.rollout.max_failures == 0
     assert shipped.release_keys == ("release-1", "release-2") and not shipped.unsafe_files
+
+
+def test_image_server_is_https_with_device_certificates_only(tmp_path: Path) -> None:
+    from edge_core.errors import ConfigError
+    from gateway_agent.firmware_settings import load_firmware_settings
+
+    shipped = (Path(__file__).resolve().parents[2] / "configs" / "firmware.yaml").read_text()
+    loaded = load_firmware_settings(Path(__file__).resolve().parents[2] / "configs" / "firmware.yaml").publish
+    assert loaded is not None and loaded.public_url.startswith("https://")
+    assert loaded.http_client_ca.name == "ca-chain.pem"
+    for old, new, problem in (
+        ("public_url: https://", "public_url: http://", "must be an https URL"),
+        ("    client_ca: ../certs-dev/ca-chain.pem", "", "client_ca"),
+        ("    cert: ../certs-dev/broker.crt", "", "cert"),
+    ):
+        path = tmp_path / "firmware.yaml"
+        path.write_text(shipped.replace(old, new))
+        with pytest.raises(ConfigError) as err:
+            load_firmware_settings(path)
+        assert problem in str(err.value) and err.value.line is not None, str(err.value)

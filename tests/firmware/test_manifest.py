@@ -184,3 +184,23 @@ def _b64(data: bytes) -> str:
 def _unb64(text: str) -> bytes:
     import base64
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def test_offer_id_names_an_offer_even_when_it_is_refused() -> None:
+    import hashlib
+
+    from edge_core.firmware import offer_id
+
+    release = Release()
+    envelope = release.manifest(IMAGE)
+    offer = make_offer(envelope, url="https://127.0.0.1:1/img")
+    verified = verify_offer(offer, root=release.pinned_root(), device_class=CLASS, floor=VersionFloor(1), now=NOW)
+    assert offer_id(offer) == hashlib.sha256(verified.manifest_envelope).hexdigest()
+    # the same manifest with another URL or root chain is the same offer; another manifest is not
+    assert offer_id(make_offer(envelope, roots=release.chain)) == offer_id(offer)
+    assert offer_id(release.offer(IMAGE, version=3)) != offer_id(offer)
+    # a device that trusts other keys refuses before any signature verified, yet can name the offer
+    stranger = Release()
+    assert verdict(offer, stranger) == "unknown_key" and offer_id(offer) is not None
+    for junk in (b"", b"[]", b'{"manifest": 1}', b"\xff", b'{"manifest": {"a": 1.5}}', b"{" * 100000):
+        assert offer_id(junk) is None

@@ -1,4 +1,4 @@
-"""A staged rollout through the real broker: real TLS, real device clients, the image over HTTP.
+"""A staged rollout through the real broker: real TLS, real device clients, the image over HTTPS (mTLS).
 
 The publisher offers canaries first; devices verify, download (resuming with Range),
 install A/B, trial-boot and report. Failure reports halt the rollout before anyone else
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,10 +18,11 @@ import aiomqtt
 import pytest
 
 from device_client.firmware import DeviceFirmware, HttpImageSource, serve_offers
-from edge_core.clock import SystemClock
+from edge_core.clock import Clock, ManualClock, SystemClock
 from edge_core.events import SecurityEvents
 from edge_core.firmware_rollout import RolloutPolicy
 from edge_core.registry import DeviceEntry, Registry, dump_registry, parse_registry
+from edge_runtime.tls import client_tls_context
 from gateway_agent.firmware_publish import PublishResult, publish_release
 from gateway_agent.firmware_settings import PublishSettings
 from tests.broker.acl_fixture import TEST_ACL, write_acl
@@ -65,14 +67,15 @@ def publish_settings(b: BrokerThread, pki: DevPki, tmp_path: Path, registry: Pat
     return PublishSettings(host="127.0.0.1", port=b.port, ca=pki.chain, cert=cred.cert, key=cred.key,
                            client_id="sensor-01", registry=registry, class_attribute="firmware_class",
                            images_dir=tmp_path / "images", http_bind=("127.0.0.1", 0),
-                           public_url="http://127.0.0.1:0", http_cert=None, http_key=None, rollout=policy)
+                           public_url="https://127.0.0.1:0", http_cert=pki.root / "broker.crt",
+                           http_key=pki.root / "broker.key", http_client_ca=pki.chain, rollout=policy)
 
 
 async def run_devices(b: BrokerThread, pki: DevPki, tmp_path: Path, release: Release, *, healthy: bool,
-                      offers: dict[str, int]) -> list[asyncio.Task[None]]:
+                      offers: dict[str, int], pinned: bytes | None = None) -> list[asyncio.Task[None]]:
     tasks = []
     for device in DEVICES:
-        DeviceFirmware.provision(tmp_path / device, pinned_root=release.chain[0], image=OLD, version=1)
+        DeviceFirmware.provision(tmp_path / device, pinned_root=pinned or release.chain[0], image=OLD, version=1)
         fw = DeviceFirmware(device, "pump-ctl", tmp_path / device, SystemClock())
         client = aiomqtt.Client("127.0.0.1", b.port, identifier=device,
                                 tls_context=tls_context(pki.chain, pki.device(device)),
@@ -82,10 +85,14 @@ async def run_devices(b: BrokerThread, pki: DevPki, tmp_path: Path, release: Rel
             offers[name] = offers.get(name, 0) + 1
             return healthy and firmware.slot_image(slot) == NEW
 
+        cred = pki.device(device)
+        images_tls = client_tls_context(pki.chain, cred.cert, cred.key)
+
         async def device_main(client: aiomqtt.Client = client, fw: DeviceFirmware = fw,
-                              self_test: Callable[[DeviceFirmware, str], bool] = self_test) -> None:
-            async with client:
-                await serve_offers(client, fw, source_for=lambda offer: HttpImageSource(str(offer.url)),
+                              self_test: Callable[[DeviceFirmware, str], bool] = self_test,
+                              tls: ssl.SSLContext = images_tls) -> None:
+            async with client:  # the image is fetched with the device's own certificate (mTLS)
+                await serve_offers(client, fw, source_for=lambda offer: HttpImageSource(str(offer.url), tls),
                                    self_test=self_test)
         tasks.append(asyncio.create_task(device_main()))
     await asyncio.sleep(0.5)  # subscribed
@@ -101,16 +108,18 @@ async def stop(tasks: list[asyncio.Task[None]]) -> None:
 
 
 async def rollout(b: BrokerThread, pki: DevPki, tmp_path: Path, registry: Path, release: Release, *,
-                  healthy: bool, policy: RolloutPolicy, events: SecurityEvents) -> tuple[PublishResult, dict[str, int]]:
+                  healthy: bool, policy: RolloutPolicy, events: SecurityEvents, clock: Clock | None = None,
+                  pinned: bytes | None = None, deadline: float = 60) -> tuple[PublishResult, dict[str, int]]:
     """Three devices run the reference updater; the publisher rolls release v2 out to them."""
     image = tmp_path / "fw.bin"
     image.write_bytes(NEW)
     offers: dict[str, int] = {}
-    tasks = await run_devices(b, pki, tmp_path, release, healthy=healthy, offers=offers)
+    tasks = await run_devices(b, pki, tmp_path, release, healthy=healthy, offers=offers, pinned=pinned)
     try:
         result = await asyncio.wait_for(publish_release(
             publish_settings(b, pki, tmp_path, registry, policy), chain=release.chain,
-            manifest_envelope=release.manifest(NEW, version=2), image=image, clock=SystemClock(), events=events), 60)
+            manifest_envelope=release.manifest(NEW, version=2), image=image, clock=clock or SystemClock(),
+            events=events), deadline)
         await asyncio.sleep(0.5)  # anything still in flight arrives (nothing may, after a halt)
     finally:
         await stop(tasks)
@@ -153,3 +162,21 @@ async def test_failure_reports_halt_the_rollout(broker: tuple[BrokerThread, Rele
         fw = DeviceFirmware(device, "pump-ctl", tmp_path / device, SystemClock())
         assert fw.version == 1 and fw.boot() == "a"  # the canary rolled back; the others never changed
     assert b.events.count("firmware.accepted") == 1
+
+
+async def test_refusal_before_the_signatures_halts_at_once(broker: tuple[BrokerThread, Release], pki: DevPki,
+                                                           tmp_path: Path, registry_file: Path) -> None:
+    """A canary that trusts other release keys refuses with ``unknown_key``, before any signature verified,
+    so its report carries no version: it names the offer instead, and the rollout halts on it. The clock
+    never moves, so ``report_timeout`` cannot be what halts it."""
+    b, release = broker
+    events = SecurityEvents("test")
+    result, offers = await rollout(b, pki, tmp_path, registry_file, release, healthy=True, events=events,
+                                   clock=ManualClock(datetime.now(UTC)), pinned=Release(now=release.now).chain[0],
+                                   policy=RolloutPolicy(canary_percent=30, rate_per_second=5), deadline=20)
+    assert result.halted
+    (canary,) = result.summary["canaries"]  # type: ignore[misc]
+    assert result.summary["failed"] == {canary: "refused:unknown_key"}
+    assert result.summary["offered"] == 1 and offers == {}  # nobody else was offered it, nothing installed
+    (report,) = [e for e in events.recent() if e["event"] == "firmware.report"]
+    assert report["device"] == canary and report["reason"] == "unknown_key" and report["version"] is None

@@ -41,6 +41,8 @@ interfaces:
   {{gw3}}: {{zone: 3, addresses: [{GW3}/24]}}
 conduits:
   - {{name: devices-mqtt, from: 1, to: 2, protocol: mqtt-tls, port: 8883}}
+  - {{name: rotation-test-endpoint, from: 1, to: 2, protocol: mqtt-tls, port: 8884}}
+  - {{name: firmware-images, from: 1, to: 2, protocol: https, purpose: firmware-images, port: 8470}}
   - {{name: cloud-uplink, from: 2, to: 3, protocol: mqtt-tls, port: 8883, hosts: [{Z3}], user: root}}
   - {{name: crl-fetch, from: 2, to: 3, protocol: https, port: 443}}
 """
@@ -148,8 +150,9 @@ def lab() -> Iterator[Lab]:
     lab = Lab()
     try:
         lab.up()
-        lab.serve(lab.gw, f"{GW1}:8883", f"{GW1}:2222", f"{GW3}:8883", f"{GW3}:2222")
-        lab.serve(lab.z1, f"{Z1}:2222", f"{Z1}:8883")
+        lab.serve(lab.gw, f"{GW1}:8883", f"{GW1}:8884", f"{GW1}:8470", f"{GW1}:2222", f"{GW3}:8883",
+                  f"{GW3}:8470", f"{GW3}:2222")
+        lab.serve(lab.z1, f"{Z1}:2222", f"{Z1}:8883", f"{Z1}:8470")
         lab.serve(lab.z3, f"{Z3}:8883", f"{Z3}:443", f"{Z3}:2222")
         time.sleep(0.1)
         yield lab
@@ -160,14 +163,18 @@ def lab() -> Iterator[Lab]:
 def _matrix(lab: Lab) -> dict[str, bool]:
     return {
         "z1 -> gw:8883": lab.reaches(lab.z1, GW1, 8883),
+        "z1 -> gw:8884": lab.reaches(lab.z1, GW1, 8884),
+        "z1 -> gw:8470": lab.reaches(lab.z1, GW1, 8470),
         "z1 -> gw:2222": lab.reaches(lab.z1, GW1, 2222),
         "z3 -> gw:8883": lab.reaches(lab.z3, GW3, 8883),
+        "z3 -> gw:8470": lab.reaches(lab.z3, GW3, 8470),
         "z3 -> gw:2222": lab.reaches(lab.z3, GW3, 2222),
         "gw -> z3:8883": lab.reaches(lab.gw, Z3, 8883),
         "gw -> z3:443": lab.reaches(lab.gw, Z3, 443),
         "gw -> z3:2222": lab.reaches(lab.gw, Z3, 2222),
         "gw -> z1:2222": lab.reaches(lab.gw, Z1, 2222),
         "gw -> z1:8883": lab.reaches(lab.gw, Z1, 8883),
+        "gw -> z1:8470": lab.reaches(lab.gw, Z1, 8470),
         "gw as nobody -> z3:8883": lab.reaches(lab.gw, Z3, 8883, as_nobody=True),
         "gw as nobody -> z3:443": lab.reaches(lab.gw, Z3, 443, as_nobody=True),
     }
@@ -185,15 +192,19 @@ def test_ruleset_enforces_exactly_the_conduits(lab: Lab, tmp_path: Path) -> None
     _sh("ip", "netns", "exec", lab.gw, "nft", "-f", str(rules))
 
     assert _matrix(lab) == {
-        "z1 -> gw:8883": True,    # Zone 1 reaches the broker port ...
-        "z1 -> gw:2222": False,   # ... and only that
+        "z1 -> gw:8883": True,    # Zone 1 reaches the broker port,
+        "z1 -> gw:8884": True,    # the rotation test endpoint,
+        "z1 -> gw:8470": True,    # the firmware image server (its declared HTTPS conduit) ...
+        "z1 -> gw:2222": False,   # ... and nothing else
         "z3 -> gw:8883": False,   # nothing in from Zone 3, not even the broker port
+        "z3 -> gw:8470": False,   # nor the image port
         "z3 -> gw:2222": False,
         "gw -> z3:8883": True,    # the uplink, outbound
         "gw -> z3:443": True,     # CRL fetch, outbound
         "gw -> z3:2222": False,   # no other way out
         "gw -> z1:2222": False,   # the DMZ does not reach into the control zone
         "gw -> z1:8883": False,
+        "gw -> z1:8470": False,   # the image conduit is inbound only
         "gw as nobody -> z3:8883": False,  # the uplink conduit is bound to its user (here root)
         "gw as nobody -> z3:443": True,    # the CRL conduit is not bound to a user
     }

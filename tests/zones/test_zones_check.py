@@ -21,8 +21,8 @@ def test_shipped_configs_are_compliant(capsys: pytest.CaptureFixture[str]) -> No
     assert main(["zones", "check", "--zones", str(CONFIGS / "zones.yaml")]) == 0
     err = capsys.readouterr().err
     assert "compliant" in err
-    for name in ("broker.yaml", "agent.yaml", "uplink.yaml"):
-        assert name in err  # all three were checked, not skipped
+    for name in ("broker.yaml", "agent.yaml", "uplink.yaml", "firmware.yaml"):
+        assert name in err  # all four were checked, not skipped
 
 
 @pytest.mark.parametrize("bad", CORPUS, ids=[p.stem for p in CORPUS])
@@ -86,3 +86,42 @@ def test_user_binding_only_on_outbound_conduits(tmp_path: Path, capsys: pytest.C
     bad.write_text(text.replace("    port: 8884\n", "    port: 8884\n    user: edge-broker\n"))
     assert main(["zones", "check", "--zones", str(bad)]) == 3
     assert "only an outbound conduit" in capsys.readouterr().err
+
+
+def test_firmware_images_conduit_is_the_only_https_into_the_dmz(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    text = (CONFIGS / "zones.yaml").read_text()
+    model = zones.parse_zones(text.encode(), source="z.yaml")
+    (images,) = [c for c in model.conduits if c.purpose == "firmware-images"]
+    assert (images.source_zone, images.target_zone, images.protocol, images.port) == (1, 2, "https", 8470)
+    assert zones.check_model(model) == []
+    # the same conduit without its declared purpose is an HTTPS inbound like any other: refused
+    bare = text.replace("    purpose: firmware-images\n", "")
+    found = zones.check_model(zones.parse_zones(bare.encode(), source="z.yaml"))
+    assert [v.code for v in found] == ["wrong_protocol"] and "purpose: firmware-images" in found[0].message
+    # the purpose fits one direction and protocol only; anything else is refused with file and line
+    for old, new in (("    purpose: firmware-images", "    purpose: web-ui"),
+                     ("    protocol: https               #", "    protocol: mqtt-tls            #")):
+        bad = tmp_path / "zones.yaml"
+        bad.write_text(text.replace(old, new))
+        assert main(["zones", "check", "--zones", str(bad)]) == 3
+        assert f"{bad}:" in capsys.readouterr().err
+
+
+def test_image_server_on_the_zone1_address_of_its_conduit_passes() -> None:
+    model = zones.parse_zones((CONFIGS / "zones.yaml").read_bytes(), source="zones.yaml")
+    site = zones.load_yaml(b"publish:\n  broker: {host: 127.0.0.1}\n  http:\n    bind: 10.10.1.10:8470\n"
+                           b"    public_url: https://10.10.1.10:8470\n", source="firmware.yaml")
+    assert zones.check_firmware(model, site, source="firmware.yaml") == []
+    named = zones.load_yaml(b"publish:\n  http:\n    bind: 10.10.1.10:8470\n"
+                            b"    public_url: https://gateway.plant.example:8470\n", source="firmware.yaml")
+    assert zones.check_firmware(model, named, source="firmware.yaml") == []
+
+
+def test_nft_opens_the_image_port_from_zone1_only() -> None:
+    model = zones.parse_zones((CONFIGS / "zones.yaml").read_bytes(), source="zones.yaml")
+    inbound = [row for row in zones.render_nftables(model).splitlines() if "ct state new accept" in row
+               and "iifname" in row]
+    assert [row.split("tcp dport ")[1].split()[0] for row in inbound] == ["8883", "8884", "8470"]
+    assert all('iifname "eth0" ip saddr { 10.10.1.0/24 } ip daddr { 10.10.1.10 }' in row for row in inbound)
+    assert 'comment "firmware-images: Zone 1 -> 2 https"' in inbound[2]
