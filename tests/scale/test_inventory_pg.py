@@ -271,7 +271,7 @@ async def test_the_heartbeat_keeps_the_lease_while_the_agents_loop_is_blocked(pg
     try:
         await lease.wait_changed(5)  # woken from the heartbeat's thread when it acquires
         assert lease.is_leader
-        time.sleep(5)  # a long synchronous scan: 2.5 leases without a turn of this loop
+        time.sleep(5)  # noqa: ASYNC251 - the point: a synchronous scan holds this loop for 2.5 leases
         assert lease.is_leader and events.count("leader.lost") == 0
         rival = LeaderLease(pg_url, holder="rival", ttl=timedelta(seconds=2), events=events)
         async with await _lease_conn(pg_url) as conn:
