@@ -36,7 +36,6 @@ from broker_plugins.engine.session import Message, Outgoing, Session
 from broker_plugins.engine.store import SessionStore, StoredMessage
 from broker_plugins.settings import Limits
 from edge_core.events import SecurityEvents
-from edge_core.topics import topic_filter_problem
 
 __all__ = ["Engine", "Hooks"]
 
@@ -614,13 +613,8 @@ class Engine:
         codes: list[int] = []
         limits = self.limits
         for topic_filter, qos in packet.requests:
+            # a malformed filter never gets here: the codec closes the connection (invalid_topic_filter)
             reason = None
-            problem = topic_filter_problem(topic_filter)
-            if problem is not None:
-                self.events.emit("subscribe.rejected", "invalid_filter", level="warning", device=session.client_id,
-                                 filter=topic_filter[:200], detail=problem)
-                codes.append(SUBACK_FAILURE)
-                continue
             if len(topic_filter.encode("utf-8")) > limits.max_topic_length:
                 reason = "topic_too_long"
             elif topic_filter.count("/") >= limits.max_topic_levels:
