@@ -650,22 +650,47 @@ class Engine:
                 self._send_retained(session, topic_filter, code)
 
     def _send_retained(self, session: Session, topic_filter: str, qos: int) -> None:
-        """Retained messages for a new subscription, in batches that yield to the loop."""
+        """Retained messages for a new subscription, in batches that yield to the loop.
+
+        The match walks the retained trie lazily and tolerates changes between batches (a
+        retained message set or cleared meanwhile): every one stored throughout is sent. The
+        delivery stops, with ``retained.abandoned``, when the connection that subscribed is
+        gone (``connection_closed``), the filter was unsubscribed (``unsubscribed``) or the
+        client took nothing for ``write_timeout`` (``write_timeout``).
+        """
         matches = self.retained.match(topic_filter)
+        subscriber = session.connection
         loop = asyncio.get_running_loop()
-        deadline = time.monotonic() + self.limits.write_timeout
+        write_timeout = self.limits.write_timeout
+        sent = 0
+        deadline = time.monotonic() + write_timeout
+
+        def abandon(reason: str) -> None:
+            if next(matches, None) is None:
+                return  # nothing was left to send
+            self.events.emit("retained.abandoned", reason, level="warning" if reason == "write_timeout" else "info",
+                             device=session.client_id, filter=topic_filter[:200], sent=sent)
 
         def batch() -> None:
+            nonlocal sent, deadline
             conn = session.connection
-            if conn is None:
+            if conn is None or conn is not subscriber or conn.closing:
+                abandon("connection_closed")
+                return
+            if topic_filter not in session.subscriptions:
+                abandon("unsubscribed")
                 return
             if not conn.writable or len(session.queue) >= self.limits.outbound_queue_messages // 2:
                 if time.monotonic() < deadline:
                     loop.call_later(0.01, batch)  # let the client read; the write timeout cuts a stalled one
+                else:
+                    abandon("write_timeout")
                 return
+            deadline = time.monotonic() + write_timeout  # it took the last batch: measured from here
             for count, (_, retained) in enumerate(matches):
                 message = retained.message
                 self.deliver(session, message, min(qos, message.qos), retain=True)
+                sent += 1
                 if count + 1 >= _RETAINED_BATCH:
                     loop.call_soon(batch)
                     return
