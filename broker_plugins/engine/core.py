@@ -86,6 +86,7 @@ class Engine:
         self._seq = 0
         self.messages_in = 0
         self.messages_out = 0
+        self.messages_dropped = 0  # every delivery a full queue refused (the events about it are rate-limited)
 
     # -- start-up and shutdown -------------------------------------------------------
 
@@ -130,6 +131,7 @@ class Engine:
                 "persistent": sum(1 for s in self.sessions.values() if not s.clean),
                 "queued": sum(len(s.queue) for s in self.sessions.values()),
                 "messages_in": self.messages_in, "messages_out": self.messages_out,
+                "messages_dropped": self.messages_dropped,
                 "store": "sqlite" if self.store.durable else "memory"}
 
     def connected_sessions(self) -> list[Session]:
@@ -458,6 +460,7 @@ class Engine:
         if dropped is None:
             session.drop_streak = 0
             return
+        self.messages_dropped += 1
         if dropped.seq:
             self.store.remove_message(session.client_id, dropped.seq)
         session.drop_streak += 1
