@@ -18,6 +18,7 @@ order on a connection:
    the queue drains.
 
 Every delivery (live, retained, queued, will) passes ``may_receive`` when it is written.
+A planned shutdown (``withhold_wills``, SIGTERM) fires no will: the devices did not go away.
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ class Engine:
         self.messages_in = 0
         self.messages_out = 0
         self.messages_dropped = 0  # every delivery a full queue refused (the events about it are rate-limited)
+        self.stopping = False  # a planned shutdown began: wills are withheld
 
     # -- start-up and shutdown -------------------------------------------------------
 
@@ -125,6 +127,25 @@ class Engine:
     def abort_all(self) -> None:
         for connection in list(self._connections):
             connection.abort()
+
+    def withhold_wills(self) -> int:
+        """A planned shutdown begins: no will fires from here on; returns how many were withheld.
+
+        A will says that a device went away; a broker that stops on purpose has not seen that,
+        so closing every connection must not announce the whole fleet offline. Wills are not
+        kept in the store (a device gives its will again in its next CONNECT), so a withheld
+        will is dropped. One ``will.suppressed reason=broker_shutdown`` event gives the count.
+        """
+        if self.stopping:
+            return 0
+        self.stopping = True
+        withheld = 0
+        for session in self.sessions.values():
+            if session.connection is not None and session.will is not None:
+                session.will = None
+                withheld += 1
+        self.events.emit("will.suppressed", "broker_shutdown", withheld=withheld)
+        return withheld
 
     def status(self) -> dict[str, object]:
         return {"subscriptions": len(self.subscriptions), "retained": len(self.retained),
@@ -265,7 +286,10 @@ class Engine:
         will = session.will
         session.will = None
         if will is not None and not conn.graceful:
-            if session.cut_reason is not None:
+            if self.stopping:  # admitted while the shutdown began
+                self.events.emit("will.suppressed", "broker_shutdown", device=session.client_id, topic=will.topic,
+                                 withheld=1)
+            elif session.cut_reason is not None:
                 self.events.emit("will.suppressed", session.cut_reason, device=session.client_id, topic=will.topic)
             else:
                 self._fire_will(session, will)
