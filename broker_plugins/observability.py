@@ -38,6 +38,8 @@ def install_observability(edge: EdgeBroker, server: StatusServer, metrics: Metri
     metrics.gauge("retained_messages", lambda: _retained(edge))
     metrics.counter("messages", lambda: _messages(edge),
                     documentation="PUBLISH messages received from clients and sent to them", labels=("direction",))
+    metrics.counter("messages_dropped", lambda: _dropped(edge),
+                    documentation="Deliveries dropped because the receiving session's queue was full")
     metrics.gauge("crl_next_update_timestamp_seconds", lambda: _crl_next_update(edge))
     metrics.gauge("crl_this_update_timestamp_seconds", lambda: _crl_this_update(edge))
     metrics.gauge("crl_fresh", lambda: _crl_fresh(edge))
@@ -106,6 +108,10 @@ def _messages(edge: EdgeBroker) -> dict[str, float] | None:
         return None
     engine = edge.broker.engine
     return {"received": float(engine.messages_in), "sent": float(engine.messages_out)}
+
+
+def _dropped(edge: EdgeBroker) -> float | None:
+    return float(edge.broker.engine.messages_dropped) if edge.broker is not None else None
 
 
 def _crl_next_update(edge: EdgeBroker) -> dict[str, float] | None:

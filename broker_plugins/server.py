@@ -283,6 +283,8 @@ class EdgeBroker:
         return "changed"
 
     async def close(self) -> None:
+        if self.broker is not None:
+            self.broker.engine.withhold_wills()  # before the listeners drop every connection
         if self._heap_task is not None:
             self._heap_task.cancel()
             await asyncio.gather(self._heap_task, return_exceptions=True)

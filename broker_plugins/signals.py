@@ -5,7 +5,8 @@
   event lists what changed, what was unchanged and what failed (the failed ones keep their
   last good state and log ``config.reload_failed`` with file and line). The broker keeps
   serving throughout.
-- SIGTERM / SIGINT: drain (stop accepting, close sessions, the broker saves its state) and exit 0.
+- SIGTERM / SIGINT: drain (stop accepting, close sessions, the broker saves its state) and exit 0;
+  no will fires (``will.suppressed reason=broker_shutdown`` with the count withheld).
 - Every other signal keeps its default action.
 
 ``Type=notify``: READY=1 once the listeners accept, RELOADING=1 ... READY=1 around a

@@ -88,7 +88,7 @@ def broker_snapshot(edge: EdgeBroker) -> dict[str, int | str]:
         "messages_sent": engine.messages_out,
         "retained_count": len(engine.retained),
         "subscriptions_count": sum(len(s.subscriptions) for s in sessions),
-        "publish_dropped": edge.events.count("delivery.dropped"),
+        "publish_dropped": engine.messages_dropped,
     }
 
 

@@ -5,22 +5,24 @@
 server MUST enforce raises ``ProtocolError`` with a stable reason code, and the caller
 closes the connection. The codes are the ``reason`` of ``mqtt.protocol_violation`` events:
 
-======================  ======================================================================
-``malformed_packet``    lengths or strings run past the packet, missing fields, trailing bytes
-``packet_too_large``    the remaining length announces more than the configured maximum
-``reserved_type``       packet type 0 or 15
-``reserved_flags``      fixed-header flags other than the ones the type defines; CONNECT
-                        reserved bit; will flags without the will flag; password without user
-``bad_qos``             QoS 3 (PUBLISH, will, SUBSCRIBE), or a SUBSCRIBE option byte > 2
-``invalid_utf8``        a string that is not well-formed UTF-8 (surrogates included)
-``null_character``      U+0000 in a string
-``wildcard_in_topic``   ``+`` or ``#`` in a PUBLISH or will topic name
-``empty_topic``         a zero-length topic name or filter
-``empty_subscribe``     a SUBSCRIBE without any filter
-``empty_unsubscribe``   an UNSUBSCRIBE without any filter
-``bad_packet_id``       packet identifier 0 where one is required
-``unexpected_packet``   a packet only a server sends (CONNACK, SUBACK, ...) or PINGRESP
-======================  ======================================================================
+========================  ======================================================================
+``malformed_packet``      lengths or strings run past the packet, missing fields, trailing bytes
+``packet_too_large``      the remaining length announces more than the configured maximum
+``reserved_type``         packet type 0 or 15
+``reserved_flags``        fixed-header flags other than the ones the type defines; CONNECT
+                          reserved bit; will flags without the will flag; password without user
+``bad_qos``               QoS 3 (PUBLISH, will, SUBSCRIBE), or a SUBSCRIBE option byte > 2
+``invalid_utf8``          a string that is not well-formed UTF-8 (surrogates included)
+``null_character``        U+0000 in a string
+``wildcard_in_topic``     ``+`` or ``#`` in a PUBLISH or will topic name
+``empty_topic``           a zero-length topic name or filter
+``invalid_topic_filter``  a SUBSCRIBE or UNSUBSCRIBE filter with ``#`` not alone in the last
+                          level or ``+`` not alone in its level (``a/#/b``, ``a+/b``)
+``empty_subscribe``       a SUBSCRIBE without any filter
+``empty_unsubscribe``     an UNSUBSCRIBE without any filter
+``bad_packet_id``         packet identifier 0 where one is required
+``unexpected_packet``     a packet only a server sends (CONNACK, SUBACK, ...) or PINGRESP
+========================  ======================================================================
 
 The protocol name and level are decoded but not judged here: an unknown level must be
 answered with CONNACK 0x01 before closing, which is the connection's job.
@@ -29,6 +31,8 @@ answered with CONNACK 0x01 before closing, which is the connection's job.
 from __future__ import annotations
 
 from typing import Final
+
+from edge_core.topics import topic_filter_problem
 
 __all__ = [
     "CONNECT", "DISCONNECT", "PINGREQ", "PUBACK", "PUBCOMP", "PUBLISH", "PUBREC", "PUBREL", "SUBSCRIBE",
@@ -206,6 +210,15 @@ def _topic_name(topic: str, what: str) -> str:
     return topic
 
 
+def _topic_filter(topic_filter: str, what: str) -> None:
+    """MQTT-4.7.1-2/-3: a filter's wildcards occupy whole levels, ``#`` only the last (MQTT-4.7.3-1: not empty)."""
+    if not topic_filter:
+        raise ProtocolError("empty_topic", f"{what} with an empty topic filter")
+    problem = topic_filter_problem(topic_filter)
+    if problem is not None:
+        raise ProtocolError("invalid_topic_filter", f"{what} topic filter {topic_filter[:80]!r}: {problem}")
+
+
 def decode(first: int, body: bytes) -> Packet:
     """Decode one packet (fixed-header byte ``first``, body bytes) or raise ``ProtocolError``."""
     kind = first >> 4
@@ -288,8 +301,7 @@ def _subscribe(body: bytes) -> Subscribe:
             raise ProtocolError("reserved_flags", f"SUBSCRIBE options byte {options:#x}")
         if options == 3:
             raise ProtocolError("bad_qos", "SUBSCRIBE with QoS 3")
-        if not topic_filter:
-            raise ProtocolError("empty_topic", "SUBSCRIBE with an empty topic filter")
+        _topic_filter(topic_filter, "SUBSCRIBE")
         requests.append((topic_filter, options))
     if not requests:
         raise ProtocolError("empty_subscribe", "SUBSCRIBE without any topic filter")
@@ -302,8 +314,7 @@ def _unsubscribe(body: bytes) -> Unsubscribe:
     filters: list[str] = []
     while pos < len(body):
         topic_filter, pos = _string(body, pos, "UNSUBSCRIBE topic filter")
-        if not topic_filter:
-            raise ProtocolError("empty_topic", "UNSUBSCRIBE with an empty topic filter")
+        _topic_filter(topic_filter, "UNSUBSCRIBE")
         filters.append(topic_filter)
     if not filters:
         raise ProtocolError("empty_unsubscribe", "UNSUBSCRIBE without any topic filter")

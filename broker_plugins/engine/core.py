@@ -18,6 +18,7 @@ order on a connection:
    the queue drains.
 
 Every delivery (live, retained, queued, will) passes ``may_receive`` when it is written.
+A planned shutdown (``withhold_wills``, SIGTERM) fires no will: the devices did not go away.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ from broker_plugins.engine.session import Message, Outgoing, Session
 from broker_plugins.engine.store import SessionStore, StoredMessage
 from broker_plugins.settings import Limits
 from edge_core.events import SecurityEvents
-from edge_core.topics import topic_filter_problem
 
 __all__ = ["Engine", "Hooks"]
 
@@ -87,6 +87,8 @@ class Engine:
         self._seq = 0
         self.messages_in = 0
         self.messages_out = 0
+        self.messages_dropped = 0  # every delivery a full queue refused (the events about it are rate-limited)
+        self.stopping = False  # a planned shutdown began: wills are withheld
 
     # -- start-up and shutdown -------------------------------------------------------
 
@@ -126,11 +128,31 @@ class Engine:
         for connection in list(self._connections):
             connection.abort()
 
+    def withhold_wills(self) -> int:
+        """A planned shutdown begins: no will fires from here on; returns how many were withheld.
+
+        A will says that a device went away; a broker that stops on purpose has not seen that,
+        so closing every connection must not announce the whole fleet offline. Wills are not
+        kept in the store (a device gives its will again in its next CONNECT), so a withheld
+        will is dropped. One ``will.suppressed reason=broker_shutdown`` event gives the count.
+        """
+        if self.stopping:
+            return 0
+        self.stopping = True
+        withheld = 0
+        for session in self.sessions.values():
+            if session.connection is not None and session.will is not None:
+                session.will = None
+                withheld += 1
+        self.events.emit("will.suppressed", "broker_shutdown", withheld=withheld)
+        return withheld
+
     def status(self) -> dict[str, object]:
         return {"subscriptions": len(self.subscriptions), "retained": len(self.retained),
                 "persistent": sum(1 for s in self.sessions.values() if not s.clean),
                 "queued": sum(len(s.queue) for s in self.sessions.values()),
                 "messages_in": self.messages_in, "messages_out": self.messages_out,
+                "messages_dropped": self.messages_dropped,
                 "store": "sqlite" if self.store.durable else "memory"}
 
     def connected_sessions(self) -> list[Session]:
@@ -264,7 +286,10 @@ class Engine:
         will = session.will
         session.will = None
         if will is not None and not conn.graceful:
-            if session.cut_reason is not None:
+            if self.stopping:  # admitted while the shutdown began
+                self.events.emit("will.suppressed", "broker_shutdown", device=session.client_id, topic=will.topic,
+                                 withheld=1)
+            elif session.cut_reason is not None:
                 self.events.emit("will.suppressed", session.cut_reason, device=session.client_id, topic=will.topic)
             else:
                 self._fire_will(session, will)
@@ -459,6 +484,7 @@ class Engine:
         if dropped is None:
             session.drop_streak = 0
             return
+        self.messages_dropped += 1
         if dropped.seq:
             self.store.remove_message(session.client_id, dropped.seq)
         session.drop_streak += 1
@@ -614,13 +640,8 @@ class Engine:
         codes: list[int] = []
         limits = self.limits
         for topic_filter, qos in packet.requests:
+            # a malformed filter never gets here: the codec closes the connection (invalid_topic_filter)
             reason = None
-            problem = topic_filter_problem(topic_filter)
-            if problem is not None:
-                self.events.emit("subscribe.rejected", "invalid_filter", level="warning", device=session.client_id,
-                                 filter=topic_filter[:200], detail=problem)
-                codes.append(SUBACK_FAILURE)
-                continue
             if len(topic_filter.encode("utf-8")) > limits.max_topic_length:
                 reason = "topic_too_long"
             elif topic_filter.count("/") >= limits.max_topic_levels:
@@ -656,22 +677,47 @@ class Engine:
                 self._send_retained(session, topic_filter, code)
 
     def _send_retained(self, session: Session, topic_filter: str, qos: int) -> None:
-        """Retained messages for a new subscription, in batches that yield to the loop."""
+        """Retained messages for a new subscription, in batches that yield to the loop.
+
+        The match walks the retained trie lazily and tolerates changes between batches (a
+        retained message set or cleared meanwhile): every one stored throughout is sent. The
+        delivery stops, with ``retained.abandoned``, when the connection that subscribed is
+        gone (``connection_closed``), the filter was unsubscribed (``unsubscribed``) or the
+        client took nothing for ``write_timeout`` (``write_timeout``).
+        """
         matches = self.retained.match(topic_filter)
+        subscriber = session.connection
         loop = asyncio.get_running_loop()
-        deadline = time.monotonic() + self.limits.write_timeout
+        write_timeout = self.limits.write_timeout
+        sent = 0
+        deadline = time.monotonic() + write_timeout
+
+        def abandon(reason: str) -> None:
+            if next(matches, None) is None:
+                return  # nothing was left to send
+            self.events.emit("retained.abandoned", reason, level="warning" if reason == "write_timeout" else "info",
+                             device=session.client_id, filter=topic_filter[:200], sent=sent)
 
         def batch() -> None:
+            nonlocal sent, deadline
             conn = session.connection
-            if conn is None:
+            if conn is None or conn is not subscriber or conn.closing:
+                abandon("connection_closed")
+                return
+            if topic_filter not in session.subscriptions:
+                abandon("unsubscribed")
                 return
             if not conn.writable or len(session.queue) >= self.limits.outbound_queue_messages // 2:
                 if time.monotonic() < deadline:
                     loop.call_later(0.01, batch)  # let the client read; the write timeout cuts a stalled one
+                else:
+                    abandon("write_timeout")
                 return
+            deadline = time.monotonic() + write_timeout  # it took the last batch: measured from here
             for count, (_, retained) in enumerate(matches):
                 message = retained.message
                 self.deliver(session, message, min(qos, message.qos), retain=True)
+                sent += 1
                 if count + 1 >= _RETAINED_BATCH:
                     loop.call_soon(batch)
                     return

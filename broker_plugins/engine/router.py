@@ -179,7 +179,14 @@ class RetainedTrie(Generic[V]):
         return previous
 
     def match(self, topic_filter: str) -> Iterator[tuple[str, V]]:
-        """(topic, value) for every stored topic the filter matches; lazily, so callers can batch."""
+        """(topic, value) for every stored topic the filter matches; lazily, so callers can batch.
+
+        The trie may change between two steps (callers yield to the loop): each level is walked
+        from a copy of its child names, and each child is looked up again when its turn comes. So
+        every topic stored for the whole walk is yielded once, with its value at that moment; a
+        topic deleted before its turn is not; one added meanwhile may or may not be. Memory is one
+        list of names per level of the current path, not one entry per match.
+        """
         levels = topic_filter.split("/")
         yield from self._walk(self._root, levels, 0, [])
 
@@ -192,26 +199,36 @@ class RetainedTrie(Generic[V]):
         if level == "#":
             if node.value is not None and index > 0:  # 'a/#' matches 'a'
                 yield "/".join(path), node.value
-            for name, child in node.children.items():
-                if index == 0 and name.startswith("$"):
-                    continue
-                yield from self._all(child, [*path, name])
+            yield from self._all(node, path, skip_dollar=index == 0)
             return
         if level == "+":
-            for name, child in node.children.items():
+            for name in list(node.children):
                 if index == 0 and name.startswith("$"):
                     continue
-                yield from self._walk(child, levels, index + 1, [*path, name])
+                child = node.children.get(name)
+                if child is not None:
+                    yield from self._walk(child, levels, index + 1, [*path, name])
             return
         literal = node.children.get(level)
         if literal is not None:
             yield from self._walk(literal, levels, index + 1, [*path, level])
 
-    def _all(self, node: _RetNode[V], path: list[str]) -> Iterator[tuple[str, V]]:
-        stack: list[tuple[_RetNode[V], list[str]]] = [(node, path)]
+    def _all(self, node: _RetNode[V], path: list[str], *, skip_dollar: bool) -> Iterator[tuple[str, V]]:
+        """Every value strictly below ``node``, depth first."""
+        stack: list[tuple[_RetNode[V], list[str], Iterator[str]]] = [(node, path, iter(list(node.children)))]
         while stack:
-            current, current_path = stack.pop()
-            if current.value is not None:
-                yield "/".join(current_path), current.value
-            for name, child in current.children.items():
-                stack.append((child, [*current_path, name]))
+            parent, parent_path, names = stack[-1]
+            name = next(names, None)
+            if name is None:
+                stack.pop()
+                continue
+            if skip_dollar and len(stack) == 1 and name.startswith("$"):
+                continue
+            child = parent.children.get(name)
+            if child is None:  # deleted since the names were copied
+                continue
+            child_path = [*parent_path, name]
+            if child.value is not None:
+                yield "/".join(child_path), child.value
+            if child.children:
+                stack.append((child, child_path, iter(list(child.children))))

@@ -54,18 +54,30 @@ def test_wildcard_subscription_wider_than_the_grant_is_refused_not_filtered(
     pump.close()
 
 
-def test_malformed_filters_are_refused_with_an_event(broker: BrokerThread, pki: DevPki) -> None:
-    """Raw SUBSCRIBE packets: paho would refuse to send these filters at all."""
-    from tests.support.raw import connect_packet, recv_exactly, subscribe_packet, tls_socket
+def test_malformed_filters_close_the_connection_with_an_event(broker: BrokerThread, pki: DevPki) -> None:
+    """Raw SUBSCRIBE/UNSUBSCRIBE packets (paho would refuse to send these filters at all): a malformed
+    filter is a protocol violation (MQTT 3.1.1, 4.8), so the connection closes; no SUBACK 0x80."""
+    from tests.support.raw import (
+        closed_by_peer,
+        connect_packet,
+        recv_exactly,
+        subscribe_packet,
+        tls_socket,
+        unsubscribe_packet,
+    )
 
-    with tls_socket(broker.port, pki.chain, pki.device("pump-17")) as sock:
-        sock.sendall(connect_packet("pump-17"))
-        assert recv_exactly(sock, 4)[3] == 0
-        for packet_id, bad in enumerate(["devices/pump-17/cmd/#/x", "devices/pump-17/cmd+"], start=1):
-            sock.sendall(subscribe_packet(packet_id, bad))
-            assert recv_exactly(sock, 5) == bytes([0x90, 3, 0, packet_id, SUB_FAILURE])
-    events = broker.wait_event("subscribe.rejected", "invalid_filter", count=2)
-    assert {e["filter"] for e in events} == {"devices/pump-17/cmd/#/x", "devices/pump-17/cmd+"}
+    bad = ["devices/pump-17/cmd/#/x", "devices/pump-17/cmd+"]
+    packets = [subscribe_packet(1, f) for f in bad] + [unsubscribe_packet(1, [f]) for f in bad]
+    for data in packets:
+        with tls_socket(broker.port, pki.chain, pki.device("pump-17")) as sock:
+            sock.sendall(connect_packet("pump-17"))
+            assert recv_exactly(sock, 4)[3] == 0
+            sock.sendall(data)
+            assert closed_by_peer(sock, timeout=2), f"connection stayed open after {data!r}"
+    events = broker.wait_event("mqtt.protocol_violation", "invalid_topic_filter", count=4)
+    assert all(e["device"] == "pump-17" for e in events)
+    assert sum(f in e["detail"] for e in events for f in bad) == 4
+    assert broker.events.count("subscribe.rejected") == 0
 
 
 def test_dollar_topics_are_not_reached_by_leading_wildcards(broker: BrokerThread, pki: DevPki) -> None:

@@ -76,3 +76,29 @@ def test_retained_delete_and_replace() -> None:
     assert len(trie) == 1 and trie.get("a/b") == b"2"
     assert trie.delete("a/b") == b"2"
     assert len(trie) == 0 and trie.get("a/b") is None and not trie._root.children
+
+
+@given(st.sampled_from(["#", "a/#", "a/+", "a/+/#", "+/+", "+/#"]), st.integers(min_value=0, max_value=60))
+@settings(max_examples=100, deadline=None)
+def test_retained_match_tolerates_changes_between_steps(topic_filter: str, every: int) -> None:
+    """The walk is resumed across loop turns: topics set and deleted meanwhile (siblings included) raise
+    nothing, and every topic stored throughout is yielded exactly once."""
+    trie: RetainedTrie[str] = RetainedTrie()
+    stable = [f"a/{n}" for n in range(30)] + [f"a/{n}/x" for n in range(10)] + ["b/1", "$SYS/x"]
+    for topic in stable:
+        trie.set(topic, topic)
+    seen: list[str] = []
+    for step, (topic, value) in enumerate(trie.match(topic_filter)):
+        assert topic == value
+        seen.append(topic)
+        churn = f"a/churn-{step % 7}" if step % 2 else f"a/{step % 30}/churn"
+        if trie.get(churn) is None:
+            trie.set(churn, churn)
+        else:
+            trie.delete(churn)
+        if every and step % every == 0:
+            trie.set(f"a/new-{step}/deep", f"a/new-{step}/deep")
+    expected = {t for t in stable if filter_matches(topic_filter.split("/"), t.split("/"))}
+    kept = [t for t in seen if t in set(stable)]
+    assert len(kept) == len(set(kept))
+    assert set(kept) == expected

@@ -10,7 +10,7 @@ import pytest
 
 from tests.engine.conftest import Engine
 from tests.support.mosquitto import client_args, needs_clients
-from tests.support.raw import PUBLISH, RawClient, ack_packet
+from tests.support.raw import PUBLISH, RawClient, ack_packet, publish_packet, subscribe_packet
 
 pytestmark = pytest.mark.integration
 
@@ -108,3 +108,80 @@ def test_subscription_cap_refuses_with_a_reason_and_others_are_unaffected(engine
         pub.publish(f"devices/pump-18/telemetry/t{n}", b"x", qos=1, packet_id=n + 1)
     assert len(drain(sub, 300, idle=2.0)) == 300
     assert time.monotonic() - started < 10
+
+
+def _retain_many(client: RawClient, topics: list[str], payload: bytes) -> None:
+    """Store one retained message per topic (QoS 0 in chunks, then a QoS 1 publish as a barrier)."""
+    for start in range(0, len(topics), 500):
+        client.send(b"".join(publish_packet(t, payload, retain=True) for t in topics[start:start + 500]))
+    client.publish("lab/sync", b"", qos=1, packet_id=1)
+
+
+def test_retained_delivery_survives_retained_changes_in_the_same_branch(engine: Engine) -> None:
+    """A wildcard SUBSCRIBE over 4,000 retained messages (4 MB, sent in batches that yield while the slow
+    reader catches up) while another device sets and clears retained messages in that very branch: every
+    retained message that existed throughout arrives, once, and the delivery is not abandoned."""
+    count = 4000
+    broker = engine.start(limits={"max_retained_per_device": 2 * count, "max_retained_total": 3 * count})
+    owner = engine.raw(broker.port, "sensor-01", timeout=30)
+    assert owner.connect("sensor-01").body[1] == 0
+    stable = [f"lab/keep/{n:05d}" for n in range(count)]
+    _retain_many(owner, stable, b"s" * 1000)
+    churner = engine.raw(broker.port, "sensor-02", timeout=30)
+    assert churner.connect("sensor-02").body[1] == 0
+    stop = threading.Event()
+    churned = 0
+
+    def churn() -> None:  # new siblings appear and vanish next to the subscriber's retained messages
+        nonlocal churned
+        while not stop.is_set():
+            packet_id = churned % 60000 + 1
+            churner.publish(f"lab/keep/churn-{churned % 20}", b"" if churned % 40 >= 20 else b"c", qos=1,
+                            packet_id=packet_id, retain=True)
+            churned += 1
+
+    churning = threading.Thread(target=churn, daemon=True)
+    churning.start()
+    try:
+        time.sleep(0.2)
+        sub = engine.raw(broker.port, "pump-17", timeout=10, rcvbuf=4096)
+        assert sub.connect("pump-17").body[1] == 0
+        sub.send(subscribe_packet(1, "lab/keep/#", 0))
+        time.sleep(1.0)  # a slow reader: the broker's transport fills, retained batches wait and resume
+        retained: list[str] = []
+        churn_until = time.monotonic() + 10  # then the live messages stop too, and the reader runs dry
+        while True:
+            if time.monotonic() > churn_until or len(retained) >= count + 20:
+                stop.set()
+            try:
+                got = sub.read(timeout=2.0)
+            except TimeoutError:
+                break
+            if got.kind == PUBLISH and got.retain:
+                retained.append(got.topic)
+    finally:
+        stop.set()
+        churning.join(10)
+    assert churned > 20, "the other device changed nothing while the retained messages went out"
+    kept = [t for t in retained if not t.startswith("lab/keep/churn-")]
+    assert len(kept) == len(set(kept)), "a retained message was sent twice"
+    missing = set(stable) - set(kept)
+    assert not missing, f"{len(missing)} of {count} retained messages never arrived"
+    assert broker.events.count("retained.abandoned") == 0
+
+
+def test_abandoned_retained_delivery_is_an_event(engine: Engine) -> None:
+    """A subscriber that stops reading while its retained messages go out: the delivery stops and says
+    so (``retained.abandoned``, with how many were sent), once the write timeout passes."""
+    count = 4000
+    broker = engine.start(limits={"max_retained_per_device": count, "write_timeout": 1.0})
+    owner = engine.raw(broker.port, "sensor-01", timeout=30)
+    assert owner.connect("sensor-01").body[1] == 0
+    _retain_many(owner, [f"lab/keep/{n:05d}" for n in range(count)], b"s" * 1000)
+    sub = engine.raw(broker.port, "pump-17", timeout=10, rcvbuf=4096)
+    assert sub.connect("pump-17").body[1] == 0
+    sub.send(subscribe_packet(1, "lab/keep/#", 0))  # and never read again
+    event = broker.wait_event("retained.abandoned", timeout=10)[0]
+    assert event["reason"] in ("write_timeout", "connection_closed")
+    assert event["device"] == "pump-17" and event["filter"] == "lab/keep/#"
+    assert 0 < event["sent"] < count

@@ -47,6 +47,18 @@ VIOLATIONS = [
     # MQTT-2.2.1: packet types 0 and 15 are reserved
     ("type_0", packet(0, 0, b""), "reserved_type"),
     ("type_15", packet(15, 0, b""), "reserved_type"),
+    # MQTT-4.7.1-2/-3: '#' alone and last, '+' alone in its level (4.8: a violation closes the connection)
+    ("subscribe_hash_inside", subscribe_many(1, [("lab/#/b", 0)]), "invalid_topic_filter"),
+    ("subscribe_plus_glued", subscribe_many(1, [("lab+/b", 0)]), "invalid_topic_filter"),
+    ("subscribe_hash_glued", subscribe_many(1, [("lab/x#", 0)]), "invalid_topic_filter"),
+    ("subscribe_one_bad_of_two", subscribe_many(1, [("lab/x", 0), ("lab/+x", 0)]), "invalid_topic_filter"),
+    ("unsubscribe_hash_inside", unsubscribe_packet(1, ["lab/#/b"]), "invalid_topic_filter"),
+    ("unsubscribe_plus_glued", unsubscribe_packet(1, ["lab+/b"]), "invalid_topic_filter"),
+    # MQTT-4.7.3-1: a filter is at least one character; MQTT-1.5.3-1/-2 for UNSUBSCRIBE filters too
+    ("subscribe_empty_filter", subscribe_many(1, [("", 0)]), "empty_topic"),
+    ("unsubscribe_empty_filter", unsubscribe_packet(1, [""]), "empty_topic"),
+    ("unsubscribe_nul", unsubscribe_packet(1, [b"lab/\x00"]), "null_character"),
+    ("unsubscribe_bad_utf8", unsubscribe_packet(1, [b"lab/\xc3\x28"]), "invalid_utf8"),
     # MQTT-3.8.3-3 / MQTT-3.10.3-2: at least one filter
     ("empty_subscribe", subscribe_many(1, []), "empty_subscribe"),
     ("empty_unsubscribe", unsubscribe_packet(1, []), "empty_unsubscribe"),

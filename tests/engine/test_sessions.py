@@ -28,6 +28,8 @@ pytestmark = pytest.mark.integration
 
 # A timer set for 7.5 s fires a little after it: this much scheduling slack, no more.
 TIMER_SLACK = 0.25
+# ... and may start up to this much before our own measurement (CONNECT received -> CONNACK read here).
+EARLY_SLACK = 0.5
 
 
 def test_silent_client_is_cut_at_one_and_a_half_keepalive_and_its_will_fires(engine: Engine) -> None:
@@ -42,7 +44,9 @@ def test_silent_client_is_cut_at_one_and_a_half_keepalive_and_its_will_fires(eng
     last_packet = time.monotonic()
     assert silent.closed_by_peer(timeout=10), "still connected 10 s after the last packet (keep-alive 5 s)"
     elapsed = time.monotonic() - last_packet
-    assert 5.0 <= elapsed <= 7.5 + TIMER_SLACK, f"cut after {elapsed:.2f}s, expected by 7.5 s (1.5 x 5 s)"
+    # the broker's clock starts at the CONNECT it received, ours at the CONNACK: a cut well before 7.5 s
+    # (at 1 x keep-alive, 5 s) is too early, one after it too late
+    assert 7.5 - EARLY_SLACK <= elapsed <= 7.5 + TIMER_SLACK, f"cut after {elapsed:.2f}s, expected at 7.5 s (1.5 x 5 s)"
     will = watcher.read_until(PUBLISH, timeout=1.0)
     assert (will.topic, will.payload) == ("devices/sensor-01/status", b"offline")
     assert time.monotonic() - last_packet <= 7.5 + TIMER_SLACK + 1.0
@@ -220,3 +224,44 @@ def test_racing_takeovers_of_one_identity_the_newest_wins_within_a_second(engine
         racers[winner].close()
     final = engine.raw(broker.port, "pump-17", timeout=2)
     assert final.connect("pump-17", clean=False).body == b"\x01\x00"
+
+
+def test_sigterm_fires_no_will_but_a_dropped_device_still_does(engine: Engine) -> None:
+    """A planned shutdown (SIGTERM to ``edge-broker run``) is not the devices going away: their wills are
+    withheld (one ``will.suppressed reason=broker_shutdown`` with the count), so a persistent subscriber
+    finds no "offline" after the restart. A device that drops its TCP connection without DISCONNECT
+    before that still has its will published."""
+    broker = engine.process(persistence="full").start()
+    observer = engine.raw(broker.port, "pump-17")
+    assert observer.connect("pump-17", clean=False).body[1] == 0
+    assert observer.subscribe([("devices/+/status", 1)]) == [1]
+    dropped = engine.raw(broker.port, "pump-18")
+    assert dropped.connect("pump-18", will=Will("devices/pump-18/status", b"gone", qos=1)).body[1] == 0
+    device = engine.raw(broker.port, "sensor-01")
+    assert device.connect("sensor-01", keepalive=60, will=Will("devices/sensor-01/status", b"offline",
+                                                               qos=1)).body[1] == 0
+    dropped.drop()  # vanishes without DISCONNECT: its will is published
+    will = observer.read_until(PUBLISH, timeout=5)
+    assert (will.topic, will.payload) == ("devices/pump-18/status", b"gone")
+    observer.send(ack_packet(PUBACK, will.packet_id))
+    assert observer.ping(timeout=2)  # the PUBACK was handled: nothing of pump-18's will is left in flight
+    broker.stop()  # SIGTERM
+    assert broker.proc is not None and broker.proc.returncode == 0
+    withheld = broker.events("will.suppressed", "broker_shutdown")
+    assert [e.get("withheld") for e in withheld] == [1], withheld
+    broker.start()
+    back = engine.raw(broker.port, "pump-17")
+    assert back.connect("pump-17", clean=False).body == b"\x01\x00", "persistent session lost"
+    got: list[tuple[str, bytes]] = []
+    with contextlib.suppress(TimeoutError):
+        while True:
+            packet = back.read_until(PUBLISH, timeout=2)
+            got.append((packet.topic, packet.payload))
+            back.send(ack_packet(PUBACK, packet.packet_id))
+    assert ("devices/sensor-01/status", b"offline") not in got, "a planned shutdown published a will"
+    # the subscription is intact: a device that now vanishes is announced
+    again = engine.raw(broker.port, "sensor-01")
+    assert again.connect("sensor-01", will=Will("devices/sensor-01/status", b"offline", qos=1)).body[1] == 0
+    again.drop()
+    will = back.read_until(PUBLISH, timeout=5)
+    assert (will.topic, will.payload) == ("devices/sensor-01/status", b"offline")
