@@ -163,10 +163,11 @@ class UplinkService:
     name = "uplink"
 
     def __init__(self, config: UplinkConfig, *, events: SecurityEvents,
-                 rng: Callable[[], float] = random.random) -> None:
+                 rng: Callable[[], float] = random.random, clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.events = events
         self.rng = rng
+        self.clock = clock
         self.counters = UplinkCounters()
         self.queue: StoreAndForwardQueue | None = None
         self.cloud_up = False
@@ -186,7 +187,7 @@ class UplinkService:
             if self.queue is None or self.queue.policy != self.config.queue:
                 if self.queue is not None:
                     await asyncio.to_thread(self.queue.close)
-                self.queue = await asyncio.to_thread(StoreAndForwardQueue, self.config.queue)
+                self.queue = await asyncio.to_thread(StoreAndForwardQueue, self.config.queue, clock=self.clock)
                 depth = self.queue.stats().depth
                 self.events.emit("uplink.queue_opened", path=str(self.config.queue.path), depth=depth)
             self._restart.clear()
@@ -351,6 +352,8 @@ class UplinkService:
                     self.cloud_up = True
                     self.counters.cloud_connects += 1
                     self.last_cloud_error = None
+                    if self.queue is not None:  # nothing older than max_age goes out after an outage
+                        self._account_expired(await asyncio.to_thread(self.queue.expire))
                     depth = self.queue.stats().depth if self.queue else 0
                     self.events.emit("uplink.cloud_connected", host=link.host, port=link.port, queued=depth)
                     watcher = asyncio.create_task(self._downlink(client), name="uplink:downlink")
@@ -389,11 +392,13 @@ class UplinkService:
     async def _drain_loop(self, client: aiomqtt.Client, watcher: asyncio.Task[None], window: _Window) -> None:
         publish_timeout = self.config.cloud.publish_timeout
         after = 0
-        last_expiry = time.monotonic()
         while True:
             room = window.size - len(window.inflight)
             if room > 0:
-                for entry in await asyncio.to_thread(window.queue.peek, after, room):
+                # expiry first, before every batch: one index lookup of the oldest message
+                expired, entries = await asyncio.to_thread(window.queue.peek_fresh, after, room)
+                self._account_expired(expired)
+                for entry in entries:
                     if entry.seq in self._unconfirmed:
                         self._unconfirmed.discard(entry.seq)
                         self.counters.resent += 1
@@ -417,9 +422,10 @@ class UplinkService:
             acked = window.take_done()
             self.counters.forwarded += len(acked)
             window.remove_soon(acked)
-            if time.monotonic() - last_expiry > 10:
-                last_expiry = time.monotonic()
-                self._account(PutReport(stored=0, expired=await asyncio.to_thread(window.queue.expire)))
+
+    def _account_expired(self, expired: int) -> None:
+        if expired:
+            self._account(PutReport(stored=0, expired=expired))
 
     async def _downlink(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:

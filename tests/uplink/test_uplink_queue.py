@@ -89,6 +89,22 @@ def test_old_messages_expire(tmp_path: Path) -> None:
     assert q.stats().bytes == 22
 
 
+def test_the_drain_is_never_handed_an_expired_message(tmp_path: Path) -> None:
+    """``peek_fresh`` (before every drain batch) expires first, without a write of its own to trigger it."""
+    clock = Clock()
+    q = _queue(tmp_path, clock, max_age=timedelta(hours=1))
+    q.put_many(_msgs(0, 3))
+    clock.t += 1800
+    q.put_many(_msgs(3, 5))
+    assert q.peek_fresh(0, 10) == (0, q.peek(0, 10))
+    clock.t += 1801
+    expired, fresh = q.peek_fresh(0, 10)
+    assert expired == 3 and [int(m.payload) for m in fresh] == [3, 4]
+    assert q.stats().depth == 2 and q.totals.dropped["expired"] == 3
+    clock.t += 3600
+    assert q.peek_fresh(0, 10) == (2, [])
+
+
 @pytest.mark.integration
 def test_committed_messages_survive_kill_9(tmp_path: Path) -> None:
     """A writer killed with SIGKILL mid-stream: every batch it reported committed is on disk, in order."""
