@@ -123,21 +123,33 @@ class _Window:
         self.done.append(seq)
         self.changed.set()
 
-    def take_done(self) -> list[int]:
-        """The acknowledged sequence numbers; raises ``MqttError`` for a publish that failed."""
+    def take_done(self, *, everything: bool = False) -> tuple[list[int], aiomqtt.MqttError | None]:
+        """The acknowledged sequence numbers, and an ``MqttError`` if a publish failed.
+
+        Every acknowledged message is returned, also when a sibling failed, so the caller removes
+        and counts it before giving up the connection; a failed one stays in ``inflight`` (it may
+        have reached the cloud). ``everything`` also looks at completions whose callback has not
+        run yet (a scan of the window, once per lost connection).
+        """
         self.changed.clear()
         acked: list[int] = []
+        failure: aiomqtt.MqttError | None = None
         done, self.done = self.done, []
+        if everything:
+            done += [seq for seq, task in self.inflight.items() if task.done()]
         for seq in done:
             task = self.inflight.get(seq)
             if task is None:
                 continue
             if task.cancelled() or task.exception() is not None:
-                exc = None if task.cancelled() else task.exception()
-                raise aiomqtt.MqttError(f"publish failed: {exc}") from exc
+                if failure is None:
+                    exc = None if task.cancelled() else task.exception()
+                    failure = aiomqtt.MqttError(f"publish failed: {exc}")
+                    failure.__cause__ = exc
+                continue
             del self.inflight[seq]
             acked.append(seq)
-        return acked
+        return acked, failure
 
     def remove_soon(self, seqs: list[int]) -> None:
         self._to_remove.extend(seqs)
@@ -383,6 +395,8 @@ class UplinkService:
             await self._drain_loop(client, watcher, window)
         finally:
             # acknowledged: delete them now, or a reconnect would send them again
+            with contextlib.suppress(aiomqtt.MqttError):
+                self._settle(window, everything=True)
             await window.flush()
             # sent but not acknowledged: the cloud may have them already, so they may arrive twice
             self._unconfirmed |= set(window.inflight)
@@ -419,9 +433,15 @@ class UplinkService:
             if watcher.done():
                 watcher.result()  # raises the disconnect
                 raise aiomqtt.MqttError("downlink reader stopped")
-            acked = window.take_done()
-            self.counters.forwarded += len(acked)
-            window.remove_soon(acked)
+            self._settle(window)
+
+    def _settle(self, window: _Window, *, everything: bool = False) -> None:
+        """Count and remove every acknowledged message, then raise ``MqttError`` if a publish failed."""
+        acked, failure = window.take_done(everything=everything)
+        self.counters.forwarded += len(acked)
+        window.remove_soon(acked)
+        if failure is not None:
+            raise failure
 
     def _account_expired(self, expired: int) -> None:
         if expired:
