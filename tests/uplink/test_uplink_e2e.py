@@ -62,11 +62,10 @@ def test_outage_restart_and_crash_lose_nothing_and_keep_order(
         uplink.wait(lambda s: s["queue"]["depth"] == 250, what="250 queued after restart")
 
         uplink.stop(kill=True)                                       # crash (kill -9) mid-outage
-        uplink.start()
-        uplink.wait(lambda s: s["local"]["connected"], what="local session resumed after kill -9")
-        # published after the resume: the current engine does not notice a killed peer until the
-        # takeover and drops what it wrote to the dead connection (see docs/uplink.md, "Known limits")
+        # published while the uplink is dead: the broker keeps them for the persistent session (queued,
+        # or in flight on the dead connection and resent on resume), and they arrive after the restart
         _publish(device, 350, 400)
+        uplink.start()
         status = uplink.wait(lambda s: s["queue"]["depth"] == 300, what="300 queued after kill -9")
         assert status["queue"]["oldest_age_s"] > 0
 
