@@ -123,21 +123,33 @@ class _Window:
         self.done.append(seq)
         self.changed.set()
 
-    def take_done(self) -> list[int]:
-        """The acknowledged sequence numbers; raises ``MqttError`` for a publish that failed."""
+    def take_done(self, *, everything: bool = False) -> tuple[list[int], aiomqtt.MqttError | None]:
+        """The acknowledged sequence numbers, and an ``MqttError`` if a publish failed.
+
+        Every acknowledged message is returned, also when a sibling failed, so the caller removes
+        and counts it before giving up the connection; a failed one stays in ``inflight`` (it may
+        have reached the cloud). ``everything`` also looks at completions whose callback has not
+        run yet (a scan of the window, once per lost connection).
+        """
         self.changed.clear()
         acked: list[int] = []
+        failure: aiomqtt.MqttError | None = None
         done, self.done = self.done, []
+        if everything:
+            done += [seq for seq, task in self.inflight.items() if task.done()]
         for seq in done:
             task = self.inflight.get(seq)
             if task is None:
                 continue
             if task.cancelled() or task.exception() is not None:
-                exc = None if task.cancelled() else task.exception()
-                raise aiomqtt.MqttError(f"publish failed: {exc}") from exc
+                if failure is None:
+                    exc = None if task.cancelled() else task.exception()
+                    failure = aiomqtt.MqttError(f"publish failed: {exc}")
+                    failure.__cause__ = exc
+                continue
             del self.inflight[seq]
             acked.append(seq)
-        return acked
+        return acked, failure
 
     def remove_soon(self, seqs: list[int]) -> None:
         self._to_remove.extend(seqs)
@@ -163,10 +175,11 @@ class UplinkService:
     name = "uplink"
 
     def __init__(self, config: UplinkConfig, *, events: SecurityEvents,
-                 rng: Callable[[], float] = random.random) -> None:
+                 rng: Callable[[], float] = random.random, clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.events = events
         self.rng = rng
+        self.clock = clock
         self.counters = UplinkCounters()
         self.queue: StoreAndForwardQueue | None = None
         self.cloud_up = False
@@ -186,7 +199,7 @@ class UplinkService:
             if self.queue is None or self.queue.policy != self.config.queue:
                 if self.queue is not None:
                     await asyncio.to_thread(self.queue.close)
-                self.queue = await asyncio.to_thread(StoreAndForwardQueue, self.config.queue)
+                self.queue = await asyncio.to_thread(StoreAndForwardQueue, self.config.queue, clock=self.clock)
                 depth = self.queue.stats().depth
                 self.events.emit("uplink.queue_opened", path=str(self.config.queue.path), depth=depth)
             self._restart.clear()
@@ -351,6 +364,8 @@ class UplinkService:
                     self.cloud_up = True
                     self.counters.cloud_connects += 1
                     self.last_cloud_error = None
+                    if self.queue is not None:  # nothing older than max_age goes out after an outage
+                        self._account_expired(await asyncio.to_thread(self.queue.expire))
                     depth = self.queue.stats().depth if self.queue else 0
                     self.events.emit("uplink.cloud_connected", host=link.host, port=link.port, queued=depth)
                     watcher = asyncio.create_task(self._downlink(client), name="uplink:downlink")
@@ -380,6 +395,8 @@ class UplinkService:
             await self._drain_loop(client, watcher, window)
         finally:
             # acknowledged: delete them now, or a reconnect would send them again
+            with contextlib.suppress(aiomqtt.MqttError):
+                self._settle(window, everything=True)
             await window.flush()
             # sent but not acknowledged: the cloud may have them already, so they may arrive twice
             self._unconfirmed |= set(window.inflight)
@@ -389,11 +406,13 @@ class UplinkService:
     async def _drain_loop(self, client: aiomqtt.Client, watcher: asyncio.Task[None], window: _Window) -> None:
         publish_timeout = self.config.cloud.publish_timeout
         after = 0
-        last_expiry = time.monotonic()
         while True:
             room = window.size - len(window.inflight)
             if room > 0:
-                for entry in await asyncio.to_thread(window.queue.peek, after, room):
+                # expiry first, before every batch: one index lookup of the oldest message
+                expired, entries = await asyncio.to_thread(window.queue.peek_fresh, after, room)
+                self._account_expired(expired)
+                for entry in entries:
                     if entry.seq in self._unconfirmed:
                         self._unconfirmed.discard(entry.seq)
                         self.counters.resent += 1
@@ -414,12 +433,19 @@ class UplinkService:
             if watcher.done():
                 watcher.result()  # raises the disconnect
                 raise aiomqtt.MqttError("downlink reader stopped")
-            acked = window.take_done()
-            self.counters.forwarded += len(acked)
-            window.remove_soon(acked)
-            if time.monotonic() - last_expiry > 10:
-                last_expiry = time.monotonic()
-                self._account(PutReport(stored=0, expired=await asyncio.to_thread(window.queue.expire)))
+            self._settle(window)
+
+    def _settle(self, window: _Window, *, everything: bool = False) -> None:
+        """Count and remove every acknowledged message, then raise ``MqttError`` if a publish failed."""
+        acked, failure = window.take_done(everything=everything)
+        self.counters.forwarded += len(acked)
+        window.remove_soon(acked)
+        if failure is not None:
+            raise failure
+
+    def _account_expired(self, expired: int) -> None:
+        if expired:
+            self._account(PutReport(stored=0, expired=expired))
 
     async def _downlink(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:

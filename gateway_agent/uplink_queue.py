@@ -7,7 +7,8 @@ also across restarts, and a number is never reused.
 
 Bounds and overflow (see docs/uplink.md):
 
-- ``max_age``: a message older than this is dropped (``expired``), at every write and drain;
+- ``max_age``: a message older than this is dropped (``expired``), at every write and before
+  every batch the drain takes (``peek_fresh``);
 - ``max_bytes`` (topic + payload bytes of the queued messages): when a new batch does not fit,
   ``drop_oldest`` (default) drops the oldest messages until it does, so the freshest plant data
   survives a long outage; ``refuse_new`` keeps the history and drops the new messages instead.
@@ -187,25 +188,45 @@ class StoreAndForwardQueue:
     def expire(self) -> int:
         """Drop messages older than ``max_age``; returns how many."""
         with self._lock:
-            cur = self._db.cursor()
-            cur.execute("BEGIN IMMEDIATE")
-            try:
-                n = self._expire_locked(cur, self.clock())
-                cur.execute("COMMIT")
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
-            self.totals.dropped["expired"] += n
-            return n
+            return self._expire_due_locked()
+
+    def _expire_due_locked(self) -> int:
+        """Expire if the oldest message is due: one index lookup, a write transaction only when needed."""
+        now = self.clock()
+        head = self._db.execute("SELECT enqueued_at FROM messages ORDER BY seq LIMIT 1").fetchone()
+        if head is None or float(head[0]) >= now - self.policy.max_age.total_seconds():
+            return 0
+        cur = self._db.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            n = self._expire_locked(cur, now)
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        self.totals.dropped["expired"] += n
+        return n
 
     # -- reading and removing ---------------------------------------------------------------
 
     def peek(self, after: int, limit: int) -> list[Queued]:
         """The next ``limit`` messages with a sequence number above ``after``, oldest first."""
         with self._lock:
-            rows = self._db.execute("SELECT seq, topic, payload, qos, enqueued_at FROM messages WHERE seq > ? "
-                                    "ORDER BY seq LIMIT ?", (after, limit)).fetchall()
+            return self._peek_locked(after, limit)
+
+    def _peek_locked(self, after: int, limit: int) -> list[Queued]:
+        rows = self._db.execute("SELECT seq, topic, payload, qos, enqueued_at FROM messages WHERE seq > ? "
+                                "ORDER BY seq LIMIT ?", (after, limit)).fetchall()
         return [Queued(int(r[0]), str(r[1]), bytes(r[2]), int(r[3]), float(r[4])) for r in rows]
+
+    def peek_fresh(self, after: int, limit: int) -> tuple[int, list[Queued]]:
+        """Drop what is older than ``max_age``, then ``peek``: nothing expired is ever handed out.
+
+        Returns how many expired, and the messages. The check is one index lookup of the oldest
+        message, so the drain calls it before every batch.
+        """
+        with self._lock:
+            return self._expire_due_locked(), self._peek_locked(after, limit)
 
     def remove(self, seqs: Iterable[int]) -> int:
         """Delete delivered messages (the cloud acknowledged them). Unknown numbers are ignored."""

@@ -179,6 +179,8 @@ class CloudClient:
 
     def __init__(self, cloud: MosquittoCloud, name: str, *, persistent: bool = True) -> None:
         self.received: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        #: what the cloud broker itself sent again with DUP set (a resumed session), also in ``received``
+        self.redelivered: list[tuple[str, bytes]] = []
         self.subscriptions: list[str] = []
         self.connected = threading.Event()
         ctx = cloud.pki.client_context(name)
@@ -188,7 +190,7 @@ class CloudClient:
         self.client.reconnect_delay_set(0.1, 0.5)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = lambda *a: self.connected.clear()
-        self.client.on_message = lambda c, u, m: self.received.put((m.topic, bytes(m.payload)))
+        self.client.on_message = self._on_message
         self.client.connect("127.0.0.1", cloud.port, keepalive=5)
         self.client.loop_start()
         assert self.connected.wait(10), "cloud client did not connect"
@@ -197,6 +199,11 @@ class CloudClient:
         for topic in self.subscriptions:
             client.subscribe(topic, 1)
         self.connected.set()
+
+    def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
+        if message.dup:
+            self.redelivered.append((message.topic, bytes(message.payload)))
+        self.received.put((message.topic, bytes(message.payload)))
 
     def subscribe(self, topic: str) -> None:
         self.subscriptions.append(topic)

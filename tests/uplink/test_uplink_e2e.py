@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
+from collections import Counter
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -62,11 +67,10 @@ def test_outage_restart_and_crash_lose_nothing_and_keep_order(
         uplink.wait(lambda s: s["queue"]["depth"] == 250, what="250 queued after restart")
 
         uplink.stop(kill=True)                                       # crash (kill -9) mid-outage
-        uplink.start()
-        uplink.wait(lambda s: s["local"]["connected"], what="local session resumed after kill -9")
-        # published after the resume: the current engine does not notice a killed peer until the
-        # takeover and drops what it wrote to the dead connection (see docs/uplink.md, "Known limits")
+        # published while the uplink is dead: the broker keeps them for the persistent session (queued,
+        # or in flight on the dead connection and resent on resume), and they arrive after the restart
         _publish(device, 350, 400)
+        uplink.start()
         status = uplink.wait(lambda s: s["queue"]["depth"] == 300, what="300 queued after kill -9")
         assert status["queue"]["oldest_age_s"] > 0
 
@@ -89,6 +93,74 @@ def test_outage_restart_and_crash_lose_nothing_and_keep_order(
     metrics = uplink.metrics()
     assert "gateway_agent_uplink_queue_depth 0.0" in metrics
     assert "gateway_agent_uplink_forwarded_total" in metrics
+
+
+def _persisted_since(cloud: MosquittoCloud, moment: float) -> bool:
+    """The cloud saved its state (sessions, subscriptions) after ``moment``: a SIGKILL keeps them."""
+    db = cloud.dir / "mosquitto.db"
+    return db.exists() and db.stat().st_mtime > moment
+
+
+def test_cloud_killed_with_messages_in_flight_loses_nothing_and_counts_its_duplicates(
+    local_broker: BrokerThread, cloud: MosquittoCloud, pki: DevPki, tmp_path: Path,
+    uplink_process: Callable[[Path, int], UplinkProcess], cloud_client: Callable[..., CloudClient],
+) -> None:
+    """A steady publisher; the cloud hangs mid-stream with a full window unacknowledged, is killed, comes back.
+
+    Each message leaves the queue only on its PUBACK, so every one arrives, in order; what was in
+    flight is sent again, counted as ``resent``, never more than the window.
+    """
+    total = 600
+    app = cloud_client("cloud-app")                                  # persistent QoS 1 subscriber in the cloud
+    app.subscribe("sites/#")
+    subscribed = time.time()
+    port = free_port()
+    uplink = uplink_process(write_uplink_config(tmp_path, local_port=local_broker.port, cloud=cloud, pki=pki,
+                                                status_port=port, inflight=INFLIGHT), port).start()
+    uplink.wait(lambda s: s["cloud"]["connected"] and s["local"]["connected"], what="both sessions up")
+    uplink.wait(lambda s: _persisted_since(cloud, subscribed), what="the cloud saved the subscription")
+    device = Device(local_broker.port, pki.chain, pki.device("sensor-01"), "sensor-01")
+    assert device.connect() == 0
+
+    def steady() -> None:
+        for n in range(total):
+            device.publish("devices/sensor-01/telemetry/seq", str(n).encode(), qos=1)
+            time.sleep(0.002)
+
+    publisher = threading.Thread(target=steady, name="steady-publisher")
+    publisher.start()
+    try:
+        received = app.collect(150, timeout=20)                     # mid-stream
+        assert cloud.proc is not None
+        os.kill(cloud.proc.pid, signal.SIGSTOP)                     # the cloud hangs: no PUBACK comes back
+        uplink.wait(lambda s: s["queue"]["depth"] >= 2 * INFLIGHT, what="a full window in flight")
+        cloud.stop(kill=True)                                        # and dies (SIGKILL)
+        down = uplink.wait(lambda s: not s["cloud"]["connected"], what="cloud down noticed")
+        assert down["resent"] == 0
+        uplink.wait(lambda s: s["queue"]["depth"] >= down["queue"]["depth"] + 20, what="more queued while down")
+        cloud.start()
+        publisher.join(60)
+        assert not publisher.is_alive()
+        status = uplink.wait(lambda s: s["received"] == total and s["queue"]["depth"] == 0, what="queue drained",
+                             timeout=30)
+        deadline = time.monotonic() + 15
+        while set(_numbers(received)) != set(range(total)) and time.monotonic() < deadline:
+            received += app.collect(total, timeout=0.5)
+        received += app.collect(total, timeout=0.5)                 # late copies, if any
+    finally:
+        publisher.join(60)
+        device.close()
+
+    numbers = _numbers(received)
+    first_seen = list(dict.fromkeys(numbers))
+    assert first_seen == list(range(total)), "every message, in order"
+    # copies the uplink sent twice: those the cloud broker did not itself send again (DUP) to its subscriber
+    fresh = Counter(numbers) - Counter(_numbers(app.redelivered))
+    seen_twice = sum(n - 1 for n in fresh.values() if n > 1)
+    assert status["forwarded"] == total
+    assert status["resent"] == INFLIGHT, "the whole window was in flight when the cloud died"
+    assert seen_twice <= status["resent"] <= INFLIGHT, (seen_twice, status["resent"])
+    assert f"gateway_agent_uplink_resent_total {float(INFLIGHT)}" in uplink.metrics()
 
 
 def test_forged_downlink_command_is_refused_by_the_broker(
@@ -133,3 +205,4 @@ def test_forged_downlink_command_is_refused_by_the_broker(
         assert main(["uplink", "status", "-c", str(uplink.config)]) == 0
     finally:
         device.close()
+

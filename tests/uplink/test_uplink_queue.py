@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -13,8 +14,9 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from edge_core.uplink_rules import QueuePolicy
-from gateway_agent.uplink import backoff_delay, enable_manual_ack
+from edge_core.events import SecurityEvents
+from edge_core.uplink_rules import QueuePolicy, load_uplink_config
+from gateway_agent.uplink import UplinkService, backoff_delay, enable_manual_ack
 from gateway_agent.uplink_queue import StoreAndForwardQueue
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -89,6 +91,22 @@ def test_old_messages_expire(tmp_path: Path) -> None:
     assert q.stats().bytes == 22
 
 
+def test_the_drain_is_never_handed_an_expired_message(tmp_path: Path) -> None:
+    """``peek_fresh`` (before every drain batch) expires first, without a write of its own to trigger it."""
+    clock = Clock()
+    q = _queue(tmp_path, clock, max_age=timedelta(hours=1))
+    q.put_many(_msgs(0, 3))
+    clock.t += 1800
+    q.put_many(_msgs(3, 5))
+    assert q.peek_fresh(0, 10) == (0, q.peek(0, 10))
+    clock.t += 1801
+    expired, fresh = q.peek_fresh(0, 10)
+    assert expired == 3 and [int(m.payload) for m in fresh] == [3, 4]
+    assert q.stats().depth == 2 and q.totals.dropped["expired"] == 3
+    clock.t += 3600
+    assert q.peek_fresh(0, 10) == (2, [])
+
+
 @pytest.mark.integration
 def test_committed_messages_survive_kill_9(tmp_path: Path) -> None:
     """A writer killed with SIGKILL mid-stream: every batch it reported committed is on disk, in order."""
@@ -135,3 +153,65 @@ async def test_aiomqtt_still_lets_us_acknowledge_by_hand() -> None:
     assert callable(paho.ack)
     with pytest.raises(AttributeError):
         enable_manual_ack(object())  # type: ignore[arg-type]
+
+
+class _FlakyCloud:
+    """Stands in for the cloud client in ``_drain``: acknowledges every publish but the payloads in ``fail``."""
+
+    def __init__(self, fail: set[bytes]) -> None:
+        self.fail = fail
+        self.seen: list[bytes] = []
+
+    async def publish(self, topic: str, payload: bytes, **options: object) -> None:
+        self.seen.append(payload)
+        if payload in self.fail:
+            raise aiomqtt.MqttError("publish timed out")
+
+
+def _offline_service(tmp_path: Path) -> UplinkService:
+    """The service with its queue open and no connection (the drain is driven by hand)."""
+    path = tmp_path / "uplink.yaml"
+    path.write_text(f"""version: 1
+site: plant-a
+gateway: gw-01
+local: {{ca: ca.pem, cert: u.crt, key: u.key, client_id: gateway-uplink}}
+cloud: {{host: 127.0.0.1, ca: ca.pem, cert: c.crt, key: c.key, inflight: 8}}
+queue: {{path: {tmp_path / 'q.db'}}}
+forward:
+  - from: devices/+/telemetry/#
+    to: sites/{{site}}/gateways/{{gateway}}/devices/{{1}}/telemetry/{{#}}
+""")
+    service = UplinkService(load_uplink_config(path), events=SecurityEvents("uplink-test"))
+    service.queue = StoreAndForwardQueue(service.config.queue)
+    return service
+
+
+async def test_a_failed_publish_does_not_lose_the_acknowledgements_of_its_batch(tmp_path: Path) -> None:
+    """Message 1 of a window fails, 0 and 2 are acknowledged: 0 and 2 leave the queue and count as forwarded."""
+    service = _offline_service(tmp_path)
+    queue = service.queue
+    assert queue is not None
+    queue.put_many(_msgs(0, 3, size=1))
+    cloud = _FlakyCloud(fail={b"1"})
+    never = asyncio.get_running_loop().create_future()
+    with pytest.raises(aiomqtt.MqttError, match="publish failed"):
+        await asyncio.wait_for(service._drain(cloud, never), 5)  # type: ignore[arg-type]
+    assert cloud.seen == [b"0", b"1", b"2"]
+    assert [m.payload for m in queue.peek(0, 10)] == [b"1"]
+    assert service.counters.forwarded == 2
+
+    # the next connection sends only the failed one again, and counts it as resent
+    cloud = _FlakyCloud(fail=set())
+    lost = asyncio.get_running_loop().create_future()
+    drain = asyncio.create_task(service._drain(cloud, lost))  # type: ignore[arg-type]
+    for _ in range(100):
+        if queue.stats().depth == 0:
+            break
+        await asyncio.sleep(0.02)
+    lost.set_exception(aiomqtt.MqttError("disconnected"))
+    with pytest.raises(aiomqtt.MqttError, match="disconnected"):
+        await asyncio.wait_for(drain, 5)
+    assert cloud.seen == [b"1"]
+    assert queue.stats().depth == 0
+    assert service.counters.forwarded == 3 and service.counters.resent == 1
+    queue.close()

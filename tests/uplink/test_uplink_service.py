@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
+from edge_core.clock import ManualClock
 from edge_core.events import SecurityEvents
 from edge_core.uplink_rules import load_uplink_config
 from gateway_agent.uplink import UplinkService
@@ -169,6 +172,44 @@ async def test_a_cloud_with_the_wrong_certificate_gets_nothing(
         assert not service.cloud_up and service.counters.forwarded == 0
         detail = events.recent("uplink.cloud_unreachable")[-1]["detail"]
         assert "CERTIFICATE_VERIFY_FAILED" in detail or "certificate verify failed" in detail, detail
+    finally:
+        await asyncio.to_thread(device.close)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await service.close()
+
+
+async def test_nothing_older_than_max_age_goes_out_after_a_reconnect(
+    local_broker: BrokerThread, cloud: MosquittoCloud, pki: DevPki, tmp_path: Path,
+    cloud_client: Callable[..., CloudClient],
+) -> None:
+    """Messages that aged past max_age during an outage are dropped when the cloud returns, with no new traffic."""
+    app = await asyncio.to_thread(cloud_client, "cloud-app")
+    await asyncio.to_thread(app.subscribe, "sites/#")
+    cloud.stop()  # the persistent subscriber's session is kept; messages for it queue while it reconnects
+    clock = ManualClock()
+    path = write_uplink_config(tmp_path, local_port=local_broker.port, cloud=cloud, pki=pki,
+                               status_port=free_port(), extra_queue="  max_age: 60\n")
+    events = SecurityEvents("uplink-test")
+    service = UplinkService(load_uplink_config(path), events=events, clock=lambda: clock.now().timestamp())
+    task = asyncio.create_task(service.run())
+    device = Device(local_broker.port, pki.chain, pki.device("sensor-02"), "sensor-02")
+    try:
+        await _until(lambda: service.local_up)
+        assert await asyncio.to_thread(device.connect) == 0
+        for n in range(5):
+            await asyncio.to_thread(device.publish, "devices/sensor-02/telemetry/seq", f"old-{n}".encode())
+        await _until(lambda: service.queue is not None and service.queue.stats().depth == 5)
+        clock.advance(timedelta(seconds=61))  # the outage outlasts max_age; no local traffic since
+
+        await asyncio.to_thread(cloud.start)
+        await _until(lambda: service.cloud_up and service.queue is not None and service.queue.stats().depth == 0)
+        assert service.counters.dropped == {"expired": 5}
+        assert service.counters.forwarded == 0
+        assert events.count("uplink.dropped", "expired") == 1
+        await asyncio.to_thread(device.publish, "devices/sensor-02/telemetry/seq", b"fresh")
+        got = await asyncio.to_thread(app.collect, 6, 5.0)
+        assert [payload for _, payload in got] == [b"fresh"]
     finally:
         await asyncio.to_thread(device.close)
         task.cancel()
