@@ -21,6 +21,7 @@ from edge_runtime.cli_support import (
     add_config_argument,
     add_status_arguments,
     add_version_argument,
+    parse_args,
     print_status,
     run_daemon,
     run_handler,
@@ -54,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     return run_handler(args)
 
 

@@ -85,8 +85,8 @@ def add_parser(sub: Any) -> None:
     explain = verbs.add_parser(
         "explain",
         help="the decision for one device and topic, and every rule that took part",
-        description="Exit codes: 0 allowed, 1 denied, 2 usage error, unknown device, or a file "
-        "is unreadable or refused.",
+        description="Exit codes: 0 allowed, 1 denied (also a device the registry disables), 2 usage error, "
+        "4 unknown device, or a file that is unreadable or refused.",
     )
     explain.add_argument("--device", required=True, metavar="ID", help="device id as in the registry")
     action = explain.add_mutually_exclusive_group(required=True)

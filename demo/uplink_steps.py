@@ -160,9 +160,10 @@ def uplink_section(*, root: Path, certs: Path, bin_dir: Path, device: DeviceConf
         _say(f"a compromised cloud sends a command 'from alice' it signed itself -> the uplink carries it down, "
              f"the broker refuses it: command.rejected reason={event['reason']} sender={event.get('sender')}")
         _say("`gateway-agent uplink status -c var/demo-uplink.yaml` shows queue depth, oldest age, forwarded, dropped")
-        checked = subprocess.run([str(bin_dir / "gateway-agent"), "zones", "check"], cwd=root, capture_output=True,
-                                 text=True, check=False)
-        _say(f"`gateway-agent zones check` (exit {checked.returncode}): {checked.stderr.strip().splitlines()[-1]}")
+        checked = subprocess.run([str(bin_dir / "gateway-agent"), "zones", "check", "-c", "configs/zones.yaml"],
+                                 cwd=root, capture_output=True, text=True, check=False)
+        _say(f"`gateway-agent zones check -c configs/zones.yaml` (exit {checked.returncode}): "
+             f"{checked.stderr.strip().splitlines()[-1]}")
     finally:
         app.close()
         uplink.terminate()

@@ -7,7 +7,8 @@ code  name                  meaning
 ====  ====================  =====================================================================
 0     ``EXIT_OK``           done; for a check: clean; for ``acl explain``: allowed
 1     ``EXIT_REFUSED``      the answer is no: a file refused, a decision denied, a command
-                            rejected, a CRL source failed, an endpoint not ready
+                            rejected, a CRL source failed, an endpoint not ready, zone
+                            violations found, a firmware rollout halted
 2     ``EXIT_USAGE``        bad command line (argparse)
 3     ``EXIT_WARNINGS``     a check passed with more warnings than ``--max-warnings``
 4     ``EXIT_CONFIG``       a config or input file is missing, unreadable or invalid
@@ -21,17 +22,20 @@ Errors are one line on stderr (``error: what (fix: how)``), never a traceback un
 The daemons' verbs (``run``) write every stderr line as JSON when stderr is not a terminal
 (systemd, Docker, a pipe), their start-up errors included (``cli.error`` with ``detail``,
 ``hint`` and ``exit``), so ``journalctl -o cat | jq`` reads all of it. A closed stdout
-(``--json | head``) ends the command quietly with 0.
+(``--json | head``) drops the rest of the output quietly; the command still ends with its
+own exit code (a failed check that nobody reads to the end is still a failed check).
 
-Config discovery: ``-c FILE`` on every verb; without it ``$EDGE_GATEWAY_CONFIG_DIR/<name>``,
-else ``/etc/edge-gateway/<name>``, and the command says which file it used. Never the
-working directory.
+Config discovery: ``-c FILE`` on every verb that reads a config (all but ``pki init-dev`` and
+``pki pin``, which read none); without it ``$EDGE_GATEWAY_CONFIG_DIR/<name>``, else
+``/etc/edge-gateway/<name>``, and the command says which file it used. Never the working
+directory.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import errno
 import json
 import os
@@ -39,9 +43,9 @@ import ssl
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TextIO, cast
 
 import structlog
 
@@ -66,6 +70,7 @@ __all__ = [
     "add_config_argument",
     "add_status_arguments",
     "add_version_argument",
+    "parse_args",
     "print_json",
     "print_status",
     "report",
@@ -184,11 +189,10 @@ def run_handler(args: argparse.Namespace) -> int:
     configure_logging(level="DEBUG" if verbose else "INFO")
     name = getattr(args, "config_name", None)
     try:
-        if name is not None:
-            args.config = resolve_config(args.config, name)
-        return int(args.func(args))
-    except BrokenPipeError:
-        return _closed_stdout()
+        with _stdout_guard():
+            if name is not None:
+                args.config = resolve_config(args.config, name)
+            return int(args.func(args))
     except EdgeSecurityError as exc:
         if verbose:
             raise
@@ -228,15 +232,62 @@ def run_daemon(main: Coroutine[Any, Any, None], *, config: Path, use_uvloop: boo
         raise
 
 
-def _closed_stdout() -> int:
-    """The reader of our stdout went away (``| head``): stop quietly, and keep the interpreter
-    from complaining about the unflushable buffer at exit."""
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``; ``--help`` or ``--version`` into a closed pipe exits quietly too."""
+    with _stdout_guard():
+        return parser.parse_args(argv)
+
+
+class _GuardedStdout:
+    """``sys.stdout`` while a command runs. When the reader goes away (``--json | head``), the
+    rest of the output goes nowhere instead of raising ``BrokenPipeError`` mid-command, so the
+    command finishes and exits with its own code."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            _drop_stdout(self._stream)
+            return len(text)
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            _drop_stdout(self._stream)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def _stdout_guard() -> Iterator[None]:
+    real = sys.stdout
+    guard = _GuardedStdout(real)
+    sys.stdout = cast(TextIO, guard)
+    try:
+        yield
+    finally:
+        guard.flush()  # what is still buffered, now: a closed pipe shows here, not at interpreter exit
+        sys.stdout = real
+
+
+def _drop_stdout(stream: TextIO) -> None:
+    """The reader of our stdout went away: point it at /dev/null, so that what is still buffered
+    (and anything written later) goes nowhere and the interpreter does not complain at exit."""
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
     except (OSError, ValueError):
         pass
-    return EXIT_OK
 
 
 def print_json(value: Any, *, lines: bool = False) -> None:

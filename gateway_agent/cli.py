@@ -3,8 +3,10 @@
 Each command group lives in its own module (``cli_pki``, ``cli_crl``, ...), which exposes
 ``add_parser(subparsers)``; the parser stores ``func(args) -> int`` as the handler.
 
-Every verb takes ``-c/--config`` (default ``/etc/edge-gateway/agent.yaml``; ``command``
-verbs ``operator.yaml``), never a working-directory default. Exit codes follow the one
+Every verb that reads a config takes ``-c/--config`` (default ``/etc/edge-gateway/agent.yaml``;
+``command`` verbs ``operator.yaml``, ``uplink`` ``uplink.yaml``, ``zones`` ``zones.yaml``,
+``firmware`` ``firmware.yaml``), never a working-directory default; only ``pki init-dev``
+(creates a dev CA in ``--out``) and ``pki pin FILE`` read none. Exit codes follow the one
 table in ``edge_runtime.cli_support`` (docs/ops.md).
 """
 
@@ -15,7 +17,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from edge_runtime.cli_support import EXIT_CODES_HELP, add_version_argument, run_handler
+from edge_runtime.cli_support import EXIT_CODES_HELP, add_version_argument, parse_args, run_handler
 
 __all__ = ["main"]
 
@@ -42,8 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(build_parser(), argv)
     return run_handler(args)
 
 

@@ -1,7 +1,11 @@
 """``gateway-agent firmware``: release keys, roots, signing, verifying and staged publishing.
 
-Exit codes: 0 success; 1 refused or failed (one line says why, with the reason code);
-2 usage error; 3 the rollout was halted by failure reports from devices.
+Exit codes: 0 success; 1 refused, failed or halted by failure reports (one line says why);
+2 usage error; 4 settings or an input file missing, unreadable or invalid.
+
+The settings are ``-c/--config``, else ``$EDGE_GATEWAY_CONFIG_DIR/firmware.yaml``, else
+``/etc/edge-gateway/firmware.yaml`` (never the working directory); relative paths in them
+are relative to the file.
 """
 
 from __future__ import annotations
@@ -32,9 +36,11 @@ from edge_core.firmware import (
     verify_release,
     verify_root_update,
 )
+from edge_runtime.cli_support import EXIT_OK, EXIT_REFUSED, add_config_argument
 from gateway_agent.firmware_settings import FirmwareToolSettings, load_firmware_settings
 
-EXIT_HALTED = 3
+CONFIG_NAME = "firmware.yaml"
+EXIT_HALTED = EXIT_REFUSED  # the rollout stopped on failure reports: the answer is no
 
 
 def add_parser(sub: Any) -> None:
@@ -42,9 +48,9 @@ def add_parser(sub: Any) -> None:
     verbs = fw.add_subparsers(dest="verb", required=True)
 
     def verb(name: str, text: str) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = verbs.add_parser(name, help=text, description=f"{text}. {__doc__.splitlines()[2]}")
-        p.add_argument("-c", "--config", type=Path, default=Path("configs/firmware.yaml"),
-                       help="release tool settings (default configs/firmware.yaml)")
+        exits = " ".join(__doc__.split("\n\n")[1].split())
+        p: argparse.ArgumentParser = verbs.add_parser(name, help=text, description=f"{text}. {exits}")
+        add_config_argument(p, CONFIG_NAME, what="release tool settings")
         return p
 
     p = verb("keygen", "create release or root keys (on the token; never exported)")
@@ -96,7 +102,8 @@ def _read(path: Path, what: str) -> bytes:
     try:
         return path.read_bytes()
     except OSError as exc:
-        raise ConfigError(f"cannot read {what}: {exc.strerror}", source=str(path)) from exc
+        raise ConfigError(f"cannot read {what}: {exc.strerror}", source=str(path),
+                          hint="check the path and its permissions") from exc
 
 
 def _keygen(args: argparse.Namespace) -> int:
@@ -157,7 +164,8 @@ def _sign(args: argparse.Namespace) -> int:
                 digest.update(chunk)
                 size += len(chunk)
     except OSError as exc:
-        raise ConfigError(f"cannot read image: {exc.strerror}", source=str(args.image)) from exc
+        raise ConfigError(f"cannot read image: {exc.strerror}", source=str(args.image),
+                          hint="check the path and its permissions") from exc
     now = SystemClock().now()
     body = make_manifest(device_class=args.device_class, version=args.version, image_sha256=digest.hexdigest(),
                          size=size, not_before=now - timedelta(minutes=5),
@@ -223,4 +231,4 @@ def _publish(args: argparse.Namespace) -> int:
     print(f"canaries first: {', '.join(summary['canaries'])}")
     print(f"{summary['phase']}: v{result.manifest.version} confirmed on {len(summary['confirmed'])} device(s), "
           f"failed on {len(summary['failed'])}" + (f"; halted: {summary['halted']}" if result.halted else ""))
-    return EXIT_HALTED if result.halted else 0
+    return EXIT_HALTED if result.halted else EXIT_OK

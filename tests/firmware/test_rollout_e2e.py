@@ -180,3 +180,38 @@ async def test_refusal_before_the_signatures_halts_at_once(broker: tuple[BrokerT
     assert result.summary["offered"] == 1 and offers == {}  # nobody else was offered it, nothing installed
     (report,) = [e for e in events.recent() if e["event"] == "firmware.report"]
     assert report["device"] == canary and report["reason"] == "unknown_key" and report["version"] is None
+
+
+async def test_a_halted_rollout_is_exit_1_from_the_command_line(
+        broker: tuple[BrokerThread, Release], pki: DevPki, tmp_path: Path, registry_file: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """``firmware publish`` says no (exit 1, as in the one exit-code table) when failure reports halt it."""
+    from gateway_agent.cli import main
+
+    b, release = broker
+    (tmp_path / "roots").mkdir()
+    (tmp_path / "roots" / "1.root.json").write_bytes(release.chain[0])
+    manifest, image = tmp_path / "m.json", tmp_path / "fw.bin"
+    manifest.write_bytes(release.manifest(NEW, version=2))
+    image.write_bytes(NEW)
+    cred = pki.device("sensor-01")
+    settings = tmp_path / "firmware.yaml"
+    settings.write_text(
+        "keys:\n  unsafe_file_keys: {r1: r1.pem}\n  release: [r1]\n  root: [r1]\nroots_dir: roots\n"
+        f"publish:\n  broker: {{host: 127.0.0.1, port: {b.port}, ca: {pki.chain}, cert: {cred.cert}, "
+        f"key: {cred.key}, client_id: sensor-01}}\n  registry: {registry_file}\n  images_dir: images\n"
+        f"  http: {{bind: '127.0.0.1:0', public_url: 'https://127.0.0.1:0', cert: {pki.root / 'broker.crt'}, "
+        f"key: {pki.root / 'broker.key'}, client_ca: {pki.chain}}}\n"
+        "  canary_percent: 30\n  rate_per_second: 5\n  max_failures: 0\n  report_timeout: 20\n")
+    offers: dict[str, int] = {}
+    tasks = await run_devices(b, pki, tmp_path, release, healthy=False, offers=offers)
+    try:
+        code = await asyncio.wait_for(asyncio.to_thread(
+            main, ["firmware", "publish", "-c", str(settings), "--manifest", str(manifest), "--image", str(image)]),
+            60)
+    finally:
+        await stop(tasks)
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert "halted:" in out and "rolled_back:self_test_failed" in out
+    assert len(offers) == 1  # the canary only

@@ -41,13 +41,14 @@ def test_bad_config_fails_with_its_reason(bad: Path, capsys: pytest.CaptureFixtu
     assert wanted, f"expected {code} at line {line}, got:\n{out}"
 
 
-def test_broken_file_is_exit_3_not_a_violation(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_broken_file_is_exit_4_not_a_violation(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "zones.yaml"
     bad.write_text("version: 1\ngateway: gw\nzones: [{id: 7}]\ninterfaces: {}\n")
-    assert main(["zones", "check", "--zones", str(bad)]) == 3
+    assert main(["zones", "check", "-c", str(bad)]) == 4
     assert f"{bad}:3" in capsys.readouterr().err
-    assert main(["zones", "check", "--zones", str(tmp_path / "missing.yaml")]) == 3
-    assert main(["zones", "check", "--zones", str(CONFIGS / "zones.yaml"), "--broker", str(tmp_path / "x")]) == 3
+    assert main(["zones", "check", "-c", str(tmp_path / "missing.yaml")]) == 4
+    assert main(["zones", "check", "-c", str(CONFIGS / "zones.yaml"), "--broker", str(tmp_path / "x")]) == 4
+    assert main(["zones", "nft", "-c", str(bad)]) == 4
 
 
 def test_unknown_key_in_zones_names_file_and_line(tmp_path: Path) -> None:
@@ -84,7 +85,7 @@ def test_user_binding_only_on_outbound_conduits(tmp_path: Path, capsys: pytest.C
     assert 'meta skuid "edge-uplink" tcp dport 8883' in zones.render_nftables(model)
     bad = tmp_path / "zones.yaml"
     bad.write_text(text.replace("    port: 8884\n", "    port: 8884\n    user: edge-broker\n"))
-    assert main(["zones", "check", "--zones", str(bad)]) == 3
+    assert main(["zones", "check", "--zones", str(bad)]) == 4
     assert "only an outbound conduit" in capsys.readouterr().err
 
 
@@ -104,7 +105,7 @@ def test_firmware_images_conduit_is_the_only_https_into_the_dmz(tmp_path: Path,
                      ("    protocol: https               #", "    protocol: mqtt-tls            #")):
         bad = tmp_path / "zones.yaml"
         bad.write_text(text.replace(old, new))
-        assert main(["zones", "check", "--zones", str(bad)]) == 3
+        assert main(["zones", "check", "--zones", str(bad)]) == 4  # an invalid file: exit 4 (docs/ops.md)
         assert f"{bad}:" in capsys.readouterr().err
 
 
