@@ -51,6 +51,7 @@ GAUGES: Final[Mapping[str, tuple[str, tuple[str, ...]]]] = {
 COUNTERS: Final[Mapping[str, str]] = {
     "uplink_forwarded": "Messages the uplink forwarded to the cloud broker",
     "uplink_resent": "Messages the uplink sent again after a reconnect",
+    "uplink_local_redelivered": "Messages the local broker resent after an uplink crash, already queued (not twice)",
     "uplink_dropped": "Messages the uplink dropped (queue overflow)",
 }
 

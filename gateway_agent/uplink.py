@@ -7,7 +7,9 @@ Two MQTT sessions, both initiated here (the uplink never listens):
   It subscribes to the ``forward`` filters at QoS 1 on a persistent session
   (``clean_session=False``), with manual acknowledgement: a PUBACK goes to the broker only
   after the message is committed to the disk queue. If the uplink dies in between, the broker
-  still holds the message for the session (at least once).
+  still holds the message for the session (at least once). What the broker then resends
+  first on the resumed session, the uplink recognises by packet id and content among the
+  messages still queued and does not queue twice (counted as ``local_redelivered``).
 - **cloud**: TLS 1.3 with the gateway's cloud certificate to the cloud broker. The drain loop
   publishes queued messages in order at QoS 1 with a window of ``inflight`` unacknowledged
   messages and deletes each one only when its PUBACK arrived. After a disconnect it starts
@@ -23,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import json
 import random
 import ssl
@@ -64,11 +67,19 @@ def enable_manual_ack(client: aiomqtt.Client) -> Any:
     return paho
 
 
+def _origin(packet_id: int, topic: str, payload: bytes) -> str:
+    """Who a queued message was, on the local session: packet id and a digest of what it said."""
+    digest = hashlib.blake2b(topic.encode("utf-8") + b"\0" + payload, digest_size=8).hexdigest()
+    return f"{packet_id}:{digest}"
+
+
 @dataclass
 class UplinkCounters:
     received: int = 0
     forwarded: int = 0
     resent: int = 0
+    #: resent by the local broker after a crash, already queued: acknowledged, not queued twice
+    local_redelivered: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     downlink_forwarded: int = 0
     downlink_refused: dict[str, int] = field(default_factory=dict)
@@ -189,6 +200,7 @@ class UplinkService:
         self._wake = asyncio.Event()
         self._restart = asyncio.Event()
         self._high_water = False
+        self._redelivery = False  # the local session just resumed: its first messages may be resends
         #: sequence numbers that were in flight when a cloud connection broke
         self._unconfirmed: set[int] = set()
 
@@ -272,6 +284,7 @@ class UplinkService:
                     self.local_up = True
                     self.counters.local_connects += 1
                     self.events.emit("uplink.local_connected", client_id=link.client_id)
+                    self._redelivery = True  # a resumed session starts with what the broker resends
                     await self._take(client, paho)
             except aiomqtt.MqttError as exc:
                 self.events.emit("uplink.local_disconnected", "broker_unreachable", level="warning",
@@ -303,6 +316,7 @@ class UplinkService:
             while len(messages) > 0 and len(batch) < _BATCH:
                 batch.append(await anext(messages))
             items: list[tuple[str, bytes, int]] = []
+            origins: list[str | None] = []
             for message in batch:
                 topic = str(message.topic)
                 payload = message.payload if isinstance(message.payload, bytes) else b""
@@ -316,8 +330,15 @@ class UplinkService:
                                      size=len(payload))
                 else:
                     items.append((target, payload, 1))
+                    origins.append(_origin(message.mid, topic, payload) if message.qos > 0 else None)
             assert self.queue is not None
-            report = await asyncio.to_thread(self.queue.put_many, items)
+            report = await asyncio.to_thread(self.queue.put_many, items, origins=origins,
+                                             skip_known_prefix=self._redelivery)
+            if report.duplicates < len(items):
+                self._redelivery = False  # the resent run is over: everything from here is new
+            if report.duplicates:
+                self.counters.local_redelivered += report.duplicates
+                self.events.emit("uplink.redelivered", "already_queued", count=report.duplicates)
             self._account(report)
             for message in batch:
                 if message.qos > 0:
@@ -492,7 +513,8 @@ class UplinkService:
                 "depth": stats.depth, "bytes": stats.bytes, "max_bytes": self.config.queue.max_bytes,
                 "oldest_age_s": round(stats.oldest_age_s, 3), "file_bytes": stats.file_bytes,
                 "overflow": self.config.queue.overflow},
-            "received": c.received, "forwarded": c.forwarded, "resent": c.resent, "dropped": dict(c.dropped),
+            "received": c.received, "forwarded": c.forwarded, "resent": c.resent,
+            "local_redelivered": c.local_redelivered, "dropped": dict(c.dropped),
             "downlink": {"forwarded": c.downlink_forwarded, "refused": dict(c.downlink_refused)},
             "rules": {"forward": len(self.config.forward), "downlink": len(self.config.downlink)},
         }
@@ -506,6 +528,7 @@ class UplinkService:
             "uplink_queue_oldest_age_seconds": round(stats.oldest_age_s, 3) if stats else 0.0,
             "uplink_forwarded_total": float(c.forwarded),
             "uplink_resent_total": float(c.resent),
+            "uplink_local_redelivered_total": float(c.local_redelivered),
             "uplink_dropped_total": float(sum(c.dropped.values())),
             "uplink_cloud_connected": 1.0 if self.cloud_up else 0.0,
             "uplink_local_connected": 1.0 if self.local_up else 0.0,

@@ -18,6 +18,12 @@ Durability: ``fsync`` (``synchronous=FULL``) survives power loss; ``process``
 power loss. Writes are batched by the caller (one transaction per batch), so ``fsync``
 costs one flush per batch, not per message.
 
+Redelivery: each message keeps its ``origin``, the local broker's packet id and a digest of
+its local topic and payload. A broker resends the messages it had not seen acknowledged, with
+their packet ids, first thing when the uplink's persistent session resumes; if the uplink died
+after committing them and before its PUBACKs left, ``put_many(..., skip_known_prefix=True)``
+recognises that leading run by origin and does not queue it twice (``PutReport.duplicates``).
+
 One object is used from worker threads (``asyncio.to_thread``): every call holds a lock.
 """
 
@@ -34,6 +40,9 @@ from edge_core.uplink_rules import QueuePolicy
 
 __all__ = ["PutReport", "QueueStats", "Queued", "StoreAndForwardQueue"]
 
+#: a row as inserted: topic, payload, qos, enqueued_at, size, origin
+_Row = tuple[str, bytes, int, float, int, str | None]
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -41,7 +50,8 @@ CREATE TABLE IF NOT EXISTS messages (
     payload BLOB NOT NULL,
     qos INTEGER NOT NULL,
     enqueued_at REAL NOT NULL,
-    size INTEGER NOT NULL
+    size INTEGER NOT NULL,
+    origin TEXT
 );
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
@@ -66,6 +76,8 @@ class PutReport:
     dropped_oldest: int = 0
     refused: int = 0
     expired: int = 0
+    #: leading messages of the batch already queued (a local redelivery after a crash): not stored again
+    duplicates: int = 0
 
 
 @dataclass(frozen=True)
@@ -93,23 +105,43 @@ class StoreAndForwardQueue:
         self._synchronous = "FULL" if policy.durability == "fsync" else "NORMAL"
         self._db.execute(f"PRAGMA synchronous={self._synchronous}")
         self._db.executescript(_SCHEMA)
+        columns = {str(r[1]) for r in self._db.execute("PRAGMA table_info(messages)")}
+        if "origin" not in columns:  # a queue file written before origins were kept
+            self._db.execute("ALTER TABLE messages ADD COLUMN origin TEXT")
+        self._db.execute("CREATE INDEX IF NOT EXISTS messages_origin ON messages(origin)")
         row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM messages").fetchone()
         self._depth, self._bytes = int(row[0]), int(row[1])
 
     # -- writing -----------------------------------------------------------------------
 
-    def put_many(self, items: Sequence[tuple[str, bytes, int]]) -> PutReport:
-        """Store a batch in one transaction (in order). Returns what happened to make room."""
+    def put_many(self, items: Sequence[tuple[str, bytes, int]], *, origins: Sequence[str | None] | None = None,
+                 skip_known_prefix: bool = False) -> PutReport:
+        """Store a batch in one transaction (in order). Returns what happened to make room.
+
+        ``origins`` (one per item, None for a QoS 0 message) are kept with the rows. With
+        ``skip_known_prefix``, the leading items whose origin is already queued are redeliveries
+        and are skipped; the first unknown one ends the run (``PutReport.duplicates`` < len).
+        """
         if not items:
             return PutReport(stored=0)
         now = self.clock()
-        rows = [(topic, payload, qos, now, len(topic.encode("utf-8")) + len(payload)) for topic, payload, qos in items]
+        tags = list(origins) if origins is not None else [None] * len(items)
+        if len(tags) != len(items):
+            raise ValueError("one origin per item")
+        rows = [(topic, payload, qos, now, len(topic.encode("utf-8")) + len(payload), tag)
+                for (topic, payload, qos), tag in zip(items, tags, strict=True)]
         limit = self.policy.max_bytes
         refused = 0
+        duplicates = 0
         with self._lock:
             cur = self._db.cursor()
             cur.execute("BEGIN IMMEDIATE")
             try:
+                if skip_known_prefix:
+                    while duplicates < len(rows) and rows[duplicates][5] is not None and cur.execute(
+                            "SELECT 1 FROM messages WHERE origin = ? LIMIT 1", (rows[duplicates][5],)).fetchone():
+                        duplicates += 1
+                    rows = rows[duplicates:]
                 expired = self._expire_locked(cur, now)
                 too_big = [r for r in rows if r[4] > limit]
                 rows = [r for r in rows if r[4] <= limit]
@@ -120,7 +152,7 @@ class StoreAndForwardQueue:
                     if self.policy.overflow == "drop_oldest":
                         dropped, rows = self._make_room_locked(cur, rows, limit)
                     else:
-                        kept: list[tuple[str, bytes, int, float, int]] = []
+                        kept: list[_Row] = []
                         room = limit - self._bytes
                         for r in rows:
                             if r[4] <= room:
@@ -129,8 +161,8 @@ class StoreAndForwardQueue:
                             else:
                                 refused += 1
                         rows = kept
-                cur.executemany("INSERT INTO messages (topic, payload, qos, enqueued_at, size) "
-                                "VALUES (?, ?, ?, ?, ?)", rows)
+                cur.executemany("INSERT INTO messages (topic, payload, qos, enqueued_at, size, origin) "
+                                "VALUES (?, ?, ?, ?, ?, ?)", rows)
                 cur.execute("COMMIT")
             except BaseException:
                 cur.execute("ROLLBACK")
@@ -140,10 +172,11 @@ class StoreAndForwardQueue:
             self.totals.dropped["drop_oldest"] += dropped
             self.totals.dropped["refuse_new"] += refused
             self.totals.dropped["expired"] += expired
-        return PutReport(stored=len(rows), dropped_oldest=dropped, refused=refused, expired=expired)
+        return PutReport(stored=len(rows), dropped_oldest=dropped, refused=refused, expired=expired,
+                         duplicates=duplicates)
 
-    def _make_room_locked(self, cur: sqlite3.Cursor, rows: list[tuple[str, bytes, int, float, int]],
-                          limit: int) -> tuple[int, list[tuple[str, bytes, int, float, int]]]:
+    def _make_room_locked(self, cur: sqlite3.Cursor, rows: list[_Row],
+                          limit: int) -> tuple[int, list[_Row]]:
         """Drop the oldest queued messages (then the oldest of the batch) until the batch fits."""
         need = self._bytes + sum(r[4] for r in rows) - limit
         dropped = 0

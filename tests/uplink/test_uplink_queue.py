@@ -215,3 +215,92 @@ async def test_a_failed_publish_does_not_lose_the_acknowledgements_of_its_batch(
     assert queue.stats().depth == 0
     assert service.counters.forwarded == 3 and service.counters.resent == 1
     queue.close()
+
+
+def test_a_resent_leading_run_already_queued_is_not_queued_twice(tmp_path: Path) -> None:
+    q = _queue(tmp_path)
+    first = _msgs(0, 5)
+    assert q.put_many(first, origins=[f"{n + 1}:x{n}" for n in range(5)]).stored == 5
+    q.close()
+    q = _queue(tmp_path)  # the uplink restarted (kill -9 after the commit, before its PUBACKs)
+    # the broker resends 3, 4, 5 first (same packet ids), then new messages; a known origin
+    # after the first unknown one is new traffic that happens to look alike, and is kept
+    resent = [first[2], first[3], first[4], ("t", b"new-1", 1), first[0]]
+    report = q.put_many(resent, origins=["3:x2", "4:x3", "5:x4", "6:n1", "1:x0"], skip_known_prefix=True)
+    assert (report.duplicates, report.stored) == (3, 2)
+    assert [m.payload for m in q.peek(0, 10)] == [m[1] for m in first] + [b"new-1", first[0][1]]
+    # without skip_known_prefix (the session was not just resumed) nothing is skipped
+    assert q.put_many(first[:1], origins=["1:x0"]).duplicates == 0
+    q.close()
+
+
+def test_a_queue_file_from_before_origins_opens_and_keeps_its_messages(tmp_path: Path) -> None:
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "q.db")
+    db.executescript("CREATE TABLE messages (seq INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, "
+                     "payload BLOB NOT NULL, qos INTEGER NOT NULL, enqueued_at REAL NOT NULL, size INTEGER NOT NULL);"
+                     "INSERT INTO messages (topic, payload, qos, enqueued_at, size) "
+                     "VALUES ('t', x'6f6c64', 1, 1e6, 4);")
+    db.close()
+    q = _queue(tmp_path)
+    assert [m.payload for m in q.peek(0, 10)] == [b"old"]
+    assert q.put_many(_msgs(0, 1), origins=["1:a"], skip_known_prefix=True).stored == 1
+    q.close()
+
+
+class _Resumed:
+    """The local session as ``_take`` reads it: messages with packet ids; PUBACKs recorded."""
+
+    class _Message:
+        def __init__(self, mid: int, topic: str, payload: bytes) -> None:
+            self.mid, self.topic, self.payload, self.qos = mid, topic, payload, 1
+
+    def __init__(self, messages: list[tuple[int, bytes]]) -> None:
+        self.pending = [self._Message(mid, "devices/pump-1/telemetry/t", p) for mid, p in messages]
+        self.acked: list[int] = []
+        self.messages = self
+
+    def __len__(self) -> int:
+        return len(self.pending)
+
+    def __aiter__(self) -> _Resumed:
+        return self
+
+    async def __anext__(self) -> object:
+        if not self.pending:
+            await asyncio.Event().wait()  # the session stays open, idle
+        return self.pending.pop(0)
+
+    def ack(self, mid: int, qos: int) -> None:
+        self.acked.append(mid)
+
+
+async def test_the_uplink_queues_a_crash_redelivery_once_and_acknowledges_it(tmp_path: Path) -> None:
+    service = _offline_service(tmp_path)
+    queue = service.queue
+    assert queue is not None
+
+    async def take(session: _Resumed, resumed: bool) -> None:
+        service._redelivery = resumed
+        task = asyncio.create_task(service._take(session, session))  # type: ignore[arg-type]
+        for _ in range(200):
+            if not session.pending and len(session.acked) == session_total[id(session)]:
+                break
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    first = _Resumed([(1, b"a"), (2, b"b"), (3, b"c")])
+    session_total = {id(first): 3}
+    await take(first, resumed=True)  # a fresh session: nothing known, all queued
+    # killed after the commit, before the PUBACKs left: the broker resends 2 and 3, then new ones
+    again = _Resumed([(2, b"b"), (3, b"c"), (4, b"d"), (5, b"e")])
+    session_total[id(again)] = 4
+    await take(again, resumed=True)
+    assert [m.payload for m in queue.peek(0, 10)] == [b"a", b"b", b"c", b"d", b"e"]
+    assert again.acked == [2, 3, 4, 5]  # every message is acknowledged, the resent ones too
+    assert service.counters.local_redelivered == 2 and service.counters.received == 7
+    assert service.events.count("uplink.redelivered", "already_queued") == 1
+    queue.close()

@@ -95,7 +95,7 @@ async def _ack_after_disk(service: UplinkService, publish: object) -> None:
         real_put = service.queue.put_many
         failures: list[int] = []
 
-        def disk_full(items: list[tuple[str, bytes, int]]) -> object:
+        def disk_full(items: list[tuple[str, bytes, int]], **_kw: object) -> object:
             failures.append(len(items))
             raise OSError(28, "No space left on device")
 
