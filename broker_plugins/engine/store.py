@@ -158,6 +158,7 @@ class SqliteStore:
         self._idle: asyncio.Event | None = None
         #: the error of the last commit, None once a commit succeeds again (readiness reads it)
         self.last_error: BaseException | None = None
+        self._closed = False
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         os.close(fd)
@@ -220,6 +221,14 @@ class SqliteStore:
         self._record("DELETE FROM retained WHERE topic = ?", (topic,))
 
     def _record(self, sql: str, args: tuple[object, ...]) -> None:
+        if self._closed:
+            # Nothing may be recorded once the writer is gone: said loudly, never a hang.
+            verb = sql.split(maxsplit=1)[0]
+            error = RuntimeError(f"the session store is closed; a write was not stored ({verb})")
+            self.last_error = error
+            if self._on_error is not None:
+                self._on_error(error)
+            return
         self._ops.append((sql, args))
         if not self._committing:
             self._start_commit()
@@ -280,9 +289,15 @@ class SqliteStore:
             callback(error)
 
     async def close(self) -> None:
+        """Commit what was recorded, then stop. Connections aborted just before close record
+        their last writes from ``connection_lost`` callbacks on the next loop turn: one turn is
+        given to them, and every commit they start is awaited."""
+        await asyncio.sleep(0)
         while self._committing:
             self._idle = asyncio.Event()
             await self._idle.wait()
+            await asyncio.sleep(0)
+        self._closed = True
         self._executor.shutdown(wait=True)
         with self._lock, contextlib.suppress(sqlite3.Error):
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")

@@ -152,3 +152,18 @@ async def test_sqlite_write_failure_reaches_the_callback(tmp_path: Path) -> None
     assert isinstance(await done, sqlite3.Error)
     assert errors
     await store.close()
+
+
+async def test_sqlite_close_commits_the_last_writes_of_aborted_connections(tmp_path: Path) -> None:
+    """Shutdown aborts every connection, whose connection_lost runs a loop turn later and may
+    still record; close commits that, and a write after close is an error, never a hang."""
+    errors: list[BaseException] = []
+    store = SqliteStore(tmp_path / "broker.db", on_error=errors.append)
+    loop = asyncio.get_running_loop()
+    loop.call_soon(store.save_session, "late", {"a/b": 1})  # a connection_lost callback, queued
+    await asyncio.wait_for(store.close(), 5)
+    store.save_session("after", {})  # the writer is gone
+    assert [str(e) for e in errors] == ["the session store is closed; a write was not stored (INSERT)"]
+    again = SqliteStore(tmp_path / "broker.db")
+    assert set(again.load().sessions) == {"late"}
+    await again.close()
