@@ -240,6 +240,17 @@ def test_disable_and_show(config: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert entry is not None and not entry.enabled
     code, out, _ = run(capsys, "devices", "show", "device-001", "-c", str(config))
     assert code == 0 and "enabled=False" in out and "inventory: current" in out
+    # The CA issues nothing for a disabled device: `devices add` used to re-certify and re-enable it.
+    issued = FileCA(config.parent / "pki").certificates_of("device-001")
+    code, _, err = run(capsys, "devices", "add", "device-001", "-c", str(config))
+    assert code == 1 and "disabled" in err
+    assert FileCA(config.parent / "pki").certificates_of("device-001") == issued
+    entry = parse_registry((config.parent / "pki" / "registry.yaml").read_bytes()).get("device-001")
+    assert entry is not None and not entry.enabled
+    code, out, _ = run(capsys, "devices", "add", "device-001", "--reinstate", "-c", str(config))
+    assert code == 0 and "pin device-001" in out
+    entry = parse_registry((config.parent / "pki" / "registry.yaml").read_bytes()).get("device-001")
+    assert entry is not None and entry.enabled
 
 
 def test_certs_renew_fails_loudly_for_unknown_device_and_stopped_agent(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from cryptography import x509
 from edge_core.clock import ManualClock
 from edge_core.crl_trust import accept_crl
 from edge_core.errors import ConfigError, CredentialError
+from edge_core.registry import Registry, dump_registry, parse_registry
+from edge_core.registry_edit import apply_entries
 from gateway_agent import cli_pki
 from gateway_agent.crl_issue import RevocationStore, crl_path, issue_crl, revoke, revoke_device
 from gateway_agent.pki import FileCA, init_dev, load_cert
@@ -81,6 +84,28 @@ def test_revoked_device_gets_no_certificate_until_reinstated(ca: FileCA) -> None
     assert RevocationStore(ca).reinstate("pump-17")
     assert ca.issue_device("pump-17", write=False).cert
     assert {e.serial for e in RevocationStore(ca).entries()}  # the revoked serial stays revoked
+
+
+def test_disabled_device_gets_no_certificate(ca: FileCA, tmp_path: Path) -> None:
+    """The CA refused a revoked device but issued for a disabled one (the renewal backend refuses both)."""
+    registry = parse_registry(ca.registry_path.read_bytes())
+    ca.registry_path.write_text(apply_entries(ca.registry_path.read_text(), {
+        "pump-17": replace(registry.devices["pump-17"], enabled=False)}))
+    before = ca.certificates_of("pump-17")
+    with pytest.raises(CredentialError) as info:
+        ca.issue_device("pump-17", write=False)
+    assert info.value.reason == "device_disabled" and "--reinstate" in (info.value.hint or "")
+    assert ca.certificates_of("pump-17") == before, "the CA issued for a disabled device"
+    assert ca.issue_device("pump-18", write=False).cert  # others are unaffected
+    # A CA told where the admins' registry is reads that one.
+    elsewhere = tmp_path / "registry.yaml"
+    elsewhere.write_text(dump_registry(Registry({"pump-18": replace(registry.devices["pump-18"], enabled=False)})))
+    moved = FileCA(ca.dir, clock=ca.clock, registry=elsewhere)
+    with pytest.raises(CredentialError) as info:
+        moved.issue_device("pump-18", write=False)
+    assert info.value.reason == "device_disabled"
+    assert moved.issue_device("pump-17", write=False).cert  # enabled (absent) in the registry it reads
+    assert ca.issue_device("pump-17", write=False, reinstate=True).cert  # an admin re-enrols it on purpose
 
 
 def test_revoke_is_idempotent_and_accepts_serials(ca: FileCA) -> None:
