@@ -259,4 +259,6 @@ def test_certs_renew_fails_loudly_for_unknown_device_and_stopped_agent(
     assert code == 1 and "not in the inventory" in err
     code, _, err = run(capsys, "certs", "renew", "device-001", "--wait", "0.3", "-c", str(config))
     assert code == 1 and "no running agent" in err
-    assert not list((config.parent / "renew-requests").glob("device-001"))  # not left queued behind
+    spool = config.parent / "spool"  # lifecycle.spool_dir of the config
+    assert spool.is_dir(), "the request was not queued where the agent looks"
+    assert not [p.name for p in spool.iterdir()]  # not left queued behind
