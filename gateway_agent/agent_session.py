@@ -159,7 +159,7 @@ class LifecycleRunner:
             await self.lease.stop()  # heartbeat ended, then the lease released: nothing of ours runs on
 
     async def _lead(self, channel: DeviceChannel) -> None:
-        ca = FileCA(self.settings.ca_dir)
+        ca = FileCA(self.settings.ca_dir, registry=self.settings.registry)
         claims = None
         if self.lease is not None and isinstance(self.inventory, PostgresInventory):
             self.inventory.fence = self.lease.fence  # writes from here on prove the lease is still ours

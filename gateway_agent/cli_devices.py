@@ -12,7 +12,7 @@
 Every verb reads ``-c/--config`` (``--db``, ``--ca-dir``, ``--registry`` override). Each
 change writes the registry round-trip (admins' comments stay), enrols the certificate in
 the inventory (so ``certs expiring`` lists it from the first minute) and prints the pins.
-A device revoked at the CA is re-enrolled only with ``--reinstate``.
+A device revoked at the CA or disabled in the registry is re-enrolled only with ``--reinstate``.
 
 Exit codes: 0 done, 1 refused (the message says why), 2 usage error.
 """
@@ -63,7 +63,7 @@ def add_parser(sub: Any) -> None:
     profile(add)
     add.add_argument("--days", type=int, default=30, help="certificate lifetime in days (default 30)")
     add.add_argument("--out", type=Path, default=None, help="where to write <id>.crt/.key (default <ca>/devices)")
-    add.add_argument("--reinstate", action="store_true", help="re-enrol a device revoked at the CA")
+    add.add_argument("--reinstate", action="store_true", help="re-enrol a device revoked at the CA or disabled")
     add.set_defaults(func=_add)
     enr = verb("enroll", "certify a device's own key from its CSR and register it")
     enr.add_argument("device")
@@ -71,7 +71,7 @@ def add_parser(sub: Any) -> None:
     profile(enr)
     enr.add_argument("--days", type=int, default=30)
     enr.add_argument("--out", type=Path, default=None, help="certificate file (default <ca>/issued/<id>.crt)")
-    enr.add_argument("--reinstate", action="store_true", help="re-enrol a device revoked at the CA")
+    enr.add_argument("--reinstate", action="store_true", help="re-enrol a device revoked at the CA or disabled")
     enr.set_defaults(func=_enroll)
     imp = verb("import", "register existing device certificates (several per device: mid-rotation)")
     imp.add_argument("certs", nargs="+", type=Path)
@@ -94,8 +94,8 @@ def add_parser(sub: Any) -> None:
 class _Context:
     def __init__(self, args: argparse.Namespace) -> None:
         paths = lifecycle_paths(args)
-        self.ca = FileCA(paths.need("ca_dir"))
         self.registry_path = paths.need("registry")
+        self.ca = FileCA(paths.need("ca_dir"), registry=self.registry_path)
         self.inventory = paths.open_inventory()
 
     def registry(self) -> Registry:
@@ -125,12 +125,11 @@ def _profile(args: argparse.Namespace, device_id: str, pins: tuple[str, ...],
 
 
 def _reinstate(ctx: _Context, device_id: str, allowed: bool) -> None:
-    if ctx.ca.issuance_refusal(device_id) is None:
+    """A device revoked at the CA is re-enrolled only on purpose (``--reinstate``)."""
+    if allowed or device_id not in RevocationStore(ctx.ca).revoked_devices():
         return
-    if not allowed:
-        raise CredentialError("device_revoked", f"device {device_id} was revoked at the CA",
-                              hint="pass --reinstate to re-enrol it on purpose")
-    RevocationStore(ctx.ca).reinstate(device_id)
+    raise CredentialError("device_revoked", f"device {device_id} was revoked at the CA",
+                          hint="pass --reinstate to re-enrol it on purpose")
 
 
 def _enrol(ctx: _Context, device_id: str, cert: x509.Certificate, entry: DeviceEntry) -> None:
@@ -164,7 +163,8 @@ def _add(args: argparse.Namespace) -> int:
     try:
         _reinstate(ctx, args.device, args.reinstate)
         base = ctx.registry().get(args.device)
-        issued: Issued = ctx.ca.issue_device(args.device, lifetime=timedelta(days=args.days), write=args.out is None)
+        issued: Issued = ctx.ca.issue_device(args.device, lifetime=timedelta(days=args.days), write=args.out is None,
+                                             reinstate=args.reinstate)
         if args.out is not None:
             assert issued.key is not None
             atomic_write_bytes(args.out / f"{args.device}.key", issued.key.private_bytes(
@@ -188,7 +188,7 @@ def _enroll(args: argparse.Namespace) -> int:
         _reinstate(ctx, args.device, args.reinstate)
         checked = check_csr(args.csr.read_bytes(), args.device, IdentityPolicy())
         issued = ctx.ca.issue_device(args.device, lifetime=timedelta(days=args.days), write=False,
-                                     public_key=checked.public_key)
+                                     public_key=checked.public_key, reinstate=args.reinstate)
         out = args.out or ctx.ca.issued_dir / f"{args.device}.crt"
         atomic_write_bytes(out, cert_pem(issued.cert))
         entry = _profile(args, args.device, (issued.pin,), ctx.registry().get(args.device))

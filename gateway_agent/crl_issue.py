@@ -29,7 +29,7 @@ import contextlib
 import fcntl
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -167,16 +167,18 @@ class RevocationStore:
         return True
 
 
-def revoke(ca: FileCA, target: int | str, reason: str = "unspecified") -> RevokedEntry:
-    """Add a serial (``int``) or the current certificate of a device id (``str``) to the store.
+def revoke(ca: FileCA, target: int | str, reason: str = "unspecified", *, device: str | None = None) -> RevokedEntry:
+    """Add a serial (``int``) or a device id (``str``) to the store.
 
-    Revoking an already revoked serial returns the existing entry unchanged. A device id
-    goes through ``revoke_device`` (its current certificate; the device is blocked). The
-    CRL is not reissued here: run ``issue_crl`` (``gateway-agent pki crl``) to publish.
+    Revoking an already revoked serial returns the existing entry unchanged; ``device``
+    names the device a serial belongs to, for the record. A device id goes through
+    ``revoke_device`` without an inventory: every unexpired certificate of it is revoked,
+    the device is blocked, and the newest entry is returned. The CRL is not reissued here:
+    run ``issue_crl`` (``gateway-agent pki crl``) to publish.
     """
     if isinstance(target, str):
         return revoke_device(ca, target, reason)[0]
-    entry = RevokedEntry(serial=target, reason=reason, revoked_at=ca.clock.now())
+    entry = RevokedEntry(serial=target, reason=reason, revoked_at=ca.clock.now(), device=device)
     store = RevocationStore(ca)
     with store.locked():
         state = store.read()
@@ -187,38 +189,45 @@ def revoke(ca: FileCA, target: int | str, reason: str = "unspecified") -> Revoke
     return entry
 
 
-def revoke_device(ca: FileCA, device_id: str, reason: str = "unspecified", *, serial: int | None = None,
-                  all_certs: bool = False) -> tuple[RevokedEntry, ...]:
-    """Revoke a device: its current certificate (``serial``, as the inventory knows it, or the
-    newest the CA issued for it), or with ``all_certs`` every unexpired one; then block it.
+def revoke_device(ca: FileCA, device_id: str, reason: str = "unspecified", *,
+                  serials: Collection[int] | None = None, all_certs: bool = False) -> tuple[RevokedEntry, ...]:
+    """Revoke a device, then block it. Which certificates:
 
-    A blocked device gets nothing more from this CA (``FileCA.issue_device``, renewals)
-    until an admin re-enrols it. Raises ``ConfigError`` when the CA never issued for it.
+    - ``serials``: the ones the device holds as the inventory knows them (current, an issued
+      candidate, the old one in a renewal's overlap): every certificate the broker may admit;
+    - ``all_certs``: every unexpired certificate the CA issued for it (with ``serials`` too);
+    - neither (no inventory: the CA cannot tell which certificate is in use): every unexpired
+      certificate of it not revoked yet. Fail closed: after a rolled-back renewal the newest
+      certificate is the revoked candidate, and the one in use is older.
+
+    When the CA holds no unexpired certificate of it, the newest is revoked (it still blocks
+    the device). Entries come newest first (``serials`` in the order given). A blocked device
+    gets nothing more from this CA (``FileCA.issue_device``, renewals) until an admin
+    re-enrols it. Raises ``ConfigError`` when neither the CA nor ``serials`` know the device.
     """
     certs = ca.certificates_of(device_id)
     now = ca.clock.now()
-    if serial is not None:
-        if serial not in {c.serial_number for c in certs} and certs:
-            raise ConfigError(f"serial {serial:#x} is not a certificate of device {device_id!r}")
-        targets = [serial]
-    elif all_certs:
-        targets = [c.serial_number for c in certs if c.not_valid_after_utc > now] or \
-                  [c.serial_number for c in certs[-1:]]
-    else:
-        targets = [c.serial_number for c in certs[-1:]]
-    if not targets:
-        raise ConfigError(f"the CA never issued a certificate for device {device_id!r}",
-                          hint="check the device id (`gateway-agent devices list`), or give the serial")
     store = RevocationStore(ca)
+    newest_first = [c.serial_number for c in reversed(certs)]
+    unexpired = [c.serial_number for c in reversed(certs) if c.not_valid_after_utc > now]
     entries: list[RevokedEntry] = []
     with store.locked():
         state = store.read()
         known = {e.serial: e for e in state.revoked}
+        if serials is not None or all_certs:
+            targets = [*(serials or ()), *(unexpired if all_certs else ())]
+        else:
+            targets = [s for s in unexpired if s not in known]
+        targets = list(dict.fromkeys(targets)) or newest_first[:1]
+        if not targets:
+            raise ConfigError(f"the CA never issued a certificate for device {device_id!r}",
+                              hint="check the device id (`gateway-agent devices list`), or give the serial")
         added: list[RevokedEntry] = []
         for value in targets:
             entry = known.get(value) or RevokedEntry(serial=value, reason=reason, revoked_at=now, device=device_id)
             if value not in known:
                 added.append(entry)
+                known[value] = entry
             entries.append(entry)
         devices = state.devices
         if device_id not in {e.device for e in devices}:

@@ -36,7 +36,7 @@ from edge_core.clock import Clock, SystemClock
 from edge_core.errors import ConfigError, CredentialError
 from edge_core.files import atomic_write_bytes, atomic_write_text
 from edge_core.identity import IdentityPolicy, check_identity, spki_pin
-from edge_core.registry import DeviceEntry, Registry, dump_registry
+from edge_core.registry import DeviceEntry, Registry, dump_registry, parse_registry
 
 __all__ = [
     "DEVICE_URI_PREFIX",
@@ -213,11 +213,16 @@ def issue_leaf(
 
 
 class FileCA:
-    """The development CA on disk (see module docstring for the layout)."""
+    """The development CA on disk (see module docstring for the layout).
 
-    def __init__(self, root: Path, *, clock: Clock | None = None) -> None:
+    ``registry`` is the admins' registry the CA reads to refuse a disabled device (default:
+    ``registry.yaml`` of the layout, when it exists).
+    """
+
+    def __init__(self, root: Path, *, clock: Clock | None = None, registry: Path | None = None) -> None:
         self.dir = Path(root)
         self.clock = clock or SystemClock()
+        self.registry = Path(registry) if registry is not None else None
 
     # paths ---------------------------------------------------------------
     @property
@@ -255,16 +260,26 @@ class FileCA:
         return sorted(found.values(), key=lambda c: (c.not_valid_before_utc, c.serial_number))
 
     def issuance_refusal(self, identity: str) -> CredentialError | None:
-        """Why this CA must not issue for ``identity`` now (revoked as a device), or None."""
+        """Why this CA must not issue for ``identity`` now, or None: revoked as a device
+        (``device_revoked``), or disabled in the registry (``device_disabled``)."""
         from gateway_agent.crl_issue import RevocationStore
 
         blocked = RevocationStore(self).revoked_devices().get(identity)
-        if blocked is None:
+        if blocked is not None:
+            return CredentialError("device_revoked", f"device {identity} was revoked ({blocked.reason}, "
+                                   f"{blocked.revoked_at:%Y-%m-%d}); the CA issues nothing for it",
+                                   hint=f"re-enrol it on purpose: `gateway-agent devices enroll {identity} "
+                                        "--csr ... --reinstate`")
+        path = self.registry or self.registry_path
+        if not path.exists():
             return None
-        return CredentialError("device_revoked", f"device {identity} was revoked ({blocked.reason}, "
-                               f"{blocked.revoked_at:%Y-%m-%d}); the CA issues nothing for it",
-                               hint=f"re-enrol it on purpose: `gateway-agent devices enroll {identity} "
-                                    "--csr ... --reinstate`")
+        entry = parse_registry(path.read_bytes(), source=str(path)).get(identity)
+        if entry is not None and not entry.enabled:
+            return CredentialError("device_disabled", f"device {identity} is disabled in the registry {path}; "
+                                   "the CA issues nothing for it",
+                                   hint=f"enable it in {path} first, or re-enrol it on purpose with "
+                                        "`gateway-agent devices add|enroll ... --reinstate`")
+        return None
 
     # loading ---------------------------------------------------------------
     def issuing(self) -> IssuingCA:
@@ -277,15 +292,24 @@ class FileCA:
 
     # issuing ---------------------------------------------------------------
     def issue_device(self, identity: str, *, lifetime: timedelta = DEFAULT_DEVICE_LIFETIME,
-                     write: bool = True, public_key: ec.EllipticCurvePublicKey | None = None) -> Issued:
+                     write: bool = True, public_key: ec.EllipticCurvePublicKey | None = None,
+                     reinstate: bool = False) -> Issued:
         """Issue a device certificate (a fresh key, or ``public_key`` from a checked CSR).
 
-        Refuses with ``CredentialError("device_revoked")`` for a device revoked as a device.
+        Refuses (``CredentialError``) a device revoked as a device (``device_revoked``) or
+        disabled in the registry (``device_disabled``). ``reinstate``: an admin re-enrols it
+        on purpose; its block at the CA is lifted (its revoked serials stay revoked) and a
+        disabled entry does not refuse it (the enrolment enables it).
         """
         check_identity(identity)
-        refusal = self.issuance_refusal(identity)
-        if refusal is not None:
-            raise refusal
+        if reinstate:
+            from gateway_agent.crl_issue import RevocationStore
+
+            RevocationStore(self).reinstate(identity)
+        else:
+            refusal = self.issuance_refusal(identity)
+            if refusal is not None:
+                raise refusal
         issued = issue_leaf(self.issuing(), identity=identity, now=self.clock.now(), lifetime=lifetime,
                             public_key=public_key)
         self.record_issued(issued.cert)
@@ -318,7 +342,8 @@ def init_dev(
         )
     if force:
         # A new CA starts with no revocations, no issuance ledger and CRL number 1.
-        for stale in ("revoked.json", "crl", "issued"):
+        # The registry is written anew at the end: its old entries (disabled ones too) go now.
+        for stale in ("revoked.json", "crl", "issued", "registry.yaml"):
             path = out_dir / stale
             if path.is_file():
                 path.unlink()

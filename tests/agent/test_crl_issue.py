@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from cryptography import x509
 from edge_core.clock import ManualClock
 from edge_core.crl_trust import accept_crl
 from edge_core.errors import ConfigError, CredentialError
+from edge_core.registry import Registry, dump_registry, parse_registry
+from edge_core.registry_edit import apply_entries
 from gateway_agent import cli_pki
 from gateway_agent.crl_issue import RevocationStore, crl_path, issue_crl, revoke, revoke_device
 from gateway_agent.pki import FileCA, init_dev, load_cert
@@ -40,14 +43,29 @@ def test_revoke_device_by_id_uses_its_certificate_serial(ca: FileCA) -> None:
     assert (ca.dir / "revoked.json").stat().st_mode & 0o777 == 0o600
 
 
-def test_revoke_device_after_a_renewal_revokes_the_certificate_in_use(ca: FileCA) -> None:
-    """``devices/<id>.crt`` is the first certificate; the CA's ledger knows the newer one."""
+def test_revoke_device_without_an_inventory_revokes_every_unexpired_certificate(ca: FileCA) -> None:
+    """The CA alone cannot tell which certificate is in use: after a rolled-back renewal its
+    newest is the revoked candidate, and the device still uses the one before (it used to stay valid)."""
+    ca.clock.advance(timedelta(days=31))  # type: ignore[attr-defined]
+    expired = load_cert(ca.device_paths("pump-17")[0])  # the factory certificate, expired by now
+    in_use = ca.issue_device("pump-17", write=False)
+    ca.clock.advance(timedelta(days=20))  # type: ignore[attr-defined]
+    candidate = ca.issue_device("pump-17", write=False)
+    revoke(ca, candidate.cert.serial_number, "superseded")  # the renewal rolled back
+    entry = revoke(ca, "pump-17", "key_compromise")
+    assert entry.serial == in_use.cert.serial_number
+    revoked = {e.serial: e.reason for e in RevocationStore(ca).entries()}
+    assert revoked == {candidate.cert.serial_number: "superseded", in_use.cert.serial_number: "key_compromise"}
+    assert expired.serial_number not in revoked
+
+
+def test_revoke_device_without_an_inventory_after_a_renewal_revokes_both(ca: FileCA) -> None:
     first = load_cert(ca.device_paths("pump-17")[0])
     ca.clock.advance(timedelta(days=20))  # type: ignore[attr-defined]
     renewed = ca.issue_device("pump-17", write=False)
-    entry = revoke(ca, "pump-17", "key_compromise")
-    assert entry.serial == renewed.cert.serial_number != first.serial_number
-    assert {e.serial for e in RevocationStore(ca).entries()} == {renewed.cert.serial_number}
+    entries = revoke_device(ca, "pump-17", "key_compromise")
+    assert [e.serial for e in entries] == [renewed.cert.serial_number, first.serial_number]  # newest first
+    assert {e.serial for e in RevocationStore(ca).entries()} == {renewed.cert.serial_number, first.serial_number}
 
 
 def test_revoke_device_all_revokes_every_unexpired_certificate(ca: FileCA) -> None:
@@ -66,6 +84,28 @@ def test_revoked_device_gets_no_certificate_until_reinstated(ca: FileCA) -> None
     assert RevocationStore(ca).reinstate("pump-17")
     assert ca.issue_device("pump-17", write=False).cert
     assert {e.serial for e in RevocationStore(ca).entries()}  # the revoked serial stays revoked
+
+
+def test_disabled_device_gets_no_certificate(ca: FileCA, tmp_path: Path) -> None:
+    """The CA refused a revoked device but issued for a disabled one (the renewal backend refuses both)."""
+    registry = parse_registry(ca.registry_path.read_bytes())
+    ca.registry_path.write_text(apply_entries(ca.registry_path.read_text(), {
+        "pump-17": replace(registry.devices["pump-17"], enabled=False)}))
+    before = ca.certificates_of("pump-17")
+    with pytest.raises(CredentialError) as info:
+        ca.issue_device("pump-17", write=False)
+    assert info.value.reason == "device_disabled" and "--reinstate" in (info.value.hint or "")
+    assert ca.certificates_of("pump-17") == before, "the CA issued for a disabled device"
+    assert ca.issue_device("pump-18", write=False).cert  # others are unaffected
+    # A CA told where the admins' registry is reads that one.
+    elsewhere = tmp_path / "registry.yaml"
+    elsewhere.write_text(dump_registry(Registry({"pump-18": replace(registry.devices["pump-18"], enabled=False)})))
+    moved = FileCA(ca.dir, clock=ca.clock, registry=elsewhere)
+    with pytest.raises(CredentialError) as info:
+        moved.issue_device("pump-18", write=False)
+    assert info.value.reason == "device_disabled"
+    assert moved.issue_device("pump-17", write=False).cert  # enabled (absent) in the registry it reads
+    assert ca.issue_device("pump-17", write=False, reinstate=True).cert  # an admin re-enrols it on purpose
 
 
 def test_revoke_is_idempotent_and_accepts_serials(ca: FileCA) -> None:
@@ -145,6 +185,23 @@ def test_pki_verbs_revoke_and_crl(ca: FileCA, capsys: pytest.CaptureFixture[str]
     args = parser.parse_args(["revoke", "not-a-device", "--ca-dir", str(ca.dir)])
     with pytest.raises(ConfigError, match="neither a device"):
         args.func(args)
+
+
+def test_pki_revoke_with_the_ca_alone_fails_closed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``pki revoke <device> --ca-dir`` (no inventory) after a rolled-back renewal used to revoke
+    only the newest certificate, the already revoked candidate: the one in use stayed valid."""
+    ca = init_dev(tmp_path / "certs-dev", device_ids=["pump-17"])  # the CLI runs on the real clock
+    in_use = load_cert(ca.device_paths("pump-17")[0])
+    candidate = ca.issue_device("pump-17", write=False)
+    revoke(ca, candidate.cert.serial_number, "superseded")
+    args = _pki_parser().parse_args(["revoke", "pump-17", "--ca-dir", str(ca.dir)])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == f"revoked device pump-17 serial {in_use.serial_number:#x} (key_compromise)"
+    assert "no inventory: the certificate in use is unknown, so every unexpired certificate" in out
+    assert "blocked at the CA" in out
+    crl = x509.load_der_x509_crl(issue_crl(ca))
+    assert {r.serial_number for r in crl} == {in_use.serial_number, candidate.cert.serial_number}
 
 
 def test_init_dev_force_starts_a_new_ca_without_old_revocations(tmp_path: Path) -> None:

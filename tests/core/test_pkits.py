@@ -261,6 +261,15 @@ def test_pkits_case_through_both_paths(ident: str, name: str) -> None:
     assert mcu_path(c) is c.expected_valid, f"MCU validation path: {ident} {name}"
 
 
+def test_pkits_dsa_crl_is_refused_as_unsupported_algorithm() -> None:
+    """4.1.4's CA publishes a DSA-signed CRL: refused by name (``crl_unsupported_algorithm``),
+    not as a bad signature an operator would chase."""
+    dsa_ca = load(DATA / "certs" / "DSACACert.crt")
+    with pytest.raises(CredentialError) as info:
+        accept_crl((DATA / "crls" / "DSACACRL.crl").read_bytes(), issuers=[dsa_ca], installed=None, now=NOW)
+    assert info.value.reason == "crl_unsupported_algorithm"
+
+
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 def test_pkits_score_matches_or_beats_openssl(tmp_path: Path) -> None:
     scores = {"broker": 0, "mcu": 0, "openssl": 0}

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import dsa, ec
 from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -147,6 +147,26 @@ def test_ca_without_crl_sign_usage_is_not_an_issuer() -> None:
         accept(signer, build_crl(signer))
     assert info.value.reason == "crl_unknown_issuer"
     assert "cRLSign" in str(info.value)
+
+
+def test_dsa_signed_crl_is_unsupported_algorithm() -> None:
+    """DSA is refused by design (TLS 1.3 has no DSA): its CRL is named so, not a bad signature."""
+    key = dsa.generate_private_key(2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "DSA CA")])
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(NOW - timedelta(days=1))
+            .not_valid_after(NOW + timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False),
+                           critical=True)
+            .sign(key, hashes.SHA256()))
+    der = (x509.CertificateRevocationListBuilder().issuer_name(name).last_update(NOW - timedelta(hours=1))
+           .next_update(NOW + timedelta(days=7)).add_extension(x509.CRLNumber(1), critical=False)
+           .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER))
+    with pytest.raises(CredentialError) as info:
+        accept_crl(der, issuers=[cert], installed=None, now=NOW)
+    assert info.value.reason == "crl_unsupported_algorithm" and "DSA" in str(info.value)
+    assert info.value.reason in REASONS
 
 
 def test_crl_from_the_future_is_refused_beyond_skew(ca: IssuingCA) -> None:
