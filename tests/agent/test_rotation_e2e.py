@@ -586,6 +586,72 @@ async def test_a_duplicated_request_gets_the_same_answer_and_one_key(tmp_path: P
     assert await handler.handle(b"not json") is None
 
 
+def _presence(device: str, *, present: bool = False, topic_device: str | None = None) -> aiomqtt.Message:
+    body = {"device": device, "serial": "1f", "at": "2026-12-02T02:45:00+00:00", "session_present": present}
+    return aiomqtt.Message(f"$SYS/broker/clients/{topic_device or device}/connected", json.dumps(body).encode(),
+                           1, False, 1, None)
+
+
+async def test_one_connection_is_one_online_trigger_and_a_malformed_event_is_dropped(
+    _logs: list[MutableMapping[str, Any]],
+) -> None:
+    """The channel alone (no network): a new session's connect event waits the settle time, and the
+    device's own announcement within it replaces it (one trigger); a resumed session counts at once;
+    a connect event with a bad identity or payload is dropped with a reason code."""
+    from typing import cast
+
+    events = SecurityEvents("test.presence")
+    channel = MqttDeviceChannel(cast(aiomqtt.Client, object()), events=events, presence_settle=0.2)
+    triggered: list[str] = []
+    channel.on_online = triggered.append
+
+    assert channel.dispatch(_presence("meter-1"))
+    announced = {"v": 1, "id": "online-1", "type": "online", "serial_in_use": "1f"}
+    assert channel.dispatch(aiomqtt.Message("devices/meter-1/rotation/response", json.dumps(announced).encode(),
+                                            1, False, 2, None))
+    assert channel.dispatch(_presence("meter-2", present=True))
+    assert triggered == ["meter-1", "meter-2"]
+    assert channel.dispatch(_presence("meter-3"))
+    assert channel.dispatch(_presence("meter-3"))  # reconnected within the settle time: still one trigger
+    assert triggered == ["meter-1", "meter-2"]
+    await asyncio.sleep(0.4)
+    assert triggered == ["meter-1", "meter-2", "meter-3"]
+
+    for bad in (_presence("-leading-dash"), _presence("meter-4", topic_device="meter-5"),
+                aiomqtt.Message("$SYS/broker/clients/meter-4/connected", b"{not json", 1, False, 3, None),
+                aiomqtt.Message("$SYS/broker/clients/meter-4/connected", b"x" * 2048, 1, False, 4, None)):
+        assert channel.dispatch(bad)
+    assert events.count("rotation.response_dropped", "malformed") == 4
+    dropped = [e for e in _logs if e["event"] == "rotation.response_dropped"]
+    assert {e["source"] for e in dropped} == {"broker"} and all(e["detail"] for e in dropped)
+    assert channel.dispatch(_presence("meter-6"))
+    channel.forget_presence()  # the session ended: what was still settling starts nothing
+    await asyncio.sleep(0.4)
+    assert triggered == ["meter-1", "meter-2", "meter-3"]
+    sources = [(e["device"], e["source"]) for e in _logs if e["event"] == "device.online"]
+    assert sources == [("meter-1", "broker"), ("meter-1", "device"), ("meter-2", "broker"), ("meter-3", "broker"),
+                       ("meter-3", "broker"), ("meter-6", "broker")]
+
+
+async def test_without_the_connect_event_grant_the_agent_runs_and_says_so(
+    start_broker: StartBroker, pki: DevPki, tmp_path: Path, _logs: list[MutableMapping[str, Any]],
+) -> None:
+    """An ACL from before the connect events: renewals still work (on ``type: online`` and backoff);
+    a warning names the missing grant."""
+    acl = tmp_path / "acl.yaml"
+    replace_file(acl, ROTATION_ACL.replace("    - allow subscribe $SYS/broker/clients/+/connected\n", ""))
+    broker = start_broker(acl=acl)
+    client = aiomqtt.Client("127.0.0.1", broker.port, identifier="gateway-agent", tls_context=_agent_tls(pki),
+                            protocol=aiomqtt.ProtocolVersion.V311, clean_session=True)
+    try:
+        async with client, MqttDeviceChannel(client, timeout=1) as channel:
+            assert not channel.presence
+        (warning,) = [e for e in _logs if e["event"] == "rotation.presence_unavailable"]
+        assert warning["reason"] == "subscribe_refused" and "$SYS/broker/clients/#" in warning["hint"]
+    finally:
+        client._client._reset_sockets()
+
+
 async def test_the_agent_refuses_to_start_without_its_acl_grant(
     start_broker: StartBroker, pki: DevPki, tmp_path: Path
 ) -> None:
