@@ -409,7 +409,7 @@ async def test_the_broker_connect_event_starts_the_due_renewal_of_a_device_that_
     """A device without the reference client sends no ``type: online``. Its renewal failed while it
     was away; when it connects (a plain paho client, no subscription, no message) the broker's
     ``$SYS/broker/clients/<id>/connected`` reaches the agent's session and the renewal starts again at
-    once, though the orchestrator's clock never moves (its backoff, 30 min at least, never ends).
+    once, though the orchestrator's clock never moves (its backoff, over 20 min, never ends).
     Its certificate test endpoint connection, made first, announces nothing."""
     factory = _issue_device(ca, ca.dir / "devices")  # 5 days left: due
     _register(registry_file, factory)
