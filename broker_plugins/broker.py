@@ -14,6 +14,9 @@ dataclass) and turns each engine question into plugin calls, failing closed:
   the will fires (``will.rejected reason=invalid_topic|publish_denied``).
 - ``check_subscribe`` and ``may_receive``: the topic ACL's ``subscribe`` and ``receive``.
   ``may_receive`` runs on every delivery (live, retained, queued, will), synchronously.
+- ``session_started``: the connect event, published by the broker itself on
+  ``$SYS/broker/clients/<id>/connected`` (``edge_core.presence``; QoS 1, not retained),
+  so the gateway agent learns at once that a device is reachable.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from broker_plugins.engine.store import SessionStore
 from broker_plugins.runtime import REFUSAL, BrokerRuntime, admitted_of
 from edge_core.errors import CredentialError
 from edge_core.identity import describe_certificate
+from edge_core.presence import PRESENCE_TOPIC, presence_payload
 
 __all__ = ["HardenedBroker", "MessageGuard", "PluginContext"]
 
@@ -162,6 +166,15 @@ class HardenedBroker:
         else:
             events.emit("cert_test.failed", session.attributes.get(REFUSAL, "not_authorized"), level="warning",
                         client_id=session.client_id)
+
+    def session_started(self, session: Session, present: bool) -> None:
+        """Announce the admitted session on ``$SYS/broker/clients/<id>/connected`` (ACL-gated like any delivery)."""
+        admitted = admitted_of(session)
+        if admitted is None:
+            return  # never admitted: nothing to announce (the engine admits only authenticated sessions)
+        payload = presence_payload(admitted.identity, admitted.cert.serial, self.runtime.clock.now(),
+                                   session_present=present)
+        self.engine.route(None, Message(PRESENCE_TOPIC.format(device=admitted.identity), payload, 1, False))
 
     # -- topic decisions --------------------------------------------------------------
 

@@ -3,8 +3,8 @@
 The agent authenticates as one certificate identity, and the broker binds the client id
 to it, so a second session would take the first one over. This service therefore owns
 the single session and dispatches incoming messages: validation requests from MCUs
-(``ValidationService.handle``) and rotation responses from devices
-(``MqttDeviceChannel.dispatch``). The lifecycle runner (daily scan, renewal requests,
+(``ValidationService.handle``), rotation responses from devices and the broker's connect
+events (``MqttDeviceChannel.dispatch``). The lifecycle runner (daily scan, renewal requests,
 overlap ends) runs beside the dispatcher on the same session. If the broker is not up
 yet or goes away, the whole session fails and the daemon's supervisor starts it again.
 """
@@ -261,6 +261,7 @@ class AgentSession:
                              f"{self.endpoint.host}:{self.endpoint.port}: {exc}") from exc
         self.connections += 1
         runner: asyncio.Task[None] | None = None
+        channel: MqttDeviceChannel | None = None
         try:
             channel = MqttDeviceChannel(client, timeout=self.channel_timeout) if self.lifecycle else None
             if self.validator is not None:
@@ -288,6 +289,8 @@ class AgentSession:
                 runner.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await runner
+            if channel is not None:
+                channel.forget_presence()
             with contextlib.suppress(aiomqtt.MqttError):
                 await client.__aexit__(None, None, None)
 

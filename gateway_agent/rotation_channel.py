@@ -17,6 +17,14 @@ one place each: no answer within ``timeout`` is ``device_timeout`` (the device i
 slow: the orchestrator retries with backoff); the device answering ``error`` is
 ``device_refused:<reason>`` for a pushed certificate and ``device_error:<reason>`` otherwise;
 an answer that breaks the protocol is ``device_protocol_error``.
+
+"A device is connected" (``on_online``) comes from two places: the broker's connect event on
+``$SYS/broker/clients/<id>/connected`` (``edge_core.presence``; every device, whatever its
+firmware) and the reference client's own ``type: online`` announcement. A broker event for a
+new session waits ``presence_settle`` seconds before it counts, so that the device has
+subscribed to its request topic first (a request published earlier would reach nobody); the
+device's own announcement, sent once it has subscribed, or a resumed session (its subscriptions
+survived) counts at once. Either way one connection starts one trigger.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from edge_core.csr import MAX_CSR_BYTES
 from edge_core.errors import ConfigError, CredentialError, FetchError
 from edge_core.events import SecurityEvents
 from edge_core.identity import check_identity
+from edge_core.presence import PRESENCE_FILTER, parse_presence, presence_device
 from edge_core.rotation_wire import (
     MAX_MESSAGE_BYTES,
     PROTOCOL_VERSION,
@@ -91,14 +100,21 @@ class MqttDeviceChannel:
     """
 
     def __init__(self, client: aiomqtt.Client, *, timeout: float = 20.0, pins_ready: PinsReady | None = None,
-                 events: SecurityEvents | None = None) -> None:
+                 events: SecurityEvents | None = None, presence_settle: float = 2.0) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be positive")
+        if presence_settle < 0:
+            raise ValueError("presence_settle must not be negative")
         self.client = client
         self.timeout = timeout
         self.pins_ready = pins_ready
-        #: called with the device id when a device announces it is connected (``type: online``)
+        #: called with the device id when a device is connected (the broker's connect event or ``type: online``)
         self.on_online: Callable[[str], None] | None = None
+        #: seconds a broker connect event of a new session waits for the device to subscribe
+        self.presence_settle = presence_settle
+        #: False when the broker refused the connect-event subscription (``rotation.presence_unavailable``)
+        self.presence = False
+        self._settling: dict[str, asyncio.TimerHandle] = {}
         self.events = events or SecurityEvents("gateway_agent.rotation")
         self._pending: dict[tuple[str, str], _Pending] = {}
         self._reader: asyncio.Task[None] | None = None
@@ -122,6 +138,26 @@ class MqttDeviceChannel:
                               hint="grant the gateway role 'subscribe devices/+/rotation/response' and "
                                    "'publish devices/+/rotation/request' in the ACL (docs/rotation.md)")
         self._subscribed = True
+        await self._subscribe_presence()
+
+    async def _subscribe_presence(self) -> None:
+        """The broker's connect events. Refused: renewals still run (on ``type: online`` and backoff), loudly."""
+        try:
+            granted = await self.client.subscribe(PRESENCE_FILTER, qos=1)
+        except aiomqtt.MqttError as exc:
+            raise FetchError("broker_refused", f"subscribe to {PRESENCE_FILTER} failed: {exc}") from exc
+        self.presence = not any(suback_refused(code) for code in granted)
+        if not self.presence:
+            self.events.emit("rotation.presence_unavailable", "subscribe_refused", level="warning",
+                             filter=PRESENCE_FILTER,
+                             hint="grant the gateway role 'allow subscribe $SYS/broker/clients/#' (docs/rotation.md): "
+                                  "until then a device that does not announce itself is retried only after backoff")
+
+    def forget_presence(self) -> None:
+        """Drop the connect events still settling (the session ends: they start nothing more)."""
+        for handle in self._settling.values():
+            handle.cancel()
+        self._settling.clear()
 
     async def __aenter__(self) -> Self:
         if self._entered:
@@ -144,6 +180,7 @@ class MqttDeviceChannel:
                 except aiomqtt.MqttError as error:  # the session ended under us: surfaced below
                     failure = error
         self._fail_all(FetchError("channel_closed", "the rotation channel was closed"))
+        self.forget_presence()
         if failure is not None and exc is None:
             raise FetchError("broker_disconnected", f"the agent's MQTT session ended: {failure}") from failure
 
@@ -164,8 +201,12 @@ class MqttDeviceChannel:
     # ------------------------------------------------------------------ answers
 
     def dispatch(self, message: aiomqtt.Message) -> bool:
-        """Route one incoming message; ``False`` if it is not a rotation response (not ours)."""
-        levels = str(message.topic).split("/")
+        """Route one incoming message; ``False`` if it is neither a rotation response nor a connect event."""
+        topic = str(message.topic)
+        if presence_device(topic) is not None:
+            self._on_presence(topic, message.payload if isinstance(message.payload, bytes) else b"")
+            return True
+        levels = topic.split("/")
         if len(levels) != 4 or levels[0] != "devices" or levels[2:] != ["rotation", "response"]:
             return False
         device_id = levels[1]
@@ -184,10 +225,14 @@ class MqttDeviceChannel:
             self._drop("malformed", device_id)
             return True
         if body.get("type") == "online" and (device_id, request_id) not in self._pending:
-            # The device's connect event: a renewal that waited for it (offline, backoff) runs now.
-            self.events.emit("device.online", device=device_id, serial=str(body.get("serial_in_use"))[:40])
-            if self.on_online is not None:
-                self.on_online(device_id)
+            # The device's own connect announcement: a renewal that waited for it (offline, backoff)
+            # runs now; a broker connect event still settling for it is the same connection.
+            self.events.emit("device.online", device=device_id, serial=str(body.get("serial_in_use"))[:40],
+                             source="device")
+            settling = self._settling.pop(device_id, None)
+            if settling is not None:
+                settling.cancel()
+            self._online(device_id)
             return True
         pending = self._pending.pop((device_id, request_id), None)
         if pending is None or pending.future.done():
@@ -201,6 +246,33 @@ class MqttDeviceChannel:
             return True
         pending.future.set_result(body)
         return True
+
+    def _on_presence(self, topic: str, payload: bytes) -> None:
+        """The broker's connect event (only the broker publishes ``$SYS`` topics)."""
+        try:
+            presence = parse_presence(topic, payload)
+        except ValueError as exc:
+            self._drop("malformed", presence_device(topic) or "", source="broker", detail=str(exc)[:200])
+            return
+        device_id = presence.device
+        self.events.emit("device.online", device=device_id, serial=f"{presence.serial:x}", source="broker",
+                         session_present=presence.session_present)
+        previous = self._settling.pop(device_id, None)
+        if previous is not None:
+            previous.cancel()  # a reconnect within the settle time: one trigger, for the newest connection
+        if presence.session_present or self.presence_settle == 0:
+            self._online(device_id)  # its subscriptions survived: a request reaches it now
+            return
+
+        def settled() -> None:
+            self._settling.pop(device_id, None)
+            self._online(device_id)
+
+        self._settling[device_id] = asyncio.get_running_loop().call_later(self.presence_settle, settled)
+
+    def _online(self, device_id: str) -> None:
+        if self.on_online is not None:
+            self.on_online(device_id)
 
     def _drop(self, reason: str, device_id: str, **fields: object) -> None:
         self.events.emit("rotation.response_dropped", reason, level="warning", device=device_id[:128], **fields)

@@ -14,7 +14,10 @@ order on a connection:
    new one, so two racing connections serialize and the newest wins; nothing waits.
    The old connection's will does not fire: the device is not offline.
 4. The clean flag is taken from this CONNECT: clean 1 discards any stored state.
-5. On resume, in-flight QoS 1/2 messages are resent (DUP; PUBREL after PUBREC), then
+5. CONNACK 0, then ``session_started`` (the broker announces the connection on
+   ``$SYS/broker/clients/<id>/connected``); the certificate test endpoint's connections
+   are not sessions and announce nothing.
+6. On resume, in-flight QoS 1/2 messages are resent (DUP; PUBREL after PUBREC), then
    the queue drains.
 
 Every delivery (live, retained, queued, will) passes ``may_receive`` when it is written.
@@ -63,6 +66,8 @@ class Hooks(Protocol):
     async def check_subscribe(self, session: Session, topic_filter: str) -> bool: ...
     def may_receive(self, session: Session, topic: str) -> bool: ...
     def connection_tested(self, session: Session, passed: bool) -> None: ...
+    def session_started(self, session: Session, present: bool) -> None:
+        """A session was admitted (CONNACK 0 written) on a device listener, never the test endpoint."""
 
 
 class _Retained:
@@ -235,6 +240,7 @@ class Engine:
         conn.session = session
         conn.write(codec.encode_connack(present, CONNACK_ACCEPTED))
         conn.start_keepalive(session.keep_alive)
+        self.hooks.session_started(session, present)
         if present:
             self._resend_inflight(session)
             self.drain(session)

@@ -16,6 +16,7 @@ import hashlib
 import json
 import secrets
 import ssl
+import time
 from collections.abc import AsyncIterator, MutableMapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -37,13 +38,16 @@ from edge_core.csr import check_csr
 from edge_core.errors import ConfigError, CredentialError
 from edge_core.events import SecurityEvents
 from edge_core.identity import IdentityPolicy, spki_pin
-from edge_core.lifecycle import RenewalState
+from edge_core.lifecycle import RenewalPolicy, RenewalState
 from edge_core.registry import DeviceEntry, Registry, dump_registry, parse_registry
+from gateway_agent.agent_session import AgentSession, LifecycleRunner
+from gateway_agent.commanding import BrokerEndpoint
 from gateway_agent.crl_issue import RevocationStore, issue_crl
 from gateway_agent.inventory import SqliteInventory, import_from_registry, write_registry
 from gateway_agent.pki import FileCA, cert_pem, issue_leaf, key_pem, new_intermediate, new_key, new_root
 from gateway_agent.renewal import FileCABackend, RenewalOrchestrator
 from gateway_agent.rotation_channel import MqttDeviceChannel
+from gateway_agent.settings import LifecycleSettings
 from tests.broker.acl_fixture import replace_file
 from tests.conftest import StartBroker
 from tests.support.broker import BrokerThread
@@ -61,6 +65,7 @@ roles:
   gateway:
     - allow publish devices/+/rotation/request
     - allow subscribe devices/+/rotation/response
+    - allow subscribe $SYS/broker/clients/+/connected
   sensor:
     - allow subscribe devices/{device}/rotation/request
     - allow publish devices/{device}/rotation/response
@@ -388,6 +393,78 @@ async def test_offline_device_times_out_then_renews_when_it_comes_online(
     assert dev is not None and dev.renewal is RenewalState.OVERLAP and dev.attempts == 0
 
 
+async def _events(events: SecurityEvents, event: str, count: int) -> list[dict[str, Any]]:
+    """Wait (bounded) until ``count`` of ``event`` were emitted; returns them."""
+    for _ in range(int(WAIT / 0.02)):
+        if len(found := events.recent(event)) >= count:
+            return found
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"fewer than {count} {event} within {WAIT}s: {events.recent(event)}")
+
+
+async def test_the_broker_connect_event_starts_the_due_renewal_of_a_device_that_never_announces_itself(
+    pki: DevPki, ca: FileCA, registry_file: Path, start_broker: StartBroker, tmp_path: Path,
+    _logs: list[MutableMapping[str, Any]],
+) -> None:
+    """A device without the reference client sends no ``type: online``. Its renewal failed while it
+    was away; when it connects (a plain paho client, no subscription, no message) the broker's
+    ``$SYS/broker/clients/<id>/connected`` reaches the agent's session and the renewal starts again at
+    once, though the orchestrator's clock never moves (its backoff, over 20 min, never ends).
+    Its certificate test endpoint connection, made first, announces nothing."""
+    factory = _issue_device(ca, ca.dir / "devices")  # 5 days left: due
+    _register(registry_file, factory)
+    acl = tmp_path / "acl.yaml"
+    replace_file(acl, ROTATION_ACL)
+    broker = start_broker(acl=acl, extra="cert_test_listener:\n  bind: 127.0.0.1:0\n")
+    assert broker.edge is not None and broker.edge.cert_test_listener is not None
+    clock = ManualClock()
+    settings = LifecycleSettings(inventory=f"sqlite:///{tmp_path / 'inventory.db'}", ca_dir=ca.dir,
+                                 registry=registry_file, policy=RenewalPolicy(), spool_dir=tmp_path / "spool")
+    events = SecurityEvents("test.presence")
+    runner = LifecycleRunner(settings, clock=clock, events=events, broker_status_url=None)
+    endpoint = BrokerEndpoint("127.0.0.1", broker.port, pki.chain, pki.root / "agent" / "gateway-agent.crt",
+                              pki.root / "agent" / "gateway-agent.key")
+    session = AgentSession(endpoint, "gateway-agent", events, lifecycle=runner, channel_timeout=0.5)
+    running = asyncio.create_task(session.run())
+    try:
+        (failed,) = await _events(events, "renewal.failed", 1)  # the start-up scan: nobody answers
+        assert failed["device"] == DEVICE and failed["reason"] == "device_timeout"
+        dev = runner.inventory.get(DEVICE)
+        assert dev is not None and dev.attempts == 1 and dev.next_attempt_at is not None
+        assert dev.next_attempt_at - clock.now() >= timedelta(minutes=20)
+
+        def test_then_connect() -> float:
+            tester = Device(broker.edge.cert_test_listener.port, pki.chain, factory, DEVICE)  # type: ignore[union-attr]
+            assert tester.connect() == ACCEPTED
+            tester.client.loop_stop()
+            tester.client._reset_sockets()
+            broker.wait_event("cert_test.passed")
+            plain = Device(broker.port, pki.chain, factory, DEVICE)
+            assert plain.connect() == ACCEPTED
+            devices.append(plain)
+            return time.monotonic()
+
+        devices: list[Device] = []
+        connected_at = await asyncio.to_thread(test_then_connect)
+        started = await _events(events, "renewal.started", 2)
+        assert time.monotonic() - connected_at < WAIT
+        assert started[1]["device"] == DEVICE and started[1]["attempt"] == 2
+        assert clock.now() < dev.next_attempt_at, "the backoff did not end: the connect event started it"
+        online = [e for e in _logs if e["event"] == "device.online"]
+        assert [(e["device"], e["source"], e["session_present"]) for e in online] == [(DEVICE, "broker", False)]
+        (_, again) = await _events(events, "renewal.failed", 2)  # it answers nothing: failed once more
+        assert again["reason"] == "device_timeout"
+        assert runner.inventory.get(DEVICE).attempts == 2  # type: ignore[union-attr]
+        assert not [e for e in _logs if e["event"] == "rotation.presence_unavailable"]
+        for device in devices:
+            await asyncio.to_thread(device.close)
+    finally:
+        running.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+        runner.inventory.close()
+
+
 # --------------------------------------------------------------------------- (d) the device checks what it gets
 
 
@@ -507,6 +584,72 @@ async def test_a_duplicated_request_gets_the_same_answer_and_one_key(tmp_path: P
     refused = await handler.handle(json.dumps({"v": 2, "id": "r2", "type": "test", "serial": "1"}).encode())
     assert refused is not None and refused.response == {"type": "error", "reason": "unsupported_version"}
     assert await handler.handle(b"not json") is None
+
+
+def _presence(device: str, *, present: bool = False, topic_device: str | None = None) -> aiomqtt.Message:
+    body = {"device": device, "serial": "1f", "at": "2026-12-02T02:45:00+00:00", "session_present": present}
+    return aiomqtt.Message(f"$SYS/broker/clients/{topic_device or device}/connected", json.dumps(body).encode(),
+                           1, False, 1, None)
+
+
+async def test_one_connection_is_one_online_trigger_and_a_malformed_event_is_dropped(
+    _logs: list[MutableMapping[str, Any]],
+) -> None:
+    """The channel alone (no network): a new session's connect event waits the settle time, and the
+    device's own announcement within it replaces it (one trigger); a resumed session counts at once;
+    a connect event with a bad identity or payload is dropped with a reason code."""
+    from typing import cast
+
+    events = SecurityEvents("test.presence")
+    channel = MqttDeviceChannel(cast(aiomqtt.Client, object()), events=events, presence_settle=0.2)
+    triggered: list[str] = []
+    channel.on_online = triggered.append
+
+    assert channel.dispatch(_presence("meter-1"))
+    announced = {"v": 1, "id": "online-1", "type": "online", "serial_in_use": "1f"}
+    assert channel.dispatch(aiomqtt.Message("devices/meter-1/rotation/response", json.dumps(announced).encode(),
+                                            1, False, 2, None))
+    assert channel.dispatch(_presence("meter-2", present=True))
+    assert triggered == ["meter-1", "meter-2"]
+    assert channel.dispatch(_presence("meter-3"))
+    assert channel.dispatch(_presence("meter-3"))  # reconnected within the settle time: still one trigger
+    assert triggered == ["meter-1", "meter-2"]
+    await asyncio.sleep(0.4)
+    assert triggered == ["meter-1", "meter-2", "meter-3"]
+
+    for bad in (_presence("-leading-dash"), _presence("meter-4", topic_device="meter-5"),
+                aiomqtt.Message("$SYS/broker/clients/meter-4/connected", b"{not json", 1, False, 3, None),
+                aiomqtt.Message("$SYS/broker/clients/meter-4/connected", b"x" * 2048, 1, False, 4, None)):
+        assert channel.dispatch(bad)
+    assert events.count("rotation.response_dropped", "malformed") == 4
+    dropped = [e for e in _logs if e["event"] == "rotation.response_dropped"]
+    assert {e["source"] for e in dropped} == {"broker"} and all(e["detail"] for e in dropped)
+    assert channel.dispatch(_presence("meter-6"))
+    channel.forget_presence()  # the session ended: what was still settling starts nothing
+    await asyncio.sleep(0.4)
+    assert triggered == ["meter-1", "meter-2", "meter-3"]
+    sources = [(e["device"], e["source"]) for e in _logs if e["event"] == "device.online"]
+    assert sources == [("meter-1", "broker"), ("meter-1", "device"), ("meter-2", "broker"), ("meter-3", "broker"),
+                       ("meter-3", "broker"), ("meter-6", "broker")]
+
+
+async def test_without_the_connect_event_grant_the_agent_runs_and_says_so(
+    start_broker: StartBroker, pki: DevPki, tmp_path: Path, _logs: list[MutableMapping[str, Any]],
+) -> None:
+    """An ACL from before the connect events: renewals still work (on ``type: online`` and backoff);
+    a warning names the missing grant."""
+    acl = tmp_path / "acl.yaml"
+    replace_file(acl, ROTATION_ACL.replace("    - allow subscribe $SYS/broker/clients/+/connected\n", ""))
+    broker = start_broker(acl=acl)
+    client = aiomqtt.Client("127.0.0.1", broker.port, identifier="gateway-agent", tls_context=_agent_tls(pki),
+                            protocol=aiomqtt.ProtocolVersion.V311, clean_session=True)
+    try:
+        async with client, MqttDeviceChannel(client, timeout=1) as channel:
+            assert not channel.presence
+        (warning,) = [e for e in _logs if e["event"] == "rotation.presence_unavailable"]
+        assert warning["reason"] == "subscribe_refused" and "$SYS/broker/clients/#" in warning["hint"]
+    finally:
+        client._client._reset_sockets()
 
 
 async def test_the_agent_refuses_to_start_without_its_acl_grant(

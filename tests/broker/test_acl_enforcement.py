@@ -12,7 +12,7 @@ from tests.broker.acl_fixture import write_acl
 from tests.conftest import StartBroker
 from tests.support.broker import BrokerThread
 from tests.support.mqtt import Device
-from tests.support.pki import DevPki
+from tests.support.pki import Credential, DevPki
 
 pytestmark = pytest.mark.integration
 SUB_FAILURE = 0x80
@@ -85,6 +85,30 @@ def test_dollar_topics_are_not_reached_by_leading_wildcards(broker: BrokerThread
     assert pump.subscribe("$SYS/#") == [SUB_FAILURE]
     assert pump.subscribe("+/broker/uptime") == [SUB_FAILURE]
     pump.close()
+
+
+SHIPPED_ACL = Path(__file__).resolve().parents[2] / "configs" / "acl.yaml"
+
+
+def test_only_the_gateway_role_reads_the_connect_events(start_broker: StartBroker, pki: DevPki,
+                                                       tmp_path: Path) -> None:
+    """The shipped ACL: the agent (role gateway) reads ``$SYS/broker/clients/<id>/connected``; a device
+    reads no connect event, not even its own (it would learn when the others come and go)."""
+    broker = start_broker(acl=write_acl(tmp_path, SHIPPED_ACL.read_text()))
+    sensor = device(broker, pki, "sensor-01")
+    for topic_filter in ("$SYS/broker/clients/#", "$SYS/broker/clients/+/connected",
+                         "$SYS/broker/clients/sensor-01/connected", "$SYS/#"):
+        assert sensor.subscribe(topic_filter) == [SUB_FAILURE], topic_filter
+    agent = Device(broker.port, pki.chain, Credential(pki.root / "agent" / "gateway-agent.crt",
+                                                      pki.root / "agent" / "gateway-agent.key"), "gateway-agent")
+    assert agent.connect() == 0
+    assert agent.subscribe("$SYS/broker/clients/+/connected") == [1]
+    pump = device(broker, pki, "pump-18")
+    got = agent.expect()
+    assert (got.topic, got.qos, got.retain) == ("$SYS/broker/clients/pump-18/connected", 1, False)
+    sensor.expect_none()
+    for client in (sensor, agent, pump):
+        client.close()
 
 
 def test_allowed_flow_end_to_end(broker: BrokerThread, pki: DevPki) -> None:

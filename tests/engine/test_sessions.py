@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 
 import pytest
+from cryptography import x509
 
-from tests.engine.conftest import Engine
+from tests.engine.conftest import ENGINE_ACL, Engine
 from tests.support.raw import (
     CONNACK,
     PUBACK,
@@ -265,3 +268,38 @@ def test_sigterm_fires_no_will_but_a_dropped_device_still_does(engine: Engine) -
     again.drop()
     will = back.read_until(PUBLISH, timeout=5)
     assert (will.topic, will.payload) == ("devices/sensor-01/status", b"offline")
+
+
+def test_each_admitted_session_is_announced_on_its_connected_topic(engine: Engine) -> None:
+    """The connect event: after CONNACK 0 the broker publishes ``$SYS/broker/clients/<id>/connected``
+    (QoS 1, not retained; identity, certificate serial, time, the session-present flag) to a subscriber
+    with an explicit ``$SYS`` grant. A refused CONNECT announces nothing."""
+    engine.acl.write_text(ENGINE_ACL + "devices:\n  pump-17:\n    - allow subscribe $SYS/broker/clients/#\n")
+    broker = engine.start()
+    watcher = engine.raw(broker.port, "pump-17")
+    assert watcher.connect("pump-17").body[1] == 0
+    assert watcher.subscribe([("$SYS/broker/clients/+/connected", 1)]) == [1]
+    spoof = engine.raw(broker.port, "pump-18")
+    assert spoof.connect("sensor-01").body[1] == 2  # another identity's client id: refused, not announced
+    before = datetime.now(UTC)
+    first = engine.raw(broker.port, "sensor-02")
+    assert first.connect("sensor-02", clean=False).body == b"\x00\x00"
+    first.close()
+    again = engine.raw(broker.port, "sensor-02")
+    assert again.connect("sensor-02", clean=False).body == b"\x01\x00"
+    serial = x509.load_pem_x509_certificate(engine.pki.device("sensor-02").cert.read_bytes()).serial_number
+    announced = []
+    for _ in range(2):
+        event = watcher.read_until(PUBLISH, timeout=5)
+        assert (event.topic, event.qos, event.retain) == ("$SYS/broker/clients/sensor-02/connected", 1, False)
+        watcher.send(ack_packet(PUBACK, event.packet_id))
+        announced.append(json.loads(event.payload))
+    assert [a["session_present"] for a in announced] == [False, True]
+    for body in announced:
+        assert set(body) == {"device", "serial", "at", "session_present"}
+        assert (body["device"], body["serial"]) == ("sensor-02", f"{serial:x}")
+        at = datetime.fromisoformat(body["at"])
+        assert at.utcoffset() == timedelta(0) and before - timedelta(seconds=1) <= at <= datetime.now(UTC)
+    assert watcher.ping(timeout=1.0)
+    with pytest.raises(TimeoutError):
+        watcher.read_until(PUBLISH, timeout=0.3)  # nothing for the refused spoof
