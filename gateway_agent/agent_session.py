@@ -131,6 +131,7 @@ class LifecycleRunner:
             await self._lead(channel)
             return
         self.lease.start()  # the heartbeat's own thread: a long scan on this loop never starves it
+        leading: asyncio.Task[None] | None = None
         try:
             while True:
                 self.lease.raise_failure()  # surface a failure of the heartbeat
@@ -155,6 +156,10 @@ class LifecycleRunner:
                         raise
                     self.events.emit("lifecycle.standby", "not_leader", level="warning", detail=str(exc))
         finally:
+            if leading is not None and not leading.done():  # we are being cancelled ourselves (shutdown)
+                leading.cancel()  # the leader stops (and unwires the online trigger) before the lease goes
+                with contextlib.suppress(asyncio.CancelledError):
+                    await leading
             await self._cancel_tasks()
             await self.lease.stop()  # heartbeat ended, then the lease released: nothing of ours runs on
 

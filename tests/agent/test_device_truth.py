@@ -3,8 +3,8 @@
 Each test reproduces one way the parts used to disagree about a device: a revoked device
 renewed, a revocation the inventory never heard of, a device added to the registry after
 the first start, a fleet mid-rotation that could not be imported, 30-day certificates
-EXPIRING from issuance, a forced renewal never retried. The tests of the inventory alone run
-on both backends (the ``inv`` fixture of ``tests/agent/conftest.py``: SQLite, PostgreSQL).
+EXPIRING from issuance, a forced renewal never retried. Every test with an inventory runs on
+both backends (the fixtures of ``tests/agent/conftest.py``: SQLite, PostgreSQL).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from gateway_agent.crl_issue import revoke
 from gateway_agent.inventory import Inventory, apply_revocations, export_registry, import_from_registry
 from gateway_agent.pki import FileCA, Issued, init_dev, issue_leaf, new_key
 from gateway_agent.renewal import FileCABackend
+from tests.agent.conftest import OpenInventory
 from tests.agent.test_renewal import DAY, T0, World, make_world
 
 
@@ -38,10 +39,9 @@ def logs() -> Iterator[list[MutableMapping[str, Any]]]:
 
 
 @pytest.fixture
-def world(tmp_path: Path) -> Iterator[World]:
-    w = make_world(tmp_path, {"pump-1": timedelta(days=200), "pump-2": timedelta(days=200)})
-    yield w
-    w.inventory.close()
+def world(tmp_path: Path, open_inv: OpenInventory) -> World:
+    return make_world(tmp_path, {"pump-1": timedelta(days=200), "pump-2": timedelta(days=200)},
+                      inventory=open_inv())
 
 
 def _ledger_serials(world: World, device_id: str) -> set[int]:
@@ -216,10 +216,12 @@ class _OtherAgentHolds:
         self.mine.discard(device_id)
 
 
-async def test_forced_retries_online_trigger_and_reconciled_devices_take_the_claim_first(tmp_path: Path) -> None:
+async def test_forced_retries_online_trigger_and_reconciled_devices_take_the_claim_first(
+        tmp_path: Path, open_inv: OpenInventory) -> None:
     """The paths that start renewals (a forced retry, a device coming online, the scan over
     devices reconciliation enrolled) never touch a device another agent is renewing."""
-    world = make_world(tmp_path, {"pump-1": timedelta(days=200), "pump-2": timedelta(days=20)})
+    world = make_world(tmp_path, {"pump-1": timedelta(days=200), "pump-2": timedelta(days=20)},
+                       inventory=open_inv())
     try:
         world.channel.devices["pump-1"].online = False
         first = await world.orchestrator.renew("pump-1", ignore_backoff=True, force=True)
@@ -247,7 +249,7 @@ async def test_forced_retries_online_trigger_and_reconciled_devices_take_the_cla
         world.inventory.close()
 
 
-async def test_the_online_trigger_is_wired_only_while_the_runner_leads(tmp_path: Path) -> None:
+async def test_the_online_trigger_is_wired_only_while_the_runner_leads(tmp_path: Path, inv_url: str) -> None:
     """A device's online announcement starts a renewal through the leading orchestrator only: once
     the lifecycle stops leading (leadership lost, shutdown), the channel forgets the callback."""
     import asyncio
@@ -261,7 +263,7 @@ async def test_the_online_trigger_is_wired_only_while_the_runner_leads(tmp_path:
     from gateway_agent.settings import LifecycleSettings
 
     ca = init_dev(tmp_path / "pki", device_ids=["pump-1"])
-    settings = LifecycleSettings(inventory=f"sqlite:///{tmp_path / 'inv.db'}", ca_dir=ca.dir,
+    settings = LifecycleSettings(inventory=inv_url, ca_dir=ca.dir,
                                  registry=ca.registry_path, policy=RenewalPolicy(), spool_dir=tmp_path / "spool")
     runner = LifecycleRunner(settings, clock=ManualClock(T0), events=SecurityEvents("test.online"),
                              broker_status_url=None)
@@ -277,5 +279,7 @@ async def test_the_online_trigger_is_wired_only_while_the_runner_leads(tmp_path:
         with pytest.raises(asyncio.CancelledError):
             await leading
         assert channel.on_online is None, "a runner that stopped leading still starts renewals"
+        leaders = [t for t in asyncio.all_tasks() if t.get_name() == "lifecycle-leader"]
+        assert leaders == [], "the leader outlived its runner: it still scans and answers devices coming online"
     finally:
         runner.inventory.close()

@@ -19,6 +19,7 @@ from structlog.testing import capture_logs
 
 from edge_core.lifecycle import RenewalState
 from gateway_agent.renewal import TestResult
+from tests.agent.conftest import OpenInventory
 from tests.agent.test_renewal import DAY, make_world
 
 
@@ -45,8 +46,8 @@ class _Lease:
 
 
 async def test_a_renewal_whose_lease_ran_out_during_a_device_call_stores_nothing_more(
-        tmp_path: Path, logs: list[MutableMapping[str, Any]]) -> None:
-    world = make_world(tmp_path, {"pump-1": 30 * DAY})
+        tmp_path: Path, open_inv: OpenInventory, logs: list[MutableMapping[str, Any]]) -> None:
+    world = make_world(tmp_path, {"pump-1": 30 * DAY}, inventory=open_inv())
     try:
         lease = _Lease()
         world.orchestrator.claims = lease
@@ -70,8 +71,9 @@ async def test_a_renewal_whose_lease_ran_out_during_a_device_call_stores_nothing
         world.inventory.close()
 
 
-async def test_a_renewal_failing_outside_its_handling_cancels_the_rest_of_the_batch(tmp_path: Path) -> None:
-    world = make_world(tmp_path, {"pump-1": 30 * DAY, "pump-2": 30 * DAY}, concurrency=2)
+async def test_a_renewal_failing_outside_its_handling_cancels_the_rest_of_the_batch(
+        tmp_path: Path, open_inv: OpenInventory) -> None:
+    world = make_world(tmp_path, {"pump-1": 30 * DAY, "pump-2": 30 * DAY}, concurrency=2, inventory=open_inv())
     try:
         world.channel.latency = 0.05
         real_csr = world.channel.request_csr
