@@ -62,7 +62,7 @@ from edge_core.lifecycle import (
     switched,
 )
 from edge_core.registry import parse_registry
-from gateway_agent.crl_issue import RevocationStore
+from gateway_agent.crl_issue import REVOCATION_REASONS, RevocationStore
 from gateway_agent.crl_issue import revoke as crl_revoke
 from gateway_agent.inventory import ImportReport, Inventory, apply_revocations
 from gateway_agent.pki import FileCA, IssuingCA, issue_leaf
@@ -409,15 +409,33 @@ class RenewalOrchestrator:
 
     async def sync_revocations(self, now: datetime | None = None,
                                revoked: Mapping[int, str] | AbstractSet[int] | None = None) -> list[str]:
-        """Feed the CA's revocations (or an accepted CRL's serials) into the inventory."""
+        """Feed the CA's revocations (or an accepted CRL's serials) into the inventory.
+
+        With the CA's own list (``revoked`` None: the daily scan), the other direction too: a
+        device revoked by its current certificate is REVOKED whole in the inventory, its retiring
+        and candidate certificates included; those go to the CA as well, so the next CRL (which
+        every broker and the MCU validation service read) says what the inventory says.
+        """
         now = as_utc(now) if now is not None else self.clock.now()
         serials = revoked if revoked is not None else await self.ca.revoked_serials()
         changed = apply_revocations(self.inventory, serials, now=now)
         for device_id in changed:
             self.events.emit("cert.revoked", "ca_revoked", device=device_id)
+        if revoked is None and isinstance(serials, Mapping):
+            await self._revoke_what_the_ca_lacks(serials, now)
         if changed:
             self._pins_changed(changed[0])
         return changed
+
+    async def _revoke_what_the_ca_lacks(self, ca_list: Mapping[int, str], now: datetime) -> None:
+        """Revoke at the CA every unexpired certificate the inventory holds REVOKED and the CA does not."""
+        for cert in self.inventory.revoked_certificates():
+            if cert.serial in ca_list or cert.not_after <= now:
+                continue
+            reason = _crl_reason(cert.revoke_reason)
+            await self.ca.revoke(cert.serial, reason)
+            self.events.emit("cert.revoked", "inventory_revoked", device=cert.device_id, serial=f"{cert.serial:x}",
+                             crl_reason=reason, detail=(cert.revoke_reason or "")[:120])
 
     async def retry_forced(self, now: datetime | None = None) -> list[RenewalOutcome]:
         """Retry operators' renewals whose backoff has passed (cheap; the runner calls it often)."""
@@ -639,6 +657,13 @@ class RenewalOrchestrator:
                              f"{self.step_timeout.total_seconds():g}s") from exc
         except OSError as exc:
             raise FetchError("device_unreachable", f"device {device_id}: {what}: {exc}") from exc
+
+
+def _crl_reason(cause: str | None) -> str:
+    """The CRL reason for an inventory revocation cause: ``ca_revoked:<reason>`` carries the CA's
+    reason for the device's current certificate, which its other certificates share."""
+    name = (cause or "").removeprefix("ca_revoked:")
+    return name if name in REVOCATION_REASONS else "unspecified"
 
 
 def _reason(exc: BaseException) -> str:

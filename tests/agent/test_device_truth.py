@@ -24,7 +24,7 @@ from edge_core.errors import CredentialError
 from edge_core.identity import spki_pin, spki_pin_of_key
 from edge_core.lifecycle import CertRef, CertState, RenewalPolicy, RenewalState, enroll, refresh
 from edge_core.registry import DeviceEntry, Registry, dump_registry, parse_registry
-from gateway_agent.crl_issue import revoke
+from gateway_agent.crl_issue import RevocationStore, revoke
 from gateway_agent.inventory import Inventory, apply_revocations, export_registry, import_from_registry
 from gateway_agent.pki import FileCA, Issued, init_dev, issue_leaf, new_key
 from gateway_agent.renewal import FileCABackend
@@ -283,3 +283,25 @@ async def test_the_online_trigger_is_wired_only_while_the_runner_leads(tmp_path:
         assert leaders == [], "the leader outlived its runner: it still scans and answers devices coming online"
     finally:
         runner.inventory.close()
+
+
+async def test_a_device_revoked_at_the_ca_mid_overlap_loses_its_old_certificate_at_the_ca_too(
+        tmp_path: Path, open_inv: OpenInventory, logs: list[MutableMapping[str, Any]]) -> None:
+    """The CA revokes a device's current certificate (by serial, as an outside CA would) while
+    its old one is still in the renewal's overlap: the inventory revokes both, and the next scan
+    puts the old one on the CA's list too, so the CRL the brokers and the MCU validation service
+    read agrees with the inventory."""
+    world = make_world(tmp_path, {"pump-1": 30 * DAY}, inventory=open_inv())
+    await world.orchestrator.daily_scan()  # due: renewed, the old certificate retires for 7 days
+    device = world.inventory.get("pump-1")
+    assert device is not None and device.retiring is not None
+    old, current = device.retiring.serial, device.current.serial
+    revoke(world.ca, current, "key_compromise")
+    world.clock.advance(timedelta(hours=1))
+    await world.orchestrator.daily_scan()
+    on_the_ca = {e.serial: e.reason for e in RevocationStore(world.ca).entries()}
+    assert on_the_ca.get(old) == "key_compromise" and on_the_ca.get(current) == "key_compromise"
+    extra = [e for e in logs if e["event"] == "cert.revoked" and e.get("reason") == "inventory_revoked"]
+    assert [e["serial"] for e in extra] == [f"{old:x}"]
+    await world.orchestrator.daily_scan()  # nothing left to add: said once
+    assert len([e for e in logs if e.get("reason") == "inventory_revoked"]) == 1
