@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import json
 import os
+import select
 import shutil
 import socket
 import ssl
@@ -34,6 +35,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -228,22 +230,64 @@ def _child(suite: Path, port: int, certs: Path) -> int:
 
     class TlsSocket:
         """What the suite's client sees as a socket: TCP connect plus the TLS handshake with the
-        certificate of the client id being connected; everything else is the TLS socket's."""
+        certificate of the client id being connected.
+
+        The suite's client reads in one thread and writes in two (its receiver sends PUBACKs),
+        which a plain socket allows and a TLS connection does not: one OpenSSL connection used
+        from two threads at once corrupts its records (``DECRYPTION_FAILED_OR_BAD_RECORD_MAC``,
+        seen here). After the handshake the TLS socket is non-blocking and every TLS call holds
+        one lock; waiting for the network happens outside it, with the client's timeout.
+        """
 
         def __init__(self, family: int, kind: int) -> None:
             self._raw = socket.socket(family, kind)
             self._timeout: float | None = None
             self._tls: ssl.SSLSocket | None = None
+            self._lock = threading.Lock()
 
         def settimeout(self, value: float | None) -> None:
             self._timeout = value
-            (self._tls or self._raw).settimeout(value)
+            if self._tls is None:
+                self._raw.settimeout(value)
 
         def connect(self, address: tuple[str, int]) -> None:
             self._raw.settimeout(10)
             self._raw.connect(address)
             self._tls = context_for(current["id"]).wrap_socket(self._raw, server_hostname="localhost")
-            self._tls.settimeout(self._timeout)
+            self._tls.setblocking(False)
+
+        def _wait(self, *, write: bool) -> None:
+            fd = self._tls or self._raw  # wrap_socket took the descriptor over
+            ready = select.select([], [fd], [], self._timeout) if write else select.select([fd], [], [], self._timeout)
+            if not any(ready):
+                raise TimeoutError("timed out")
+
+        def recv(self, size: int) -> bytes:
+            tls = self._tls
+            if tls is None:
+                return self._raw.recv(size)
+            while True:
+                with self._lock:
+                    try:
+                        return tls.recv(size)
+                    except ssl.SSLWantReadError:
+                        pass
+                self._wait(write=False)
+
+        def send(self, data: bytes) -> int:
+            tls = self._tls
+            if tls is None:
+                return self._raw.send(data)
+            view = memoryview(data)
+            while view:
+                with self._lock:
+                    try:
+                        view = view[tls.send(view):]
+                        continue
+                    except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                        pass
+                self._wait(write=True)
+            return len(data)
 
         def __getattr__(self, name: str) -> Any:
             return getattr(self._tls or self._raw, name)
