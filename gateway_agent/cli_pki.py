@@ -27,7 +27,7 @@ from typing import Any
 
 from edge_core.errors import ConfigError
 from edge_core.identity import spki_pin
-from edge_core.lifecycle import CertState, DeviceLifecycle
+from edge_core.lifecycle import DeviceLifecycle
 from edge_core.registry import parse_registry
 from gateway_agent.cli_lifecycle_config import LifecyclePaths, add_config_arguments, lifecycle_paths
 from gateway_agent.crl_issue import (
@@ -39,7 +39,7 @@ from gateway_agent.crl_issue import (
     revoke,
     revoke_device,
 )
-from gateway_agent.inventory import Inventory, apply_revocations, write_registry
+from gateway_agent.inventory import Inventory, apply_revocations, unlisted_revocations, write_registry
 from gateway_agent.pki import FileCA, init_dev, load_cert
 from gateway_agent.validation_service import make_validation_key
 
@@ -105,11 +105,9 @@ def _held_serials(device: DeviceLifecycle) -> list[int]:
 def _settle(ca: FileCA, inventory: Inventory, devices: list[str], reason: str) -> list[RevokedEntry]:
     """Put on the CA's list every unexpired certificate the inventory now holds REVOKED for
     ``devices`` (a revoked current certificate ends the retiring and candidate ones too)."""
-    now = ca.clock.now()
     listed = {e.serial for e in RevocationStore(ca).entries()}
     return [revoke(ca, record.serial, reason, device=record.device_id)
-            for device_id in devices for record in inventory.certificates(device_id)
-            if record.state is CertState.REVOKED and record.not_after > now and record.serial not in listed]
+            for record in unlisted_revocations(inventory, listed, now=ca.clock.now(), devices=devices)]
 
 
 @dataclass(frozen=True)

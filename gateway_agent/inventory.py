@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Container, Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -75,6 +75,7 @@ __all__ = [
     "import_from_registry",
     "iter_chunks",
     "open_inventory",
+    "unlisted_revocations",
     "write_registry",
 ]
 
@@ -783,6 +784,17 @@ def apply_revocations(inventory: Inventory, revoked: Mapping[int, str] | Abstrac
             if device is not None and device.device_id not in changed:
                 changed.append(device.device_id)
     return changed
+
+
+def unlisted_revocations(inventory: Inventory, listed: Container[int], *, now: datetime,
+                         devices: Iterable[str] | None = None) -> list[CertRecord]:
+    """Unexpired certificates the inventory holds REVOKED that the CA's list lacks (of ``devices``,
+    or of all). A device revoked by its current certificate is revoked whole here, its retiring
+    and candidate certificates too; the CA must list those as well, or the CRL that brokers and
+    the MCU validation service read would still call them good."""
+    records = (inventory.revoked_certificates() if devices is None
+               else [r for d in devices for r in inventory.certificates(d) if r.state is CertState.REVOKED])
+    return [r for r in records if r.serial not in listed and r.not_after > now]
 
 
 def iter_chunks(items: Iterable[Step], size: int) -> Iterator[list[Step]]:

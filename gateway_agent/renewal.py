@@ -64,7 +64,7 @@ from edge_core.lifecycle import (
 from edge_core.registry import parse_registry
 from gateway_agent.crl_issue import REVOCATION_REASONS, RevocationStore
 from gateway_agent.crl_issue import revoke as crl_revoke
-from gateway_agent.inventory import ImportReport, Inventory, apply_revocations
+from gateway_agent.inventory import ImportReport, Inventory, apply_revocations, unlisted_revocations
 from gateway_agent.pki import FileCA, IssuingCA, issue_leaf
 
 __all__ = [
@@ -429,9 +429,7 @@ class RenewalOrchestrator:
 
     async def _revoke_what_the_ca_lacks(self, ca_list: Mapping[int, str], now: datetime) -> None:
         """Revoke at the CA every unexpired certificate the inventory holds REVOKED and the CA does not."""
-        for cert in self.inventory.revoked_certificates():
-            if cert.serial in ca_list or cert.not_after <= now:
-                continue
+        for cert in unlisted_revocations(self.inventory, ca_list, now=now):
             reason = _crl_reason(cert.revoke_reason)
             await self.ca.revoke(cert.serial, reason)
             self.events.emit("cert.revoked", "inventory_revoked", device=cert.device_id, serial=f"{cert.serial:x}",
