@@ -11,26 +11,20 @@ import ssl
 
 from broker_plugins.settings import ListenerSettings
 from edge_core.errors import ConfigError
+from edge_runtime.tls import server_tls_context
 
 __all__ = ["classify_tls_error", "server_context"]
 
 
 def server_context(listener: ListenerSettings) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.options |= ssl.OP_NO_TICKET  # no session resumption: every connection presents its certificate
-    ctx.post_handshake_auth = False
+    """The device listener's context (``edge_runtime.tls.server_tls_context``); bad material is a config error."""
     try:
-        ctx.load_cert_chain(listener.certfile, listener.keyfile)
-        ctx.load_verify_locations(cafile=listener.client_ca)
+        return server_tls_context(listener.certfile, listener.keyfile, listener.client_ca)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(
             f"cannot load TLS material ({listener.certfile}, {listener.keyfile}, {listener.client_ca}): {exc}",
             hint="check the paths in listener: certfile, keyfile, client_ca",
         ) from exc
-    return ctx
 
 
 # OpenSSL X509 verify codes (x509_vfy.h) we name explicitly.
