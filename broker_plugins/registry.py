@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from pathlib import Path
 
 from broker_plugins.engine.core import Engine
@@ -25,6 +26,10 @@ __all__ = ["EXPIRY_SWEEP_S", "RegistryConcern", "load_registry"]
 #: How often live sessions are checked against their certificate's ``notAfter`` (a comparison
 #: per session; the full verdict only for those past it).
 EXPIRY_SWEEP_S = 1.0
+
+
+def _expired(admitted: Admitted, now: datetime) -> bool:
+    return now >= admitted.cert.not_after
 
 
 def load_registry(path: Path) -> Registry:
@@ -62,10 +67,7 @@ class RegistryConcern:
         while True:
             await asyncio.sleep(interval)
             if self.engine is not None:
-                cut_refused_sessions(self.runtime, self.engine, "clock", only=self._expired)
-
-    def _expired(self, admitted: Admitted) -> bool:
-        return self.runtime.clock.now() >= admitted.cert.not_after
+                cut_refused_sessions(self.runtime, self.engine, "clock", only=_expired)
 
     async def load(self, data: bytes) -> None:
         runtime = self.runtime

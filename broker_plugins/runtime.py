@@ -75,7 +75,7 @@ _KEEP_STATE = frozenset({"crl_stale", "cert_expired"})
 
 
 def cut_refused_sessions(runtime: BrokerRuntime, engine: Engine, source: str, *,
-                         only: Callable[[Admitted], bool] | None = None) -> int:
+                         only: Callable[[Admitted, datetime], bool] | None = None) -> int:
     """Cut every live session the broker's verdict no longer admits (registry, revocation, clock).
 
     ``only`` narrows which sessions are judged (the clock's sweep asks only about certificates
@@ -85,7 +85,7 @@ def cut_refused_sessions(runtime: BrokerRuntime, engine: Engine, source: str, *,
     cut = 0
     for session in engine.connected_sessions():
         admitted = admitted_of(session)
-        if admitted is None or session.client_id is None or (only is not None and not only(admitted)):
+        if admitted is None or session.client_id is None or (only is not None and not only(admitted, now)):
             continue
         reason = runtime.verdict(admitted, now)
         if reason is not None:
