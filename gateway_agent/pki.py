@@ -48,6 +48,7 @@ __all__ = [
     "key_pem",
     "load_cert",
     "new_key",
+    "registry_refusal",
 ]
 
 DEVICE_URI_PREFIX = "urn:device:"
@@ -212,6 +213,21 @@ def issue_leaf(
     return Issued(builder.sign(ca.key, hashes.SHA256()), key)
 
 
+def registry_refusal(path: Path, identity: str, *, unknown_refused: bool = False) -> CredentialError | None:
+    """Why the registry at ``path`` forbids a certificate for ``identity``: disabled there
+    (``device_disabled``), or with ``unknown_refused`` absent from it (``device_unknown``)."""
+    entry = parse_registry(path.read_bytes(), source=str(path)).get(identity)
+    if entry is None:
+        return CredentialError("device_unknown", f"device {identity} is not in the registry {path}") \
+            if unknown_refused else None
+    if not entry.enabled:
+        return CredentialError("device_disabled", f"device {identity} is disabled in the registry {path}; "
+                               "the CA issues nothing for it",
+                               hint=f"enable it in {path} first, or re-enrol it on purpose with "
+                                    "`gateway-agent devices add|enroll ... --reinstate`")
+    return None
+
+
 class FileCA:
     """The development CA on disk (see module docstring for the layout).
 
@@ -271,15 +287,7 @@ class FileCA:
                                    hint=f"re-enrol it on purpose: `gateway-agent devices enroll {identity} "
                                         "--csr ... --reinstate`")
         path = self.registry or self.registry_path
-        if not path.exists():
-            return None
-        entry = parse_registry(path.read_bytes(), source=str(path)).get(identity)
-        if entry is not None and not entry.enabled:
-            return CredentialError("device_disabled", f"device {identity} is disabled in the registry {path}; "
-                                   "the CA issues nothing for it",
-                                   hint=f"enable it in {path} first, or re-enrol it on purpose with "
-                                        "`gateway-agent devices add|enroll ... --reinstate`")
-        return None
+        return registry_refusal(path, identity) if path.exists() else None
 
     # loading ---------------------------------------------------------------
     def issuing(self) -> IssuingCA:

@@ -61,11 +61,10 @@ from edge_core.lifecycle import (
     switch_unconfirmed,
     switched,
 )
-from edge_core.registry import parse_registry
 from gateway_agent.crl_issue import REVOCATION_REASONS, RevocationStore
 from gateway_agent.crl_issue import revoke as crl_revoke
 from gateway_agent.inventory import ImportReport, Inventory, apply_revocations, unlisted_revocations
-from gateway_agent.pki import FileCA, IssuingCA, issue_leaf
+from gateway_agent.pki import FileCA, IssuingCA, issue_leaf, registry_refusal
 
 __all__ = [
     "CertificateAuthorityBackend",
@@ -179,13 +178,7 @@ class FileCABackend:
         refusal = self._ca.issuance_refusal(identity)
         if refusal is not None or self._registry is None:
             return refusal
-        entry = parse_registry(self._registry.read_bytes(), source=str(self._registry)).get(identity)
-        if entry is None:
-            return CredentialError("device_unknown", f"device {identity} is not in the registry {self._registry}")
-        if not entry.enabled:
-            return CredentialError("device_disabled", f"device {identity} is disabled in the registry",
-                                   hint=f"enable it in {self._registry} first")
-        return None
+        return registry_refusal(self._registry, identity, unknown_refused=True)
 
     async def issue(self, csr: CheckedCsr, identity: str, lifetime: timedelta) -> IssuedCertificate:
         """Issue for a checked CSR; refuses a revoked (``device_revoked``), unregistered
